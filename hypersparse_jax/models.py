@@ -1,0 +1,433 @@
+"""Flax Linen models used with HyperSparse / ART: CIFAR ResNet, VGG and two small digits models.
+
+All models take NHWC images and are called as ``model.apply(variables, x, train=...)``.
+BatchNorm follows PyTorch's defaults (running-average momentum 0.1, written ``momentum=0.9`` in
+Flax; epsilon 1e-5) and keeps its statistics in the ``batch_stats`` collection, so call
+``apply(..., train=True, mutable=['batch_stats'])`` while training.
+
+Prunable weights are the leaves named ``kernel`` (conv and dense, ``ndim >= 2``); biases and
+BatchNorm parameters are named ``bias`` / ``scale``.
+
+Submodule names mirror the module names of the authors' PyTorch reference models, with ``.``
+written as ``_`` (``layer1.0.conv1`` is ``layer1_0/conv1``, ``features.3`` is ``features_3``).
+:mod:`hypersparse_jax.torch_import` relies on this to load PyTorch checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = [
+    "CIFARResNet",
+    "VGG",
+    "DigitsMLP",
+    "DigitsCNN",
+    "VGG_CONFIGS",
+    "MODEL_NAMES",
+    "create_model",
+]
+
+Dtype = Any
+
+# Reference initialisers (torch: kaiming_normal_(mode='fan_out') for ResNet convs,
+# normal_(0, 0.01) for every Linear). 'normal' in JAX is an untruncated normal, like torch's.
+_he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_he_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+_dense_init = nn.initializers.normal(stddev=0.01)
+_zeros = nn.initializers.zeros
+
+# PyTorch BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+# Explicit symmetric padding: Flax's 'SAME' pads (0, 1) for a stride-2 3x3 conv on even sizes,
+# whereas PyTorch's padding=1 pads (1, 1); the two would sample different pixels.
+_PAD1 = ((1, 1), (1, 1))
+_PAD0 = ((0, 0), (0, 0))
+
+# Depths from which the reference CIFAR ResNet switches BasicBlock -> Bottleneck.
+_BOTTLENECK_FROM_DEPTH = 54
+
+# VGG layer configurations of the reference (numbers: conv widths; 'M': 2x2 max-pool).
+VGG_CONFIGS: dict[int, tuple] = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+         512, 512, 512, 512, "M", 512, 512, 512, 512),
+}
+
+
+def _batch_norm(name: str, train: bool, dtype: Dtype) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=_BN_MOMENTUM,
+        epsilon=_BN_EPSILON,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def resnet_blocks_per_stage(depth: int) -> tuple[int, bool]:
+    """Validate a CIFAR-ResNet depth and return its layout.
+
+    The reference (GreenAutoML4FAS/HyperSparse ``models/resnet.py``) accepts any depth
+    ``6n + 2`` and builds ``n`` blocks per stage; from depth 54 on the blocks are Bottlenecks
+    (1x1, 3x3, 1x1 convs, expansion 4) instead of BasicBlocks, still ``n = (depth - 2) / 6`` per
+    stage. Depth is therefore nominal for bottleneck networks (ResNet-56 has 9 bottleneck blocks
+    per stage, 83 weight layers), exactly as in the reference.
+
+    Args:
+      depth: network depth; must be an ``int`` of the form ``6n + 2`` with ``n >= 1``.
+
+    Returns:
+      ``(n, bottleneck)``: blocks per stage and whether Bottleneck blocks are used.
+
+    Raises:
+      ValueError: if ``depth`` is not an integer ``6n + 2 >= 8``.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            f"CIFAR ResNet depth must be an integer 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, "
+            f"110, ...; Bottleneck blocks from depth {_BOTTLENECK_FROM_DEPTH}), got {depth!r}"
+        )
+    return (depth - 2) // 6, depth >= _BOTTLENECK_FROM_DEPTH
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with an identity or 1x1-conv + BN shortcut (expansion 1).
+
+    Attributes:
+      planes: output channels.
+      stride: stride of the first conv (and of the shortcut conv).
+      downsample: whether the shortcut is a 1x1 conv + BN (on any shape change).
+      dtype: computation dtype.
+    """
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Dtype = jnp.float32
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
+        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
+            f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
+            dtype=self.dtype, name=name)
+        out = conv(self.planes, 3, self.stride, _PAD1, "conv1")(x)
+        out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
+        out = conv(self.planes, 3, 1, _PAD1, "conv2")(out)
+        out = _batch_norm("bn2", train, self.dtype)(out)
+        residual = x
+        if self.downsample:
+            residual = conv(self.planes * self.expansion, 1, self.stride, _PAD0,
+                            "downsample_0")(x)
+            residual = _batch_norm("downsample_1", train, self.dtype)(residual)
+        return nn.relu(out + residual)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 conv + BN block with expansion 4, as in the reference.
+
+    Attributes:
+      planes: inner width; output channels are ``4 * planes``.
+      stride: stride of the 3x3 conv (and of the shortcut conv).
+      downsample: whether the shortcut is a 1x1 conv + BN.
+      dtype: computation dtype.
+    """
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Dtype = jnp.float32
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
+        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
+            f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
+            dtype=self.dtype, name=name)
+        out = conv(self.planes, 1, 1, _PAD0, "conv1")(x)
+        out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
+        out = conv(self.planes, 3, self.stride, _PAD1, "conv2")(out)
+        out = nn.relu(_batch_norm("bn2", train, self.dtype)(out))
+        out = conv(self.planes * self.expansion, 1, 1, _PAD0, "conv3")(out)
+        out = _batch_norm("bn3", train, self.dtype)(out)
+        residual = x
+        if self.downsample:
+            residual = conv(self.planes * self.expansion, 1, self.stride, _PAD0,
+                            "downsample_0")(x)
+            residual = _batch_norm("downsample_1", train, self.dtype)(residual)
+        return nn.relu(out + residual)
+
+
+class CIFARResNet(nn.Module):
+    """CIFAR ResNet of depth ``6n + 2`` with stage widths 32/64/128 (the reference's ResNet).
+
+    3x3 stem conv (32) + BN + ReLU, three stages of ``n`` blocks (strides 1, 2, 2), global
+    average pool, dense head. BasicBlocks below depth 54, Bottlenecks (expansion 4) from 54 on
+    (see :func:`resnet_blocks_per_stage`). Shortcuts are 1x1 conv + BN wherever the shape
+    changes. Convs have no bias and He-normal (fan-out) init; the head has N(0, 0.01) weights and
+    zero bias; BN scale 1, bias 0. ResNet-32 for 10 classes has 1,855,584 conv + dense weights.
+
+    Attributes:
+      depth: ``6n + 2`` (20, 32, 56, ...).
+      num_classes: output logits.
+      dtype: computation dtype (parameters stay float32).
+
+    Raises:
+      ValueError: at construction, for a depth that is not ``6n + 2`` with ``n >= 1``.
+    """
+
+    depth: int
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 32, 32, 3)
+
+    def __post_init__(self):
+        resnet_blocks_per_stage(self.depth)  # fail at construction, not at first call
+        _check_num_classes(self.num_classes)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)`` for NHWC images ``x``.
+
+        Args:
+          x: images ``(N, H, W, C)``.
+          train: use batch statistics and update ``batch_stats`` (pass
+            ``mutable=['batch_stats']``) when True; use the running averages when False.
+        """
+        n, bottleneck = resnet_blocks_per_stage(self.depth)
+        block_cls = Bottleneck if bottleneck else BasicBlock
+        x = jnp.asarray(x, self.dtype)
+        x = nn.Conv(32, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_he_fan_out,
+                    dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(_batch_norm("bn1", train, self.dtype)(x))
+        in_channels = 32
+        for stage, (planes, stride) in enumerate(zip((32, 64, 128), (1, 2, 2)), start=1):
+            for i in range(n):
+                s = stride if i == 0 else 1
+                out_channels = planes * block_cls.expansion
+                x = block_cls(planes, stride=s,
+                              downsample=(s != 1 or in_channels != out_channels),
+                              dtype=self.dtype, name=f"layer{stage}_{i}")(x, train)
+                in_channels = out_channels
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name="fc")(x)
+
+
+class VGG(nn.Module):
+    """VGG-11/13/16/19 for small images, with or without BatchNorm (the reference's VGG).
+
+    3x3 convs with bias (padding 1) [+ BN] + ReLU, 2x2 max-pools per :data:`VGG_CONFIGS`, then an
+    average pool over the remaining map (2x2 for 32 px inputs, 4x4 for 64 px, i.e. ``H / 16``)
+    so that 512 features remain, and one dense layer 512 -> classes. The reference chooses the
+    pool size from the number of classes (2 for 10/100 classes, else 4); deriving it from the
+    input size gives the same network on CIFAR and TinyImageNet and works for any class count.
+
+    Init follows the reference's code: conv weights N(0, sqrt(2 / (k * k * c_in))) — the
+    reference computes ``n`` from ``in_channels`` (not ``out_channels`` as in some other CIFAR
+    VGGs) — zero conv bias, dense N(0, 0.01) with zero bias, BN scale 1 / bias 0.
+    VGG-19-BN for 10 classes has 20,024,000 conv + dense weights.
+
+    Attributes:
+      depth: 11, 13, 16 or 19.
+      batch_norm: insert BatchNorm after every conv.
+      num_classes: output logits.
+      dtype: computation dtype (parameters stay float32).
+
+    Raises:
+      ValueError: at construction, for a depth not in {11, 13, 16, 19}.
+    """
+
+    depth: int
+    batch_norm: bool = True
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 32, 32, 3)
+
+    def __post_init__(self):
+        _check_vgg_depth(self.depth)
+        _check_num_classes(self.num_classes)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)`` for NHWC images ``x`` (H, W multiples of 16).
+
+        Args:
+          x: images ``(N, H, W, C)``.
+          train: use batch statistics and update ``batch_stats`` when True (only with
+            ``batch_norm``); use the running averages when False.
+        """
+        x = jnp.asarray(x, self.dtype)
+        # Names follow the indices of the reference's nn.Sequential (conv, [bn], relu, pool).
+        index = 0
+        for v in VGG_CONFIGS[self.depth]:
+            if v == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                index += 1
+                continue
+            x = nn.Conv(v, (3, 3), padding=_PAD1, use_bias=True, kernel_init=_he_fan_in,
+                        bias_init=_zeros, dtype=self.dtype, name=f"features_{index}")(x)
+            index += 1
+            if self.batch_norm:
+                x = _batch_norm(f"features_{index}", train, self.dtype)(x)
+                index += 1
+            x = nn.relu(x)
+            index += 1
+        x = jnp.mean(x, axis=(1, 2))  # the 2x2 (32 px) / 4x4 (64 px) average pool
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name="classifier")(x)
+
+
+class DigitsMLP(nn.Module):
+    """Multi-layer perceptron for the bundled 8x8 scikit-learn digits, input ``(N, 8, 8, 1)``.
+
+    Flatten, then ``Dense -> ReLU`` per hidden width, then a dense head. Hidden layers use
+    He-normal (fan-in) init, the head N(0, 0.01); biases start at zero. Layers are named
+    ``fc1``, ``fc2``, ... with the head last.
+
+    Attributes:
+      hidden: hidden widths.
+      num_classes: output logits.
+      dtype: computation dtype.
+    """
+
+    hidden: Sequence[int] = (256, 128)
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 8, 8, 1)
+
+    def __post_init__(self):
+        _check_num_classes(self.num_classes)
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be positive integers, got {self.hidden!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
+        del train  # no dropout / BatchNorm
+        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
+        for i, width in enumerate(self.hidden, start=1):
+            x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros,
+                                 dtype=self.dtype, name=f"fc{i}")(x))
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for the 8x8 digits, input ``(N, 8, 8, 1)``.
+
+    ``conv1 (3x3) [+ BN] -> ReLU -> 2x2 max-pool -> conv2 (3x3) [+ BN] -> ReLU -> 2x2 max-pool
+    -> flatten (2 * 2 * widths[1]) -> fc``. Convs have He-normal (fan-out) init and a bias only
+    without BatchNorm; the head is N(0, 0.01) with zero bias. About 20k weights by default.
+
+    Attributes:
+      widths: channels of the two convs.
+      batch_norm: BatchNorm after each conv.
+      num_classes: output logits.
+      dtype: computation dtype.
+    """
+
+    widths: Sequence[int] = (32, 64)
+    batch_norm: bool = True
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 8, 8, 1)
+
+    def __post_init__(self):
+        _check_num_classes(self.num_classes)
+        if len(self.widths) != 2 or any(
+                isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be two positive integers, got {self.widths!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)`` for ``(N, 8, 8, 1)`` images.
+
+        Args:
+          x: images ``(N, H, W, C)``.
+          train: batch statistics and ``batch_stats`` update when True (with ``batch_norm``).
+        """
+        x = jnp.asarray(x, self.dtype)
+        for i, width in enumerate(self.widths, start=1):
+            x = nn.Conv(width, (3, 3), padding=_PAD1, use_bias=not self.batch_norm,
+                        kernel_init=_he_fan_out, bias_init=_zeros, dtype=self.dtype,
+                        name=f"conv{i}")(x)
+            if self.batch_norm:
+                x = _batch_norm(f"bn{i}", train, self.dtype)(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name="fc")(x)
+
+
+def _check_vgg_depth(depth: int) -> None:
+    if isinstance(depth, bool) or depth not in VGG_CONFIGS:
+        raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth!r}")
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+
+
+MODEL_NAMES = ("resnet", "vgg", "mlp", "cnn")
+
+
+def create_model(name: str, *, num_classes: int, depth: int | None = None,
+                 batch_norm: bool = True, dtype: Dtype = jnp.float32) -> nn.Module:
+    """Create a model by name.
+
+    Args:
+      name: ``'resnet'`` (:class:`CIFARResNet`), ``'vgg'`` (:class:`VGG`), ``'mlp'``
+        (:class:`DigitsMLP`) or ``'cnn'`` (:class:`DigitsCNN`); case-insensitive.
+      num_classes: output logits.
+      depth: required for ``'resnet'`` (``6n + 2``) and ``'vgg'`` (11/13/16/19); must be None
+        for ``'mlp'`` and ``'cnn'``.
+      batch_norm: BatchNorm for ``'vgg'`` and ``'cnn'`` (ResNet always has it, the MLP never;
+        False is refused for ``'resnet'`` and ignored for ``'mlp'``).
+      dtype: computation dtype.
+
+    Returns:
+      An unbound Flax module; call ``model.init(rng, x, train=False)``.
+
+    Raises:
+      ValueError: for an unknown name, a missing or invalid depth, or a depth given to a model
+        that has none.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_NAMES)}")
+    if key in ("resnet", "vgg") and depth is None:
+        allowed = "6n+2, e.g. 20, 32, 56" if key == "resnet" else f"one of {sorted(VGG_CONFIGS)}"
+        raise ValueError(f"model {key!r} needs a depth ({allowed})")
+    if key in ("mlp", "cnn") and depth is not None:
+        raise ValueError(f"model {key!r} has a fixed depth; pass depth=None, got {depth!r}")
+    if key == "resnet":
+        if not batch_norm:
+            raise ValueError("the CIFAR ResNet always uses BatchNorm; batch_norm=False is "
+                             "not supported")
+        return CIFARResNet(depth=depth, num_classes=num_classes, dtype=dtype)
+    if key == "vgg":
+        return VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)
+    if key == "mlp":
+        return DigitsMLP(num_classes=num_classes, dtype=dtype)
+    return DigitsCNN(batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)
