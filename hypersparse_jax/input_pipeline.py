@@ -268,6 +268,8 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
             where, prepared = builder.data_dir, builder.is_prepared()
         except Exception:
             pass
+        if prepared and not isinstance(err, NotImplementedError):
+            raise  # the data is there and readable: a genuine error, not missing data
         if prepared:
             raise FileNotFoundError(
                 f"{name} is prepared at {where} but not in a random-access format "
