@@ -71,8 +71,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def _unwrap_state_dict(state_dict: Mapping) -> dict:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+        raise TypeError("expected a state dict (a mapping of names to tensors), got "
+                        f"{type(state_dict).__name__}")
     inner = state_dict.get("state_dict")
     if isinstance(inner, Mapping):  # a full checkpoint {'epoch': ..., 'state_dict': ...}
         state_dict = inner

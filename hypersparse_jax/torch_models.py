@@ -29,7 +29,7 @@ __all__ = ["TorchCIFARResNet", "TorchVGG", "TorchDigitsMLP", "TorchDigitsCNN",
 
 
 def _init_reference(model: nn.Module, conv_fan: str) -> None:
-    """Reference init: He-normal convs (``conv_fan`` mode), zero biases, BN 1/0, Linear N(0, .01)."""
+    """Reference init: He-normal convs (``conv_fan`` mode), zero bias, BN 1/0, Linear N(0, .01)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode=conv_fan, nonlinearity="relu")
@@ -125,7 +125,7 @@ class TorchCIFARResNet(nn.Module):
 
 
 class TorchVGG(nn.Module):
-    """PyTorch VGG-11/13/16/19 (see ``models.VGG``): ``features`` Sequential + linear ``classifier``.
+    """PyTorch VGG-11/13/16/19 (see ``models.VGG``): ``features`` + a linear ``classifier``.
 
     Conv init N(0, sqrt(2 / (k * k * c_in))) as in the reference's code.
 

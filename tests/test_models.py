@@ -9,13 +9,18 @@ from hypersparse_jax import models
 from hypersparse_jax.models import VGG, CIFARResNet, DigitsCNN, DigitsMLP, create_model
 
 
+# Threefry's random-bit kernels take about a second to compile per shape on CPU; the 'rbg'
+# generator compiles fast and draws from the same distributions the init rules are about.
+_KEY = jax.random.key(0, impl="rbg")
+
+
 def _abstract_variables(model, shape):
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    return jax.eval_shape(lambda: model.init(_KEY, jnp.zeros(shape), train=False))
 
 
 def _init(model, x):
     # One compiled init is much faster than op-by-op dispatch for the larger models.
-    return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    return jax.jit(lambda x: model.init(_KEY, x, train=False))(x)
 
 
 def _kernels(params):
@@ -95,8 +100,8 @@ def test_large_model_output_shapes(model, shape, num_classes):
     (DigitsCNN(batch_norm=False, num_classes=4), 4),
 ])
 def test_digits_model_outputs(model, num_classes):
-    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = np.random.default_rng(1).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    variables = model.init(_KEY, x, train=False)
     logits = model.apply(variables, x, train=False)
     assert logits.shape == (3, num_classes)
     assert np.all(np.isfinite(logits))
@@ -108,7 +113,7 @@ def test_digits_model_outputs(model, num_classes):
 
 
 def test_prunable_leaves_are_kernels_and_biases_are_separate():
-    variables = DigitsCNN(batch_norm=False).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+    variables = DigitsCNN(batch_norm=False).init(_KEY, jnp.zeros((1, 8, 8, 1)),
                                                  train=False)
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
         name = path[-1].key
@@ -156,8 +161,8 @@ def _conv3x3_same(x, kernel, bias=None):
 
 def test_train_mode_updates_batch_stats_with_pytorch_momentum():
     model = DigitsCNN()
-    x = np.asarray(jax.random.normal(jax.random.key(3), (16, 8, 8, 1)), np.float64)
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = np.random.default_rng(3).normal(size=(16, 8, 8, 1))
+    variables = model.init(_KEY, x, train=False)
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     conv1 = _conv3x3_same(x, np.asarray(variables["params"]["conv1"]["kernel"], np.float64))
     batch_mean = conv1.mean(axis=(0, 1, 2))
@@ -170,8 +175,8 @@ def test_train_mode_updates_batch_stats_with_pytorch_momentum():
 
 def test_eval_mode_uses_running_averages():
     model = DigitsCNN()
-    x = jax.random.normal(jax.random.key(3), (8, 8, 8, 1))
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = np.random.default_rng(3).normal(size=(8, 8, 8, 1)).astype(np.float32)
+    variables = model.init(_KEY, x, train=False)
     # Per-sample outputs in eval mode do not depend on the rest of the batch...
     together = model.apply(variables, x, train=False)
     alone = model.apply(variables, x[:1], train=False)
@@ -190,8 +195,8 @@ def test_eval_mode_uses_running_averages():
 
 def test_eval_mode_normalises_with_running_stats_and_pytorch_epsilon():
     model = DigitsCNN()
-    x = np.asarray(jax.random.normal(jax.random.key(4), (4, 8, 8, 1)), np.float64)
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = np.random.default_rng(4).normal(size=(4, 8, 8, 1))
+    variables = model.init(_KEY, x, train=False)
     rng = np.random.default_rng(0)
     mean = rng.uniform(-0.5, 0.5, 32)
     var = rng.uniform(0.0, 0.01, 32)  # small variances make epsilon visible
@@ -212,7 +217,7 @@ def test_eval_mode_normalises_with_running_stats_and_pytorch_epsilon():
 def test_compute_dtype_is_respected_and_params_stay_float32():
     model = create_model("mlp", num_classes=10, dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 8, 1))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = model.init(_KEY, x, train=False)
     assert model.apply(variables, x, train=False).dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
 

@@ -71,8 +71,10 @@ def _kernel_zeros_flax(params):
 
 
 CASES = {
-    "resnet20": (lambda: TorchCIFARResNet(20, 10), lambda: CIFARResNet(depth=20, num_classes=10), 32),
-    "resnet32": (lambda: TorchCIFARResNet(32, 10), lambda: CIFARResNet(depth=32, num_classes=10), 32),
+    "resnet20": (lambda: TorchCIFARResNet(20, 10),
+                 lambda: CIFARResNet(depth=20, num_classes=10), 32),
+    "resnet32": (lambda: TorchCIFARResNet(32, 10),
+                 lambda: CIFARResNet(depth=32, num_classes=10), 32),
     "resnet56": (lambda: TorchCIFARResNet(56, 100),
                  lambda: CIFARResNet(depth=56, num_classes=100), 32),
     "vgg11": (lambda: TorchVGG(11, False, 10), lambda: VGG(depth=11, batch_norm=False), 32),
