@@ -1,0 +1,170 @@
+"""Adaptive Regularized Training (ART) as optax transformations.
+
+ART (Glandorf, Kaiser, Rosenhahn, ICCV 2023 workshops, arXiv:2308.07163) trains in three phases:
+
+1. warm-up: dense training, no regulariser (``warmup_epochs`` epochs);
+2. regularisation: the gradient of a sparsity penalty, scaled by an exponentially growing
+   ``λ_e = λ_init · η^(e − warmup_epochs)`` for epoch ``e``, is added to the loss gradient until
+   the :class:`hypersparse_jax.ARTController` stop rule fires;
+3. fine-tuning of the remembered magnitude-pruned model with its mask fixed.
+
+:func:`art` covers phases 1–2 (λ is 0 during warm-up, so one optimiser serves both, and its step
+count, λ and last threshold live in :class:`ARTState`). Phase 3 re-creates the optimiser as the
+reference does (momentum reset) with :func:`fixed_mask` first in the chain: it zeroes the
+gradient of every pruned weight, so momentum buffers and weight decay (``wd · 0``) of pruned
+weights stay exactly zero, and pruned weights stay exactly zero as long as the fine-tune starts
+from ``apply_mask(params, mask)``. The mask is held in the transformation's state (checkpointed
+with it, sharded like the parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from hypersparse_jax import masking, penalties
+from hypersparse_jax.masking import Predicate
+
+PenaltySpec = Union[str, Callable[[Any], jax.Array]]
+
+
+def lambda_schedule(lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
+                    warmup_epochs: int = 60, staircase: bool = True) -> optax.Schedule:
+  """ART's λ as a function of the step count.
+
+  ``λ(step) = 0`` for epochs ``e < warmup_epochs``, else ``λ_init · η^(e − warmup_epochs)`` with
+  ``e = step // steps_per_epoch`` (staircase: constant within an epoch, as the reference) or
+  ``e = step / steps_per_epoch`` (smooth, ``staircase=False``).
+  """
+  if steps_per_epoch <= 0 or int(steps_per_epoch) != steps_per_epoch:
+    raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+  if warmup_epochs < 0:
+    raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+  if not lambda_init > 0:
+    raise ValueError(f"lambda_init must be > 0, got {lambda_init!r}")
+  if not eta > 0:
+    raise ValueError(f"eta must be > 0, got {eta!r}")
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    if staircase:
+      epoch = (count // steps_per_epoch).astype(jnp.float32)
+    else:
+      epoch = count.astype(jnp.float32) / steps_per_epoch
+    exponent = epoch - warmup_epochs
+    lam = lambda_init * jnp.power(jnp.float32(eta), exponent)
+    return jnp.where(exponent >= 0 if staircase else epoch >= warmup_epochs, lam, 0.0)
+
+  return schedule
+
+
+class ARTState(NamedTuple):
+  """State of :func:`art`: the step count, the λ of the last step and the last threshold."""
+  count: chex.Array      # int32 number of updates so far
+  lambda_: chex.Array    # float32 λ used by the last update (0 in warm-up)
+  threshold: chex.Array  # float32 global magnitude threshold at the last regularised step
+
+
+def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
+  """``fn(params, hint) -> (grad_tree, threshold)`` for the named or user penalty."""
+  if callable(penalty):
+    def user(params, hint):
+      return jax.grad(penalty)(params), hint
+    return user
+  if penalty == "hypersparse":
+    return lambda params, hint: penalties.hypersparse_grad_and_threshold(
+        params, sparsity, where=where, threshold_hint=hint)
+  if penalty in ("l1", "l2"):
+    grad = penalties.PENALTY_GRADS[penalty]
+    return lambda params, hint: (grad(params, sparsity, where=where), hint)
+  raise ValueError(f"penalty must be 'hypersparse', 'l1', 'l2' or a callable, got {penalty!r}")
+
+
+def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
+        warmup_epochs: int = 60, penalty: PenaltySpec = "hypersparse", staircase: bool = True,
+        where: Optional[Predicate] = None) -> optax.GradientTransformation:
+  """ART's regulariser as an optax transformation: ``updates + λ_t · ∇penalty(params)``.
+
+  Put it first in the chain so that weight decay and momentum see the regularised gradient, as
+  in the reference (where the penalty is part of the loss)::
+
+      tx = optax.chain(hypersparse.art(0.98, steps_per_epoch=782, warmup_epochs=60),
+                       optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+
+  Args:
+    sparsity: target prune rate ``κ`` in ``[0, 1)``; fixes the HyperSparse threshold.
+    lambda_init: ``λ`` of the first regularisation epoch (reference: 5e-6).
+    eta: growth factor of ``λ`` per epoch (reference: 1.05).
+    steps_per_epoch: optimiser steps per epoch (``ceil(num_train / batch_size)``).
+    warmup_epochs: epochs of dense training before regularisation starts (reference: 60).
+    penalty: ``'hypersparse'`` (default), ``'l1'``, ``'l2'``, or a callable
+      ``penalty(params) -> scalar`` whose ``jax.grad`` is used.
+    staircase: ``λ`` constant within an epoch (reference) or growing smoothly per step.
+    where: prunable-leaf predicate (default: leaves named ``kernel`` with ``ndim >= 2``).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
+    :class:`ARTState`. The threshold of the previous step speeds up the exact selection of the
+    next (the result does not depend on it). During warm-up no penalty is computed at all.
+  """
+  sparsity = masking.check_sparsity(sparsity)
+  schedule = lambda_schedule(lambda_init, eta, steps_per_epoch=steps_per_epoch,
+                             warmup_epochs=warmup_epochs, staircase=staircase)
+  grad_fn = _penalty_grad_fn(penalty, sparsity, where)
+
+  def init_fn(params):
+    masking.prunable_leaves(params, where)  # fail early on an unusable tree
+    threshold = masking.magnitude_threshold(params, sparsity, where=where)
+    return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
+                    jnp.asarray(threshold, jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("art() needs the parameters: call tx.update(grads, state, params)")
+    lam = schedule(state.count).astype(jnp.float32)
+
+    def regularised(_):
+      grads, threshold = grad_fn(params, state.threshold)
+      new = jax.tree.map(lambda u, g: u + (lam * g.astype(jnp.float32)).astype(u.dtype),
+                         updates, grads)
+      return new, jnp.asarray(threshold, jnp.float32)
+
+    def plain(_):
+      return updates, state.threshold
+
+    new_updates, threshold = lax.cond(lam > 0, regularised, plain, None)
+    return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class FixedMaskState(NamedTuple):
+  """State of :func:`fixed_mask`: the bool mask (True = kept)."""
+  mask: Any
+
+
+def fixed_mask(mask) -> optax.GradientTransformation:
+  """Zeroes the updates of pruned weights (``mask`` False) — masked fine-tuning.
+
+  Place it first in the fine-tune chain, and start from ``apply_mask(params, mask)``: then no
+  gradient, momentum or weight-decay term ever reaches a pruned weight and it stays exactly 0.
+
+  Args:
+    mask: bool pytree with the structure of the parameters (e.g. from
+      :func:`hypersparse_jax.magnitude_mask`).
+  """
+
+  def init_fn(params):
+    masking._check_same_structure(params, mask)
+    return FixedMaskState(jax.tree.map(lambda m: jnp.asarray(m, bool), mask))
+
+  def update_fn(updates, state, params=None):
+    del params
+    return masking.apply_mask(updates, state.mask), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
