@@ -4,7 +4,7 @@ Glandorf, Kaiser, Rosenhahn: "HyperSparse Neural Networks: Shifting Exploration 
 through Adaptive Regularization", ICCV 2023 workshops (arXiv:2308.07163).
 """
 
-from hypersparse_jax.art import ARTState, FixedMaskState, art, fixed_mask, lambda_schedule
+from hypersparse_jax.transform import ARTState, FixedMaskState, art, fixed_mask, lambda_schedule
 from hypersparse_jax.controller import ARTController, ARTDecision
 from hypersparse_jax.masking import (SparsityReport, apply_mask, default_where, magnitude_mask,
                                      magnitude_threshold, sparsity, sparsity_report)

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of a training run: latest (every epoch), best and initial weights.
+
+Each checkpoint is an orbax step directory holding two items: ``state`` (a pytree of arrays:
+parameters, batch statistics, optimiser state, controller payloads) and ``meta`` (JSON: phase,
+epoch, controller decisions, counters). Orbax writes a step into a temporary directory and
+renames it when complete, so a run killed while saving (SIGKILL included) never leaves a
+half-written checkpoint that could be taken for a good one: the previous step is restored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
+
+
+class RunCheckpoints:
+  """Checkpoint managers of one run directory: ``latest``, ``best`` and ``init``.
+
+  Args:
+    directory: the run's checkpoint folder (created if missing).
+    keep: how many ``latest`` steps to keep (>= 2 keeps a fallback if the newest is damaged).
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = lambda n: ocp.CheckpointManagerOptions(  # noqa: E731
+        max_to_keep=n, create=True, enable_async_checkpointing=False)
+    self._managers = {
+        "latest": ocp.CheckpointManager(os.path.join(self.directory, "latest"), options=options(keep)),
+        "best": ocp.CheckpointManager(os.path.join(self.directory, "best"), options=options(1)),
+        "init": ocp.CheckpointManager(os.path.join(self.directory, "init"), options=options(1)),
+    }
+
+  def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
+    """Saves ``state`` (pytree) and ``meta`` (JSON-able dict) as ``kind`` at ``step``."""
+    self._managers[kind].save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._managers[kind].wait_until_finished()
+
+  def steps(self, kind: str) -> list:
+    return sorted(self._managers[kind].all_steps())
+
+  def restore_meta(self, kind: str, step: Optional[int] = None) -> Optional[dict]:
+    """The JSON metadata of ``kind`` at ``step`` (default: newest), or None if none exists."""
+    mngr = self._managers[kind]
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"cannot read checkpoint metadata {mngr.directory}/{step}: {e}") from e
+
+  def restore_state(self, kind: str, step: int, target: Any) -> Any:
+    """Restores the ``state`` item at ``step`` into the structure/shapes/dtypes of ``target``."""
+    mngr = self._managers[kind]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+      raise CheckpointError(
+          f"checkpoint {mngr.directory}/{step} does not match this model/run or is corrupt: "
+          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+  def restore_latest(self, kind: str, target_for_meta: Callable[[dict], Any]):
+    """Newest restorable ``(step, meta, state)`` of ``kind``, falling back to older steps.
+
+    ``target_for_meta(meta)`` returns the target pytree that the state must be restored into
+    (its structure depends on the phase recorded in ``meta``). Returns None if there is none.
+    """
+    errors = []
+    for step in reversed(self.steps(kind)):
+      try:
+        meta = self.restore_meta(kind, step)
+        return step, meta, self.restore_state(kind, step, target_for_meta(meta))
+      except CheckpointError as e:
+        errors.append(str(e))
+    if errors:
+      raise CheckpointError("no restorable checkpoint: " + " | ".join(errors))
+    return None
+
+  def close(self):
+    for mngr in self._managers.values():
+      mngr.close()

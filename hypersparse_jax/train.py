@@ -1,0 +1,575 @@
+"""``hypersparse-train``: the ART protocol end to end (warm-up -> ART -> masked fine-tuning).
+
+    hypersparse-train                                   # preset: bundled digits, 90 % sparsity
+    hypersparse-train --dataset cifar10 --data-dir ~/tensorflow_datasets --sparsity 0.98
+
+Defaults for CIFAR-10/100 and TinyImageNet are the reference's (ResNet-32, batch 64, SGD lr 0.1,
+momentum 0.9, weight decay 1e-4, 60 warm-up epochs, λ_init 5e-6, η 1.05, window b = 1,
+160 fine-tune epochs with lr × 0.1 at 80 and 120). With no arguments it runs a small preset on
+scikit-learn's bundled digits (no download).
+
+Run the same command with the same ``--outdir`` again to resume a stopped or killed run from
+its latest checkpoint; it ends exactly as an uninterrupted run would (the data order and the
+random augmentation depend only on ``(seed, epoch, step)``). ``--outdir`` receives
+``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/{latest,best,init}``,
+``model_sparse.npz`` and, with ``--plot``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hypersparse_jax import transform as art_lib
+from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
+from hypersparse_jax.controller import ARTController
+
+PHASES = ("warmup", "art", "finetune")
+
+# Reference defaults (CIFAR / TinyImageNet) and the bundled-digits preset.
+REFERENCE_DEFAULTS = dict(
+    model="resnet", depth=32, batch_norm=True, sparsity=0.9, penalty="hypersparse",
+    lambda_init=5e-6, eta=1.05, window=1, warmup_epochs=60, epochs=160, max_art_epochs=300,
+    batch_size=64, lr=0.1, lr_decay=0.1, lr_steps=(80, 120), weight_decay=1e-4, momentum=0.9,
+    eval_batch_size=500)
+DIGITS_PRESET = dict(
+    REFERENCE_DEFAULTS, model="mlp", depth=None, lambda_init=2e-4, eta=1.25, warmup_epochs=10,
+    epochs=20, max_art_epochs=40, lr=0.05, lr_steps=(10, 15), eval_batch_size=450)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a run (saved as ``config.json``; a resume must match it)."""
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  download: bool = False
+  model: str = "mlp"
+  depth: Optional[int] = None
+  batch_norm: bool = True
+  sparsity: float = 0.9
+  penalty: str = "hypersparse"
+  lambda_init: float = 2e-4
+  eta: float = 1.25
+  window: int = 1
+  warmup_epochs: int = 10
+  epochs: int = 20
+  max_art_epochs: int = 40
+  batch_size: int = 64
+  eval_batch_size: int = 450
+  lr: float = 0.05
+  lr_decay: float = 0.1
+  lr_steps: tuple = (10, 15)
+  weight_decay: float = 1e-4
+  momentum: float = 0.9
+  seed: int = 0
+  init_from: Optional[str] = None
+
+  def validate(self):
+    masking.check_sparsity(self.sparsity)
+    if self.dataset not in input_pipeline.DATASET_NAMES:
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
+                       f"{list(input_pipeline.DATASET_NAMES)}")
+    if self.penalty not in ("hypersparse", "l1", "l2"):
+      raise ValueError(f"unknown penalty {self.penalty!r}; choose hypersparse, l1 or l2")
+    for name in ("batch_size", "eval_batch_size", "max_art_epochs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    for name in ("warmup_epochs", "epochs", "window"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+    for name in ("lr", "lambda_init", "eta"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps (pure, jit-compiled)
+# ------------------------------------------------------------------------------------------------
+
+
+def _variables(params, batch_stats):
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def make_train_step(model, tx, dataset: input_pipeline.Dataset):
+  """``(state, batch, key) -> (state, metrics)``; ``state`` is ``{params, batch_stats, opt_state}``."""
+  augment = functools.partial(input_pipeline.augment, mean=dataset.mean, std=dataset.std,
+                              crop_padding=dataset.crop_padding, flip=dataset.flip)
+
+  def step(state, batch, key):
+    images = augment(key, batch["image"])
+    labels, weights = batch["label"], batch["mask"].astype(jnp.float32)
+
+    def loss_fn(params):
+      if state["batch_stats"]:
+        logits, updated = model.apply(_variables(params, state["batch_stats"]), images,
+                                      train=True, mutable=["batch_stats"])
+        new_stats = updated["batch_stats"]
+      else:
+        logits, new_stats = model.apply({"params": params}, images, train=True), {}
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+      loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+      return loss, (logits, new_stats, losses)
+
+    (_, (logits, new_stats, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    metrics = {"loss_sum": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
+               "count": jnp.sum(weights)}
+    return {"params": params, "batch_stats": new_stats, "opt_state": opt_state}, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model, dataset: input_pipeline.Dataset):
+  """``(params, batch_stats, batch) -> number of correct predictions`` (eval mode)."""
+
+  def step(params, batch_stats, batch):
+    images = input_pipeline.normalize(batch["image"], dataset.mean, dataset.std)
+    logits = model.apply(_variables(params, batch_stats), images, train=False)
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    return jnp.sum(correct.astype(jnp.int32))
+
+  return jax.jit(step)
+
+
+def evaluate(eval_step, params, batch_stats, images, labels, batch_size) -> float:
+  correct = 0
+  for batch in input_pipeline.eval_batches(images, labels, batch_size):
+    correct += int(eval_step(params, batch_stats, batch))
+  return correct / len(labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, text: str):
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class MetricsLog:
+  """``metrics.jsonl``: one record per epoch, appended and fsynced; truncated on resume."""
+
+  def __init__(self, path: str, start_epoch: int):
+    self.path = path
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            break  # a line cut by a crash: everything after it is redone
+          if record.get("epoch", start_epoch) < start_epoch:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    _atomic_write(path, "".join(kept))
+
+  def append(self, record: dict):
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def _to_host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+  """One ART run: owns the model, data, steps, controller and checkpoints of ``outdir``."""
+
+  def __init__(self, config: TrainConfig, outdir: str, *, progress: bool = True,
+               log=print):
+    config.validate()
+    self.cfg, self.outdir, self.progress, self.log = config, outdir, progress, log
+    self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.download)
+    self.model = models.create_model(
+        config.model, num_classes=self.dataset.num_classes, depth=config.depth,
+        batch_norm=config.batch_norm)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(self.dataset.num_train,
+                                                          config.batch_size)
+    self.key = jax.random.PRNGKey(config.seed)
+    shape = (1,) + self.dataset.image_shape
+    variables = jax.jit(functools.partial(self.model.init, train=False))(
+        jax.random.fold_in(self.key, 0), jnp.zeros(shape, jnp.float32))
+    self.params = variables["params"]
+    self.batch_stats = variables.get("batch_stats", {})
+    if config.init_from:
+      self.params, self.batch_stats = self._load_init(config.init_from)
+    masking.prunable_leaves(self.params)
+    self.num_weights = masking.num_prunable(masking.prunable_leaves(self.params))
+    self.art_tx = optax.chain(
+        art_lib.art(config.sparsity, config.lambda_init, config.eta,
+                    steps_per_epoch=self.steps_per_epoch, warmup_epochs=config.warmup_epochs,
+                    penalty=config.penalty),
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(config.lr, momentum=config.momentum))
+    self.eval_step = make_eval_step(self.model, self.dataset)
+    self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
+    self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
+
+  # ----- pieces -----
+
+  def _load_init(self, path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--init-from {path!r} does not exist")
+    if os.path.isfile(path):  # a PyTorch checkpoint of the reference code
+      from hypersparse_jax import torch_import
+      variables = torch_import.load_torch_checkpoint(path, self.model)
+    else:
+      directory = path
+      if os.path.isdir(os.path.join(path, "checkpoints")):
+        directory = os.path.join(path, "checkpoints")
+      ckpt = checkpointing.RunCheckpoints(directory)
+      kind = "best" if ckpt.steps("best") else "latest"
+      if not ckpt.steps(kind):
+        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
+      step = ckpt.steps(kind)[-1]
+      target = {"params": self.params, "batch_stats": self.batch_stats}
+      meta = ckpt.restore_meta(kind, step)
+      full = self._template(meta)
+      restored = ckpt.restore_state(kind, step, full)
+      variables = {"params": restored["train"]["params"],
+                   "batch_stats": restored["train"]["batch_stats"]}
+      del target
+    return variables["params"], variables.get("batch_stats", {})
+
+  def finetune_tx(self, mask):
+    cfg = self.cfg
+    boundaries = {int(s) * self.steps_per_epoch: cfg.lr_decay for s in cfg.lr_steps}
+    schedule = optax.piecewise_constant_schedule(cfg.lr, boundaries)
+    return optax.chain(art_lib.fixed_mask(mask), optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(schedule, momentum=cfg.momentum))
+
+  def _template(self, meta):
+    """The pytree a checkpoint with ``meta`` restores into."""
+    params, stats = self.params, self.batch_stats
+    if meta["phase"] == "finetune":
+      mask = jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
+      opt_state = self.finetune_tx(mask).init(params)
+    else:
+      opt_state = self.art_tx.init(params)
+    payload = {"params": params, "batch_stats": stats}
+    controller = {name: payload for name in meta.get("payloads", [])}
+    return {"train": {"params": params, "batch_stats": stats, "opt_state": opt_state},
+            "controller": controller}
+
+  def _save(self, phase, epoch, state, controller, extra):
+    meta_c, payloads = controller.state_dict() if controller is not None else (None, {})
+    meta = dict(extra, phase=phase, epoch=epoch, controller=meta_c, payloads=sorted(payloads))
+    self.ckpt.save("latest", epoch, {"train": state, "controller": payloads}, meta)
+
+  def _train_epoch(self, train_step, state, epoch, desc):
+    from tqdm.auto import tqdm
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    batches = input_pipeline.prefetch(input_pipeline.train_batches(
+        self.dataset, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch))
+    epoch_key = jax.random.fold_in(self.key, epoch + 1)
+    bar = tqdm(batches, total=self.steps_per_epoch, desc=desc, leave=False,
+               disable=not self.progress, dynamic_ncols=True)
+    pending = []
+    for i, batch in enumerate(bar):
+      state, metrics = train_step(state, batch, jax.random.fold_in(epoch_key, i))
+      pending.append(metrics)
+      if len(pending) >= 20 or i == self.steps_per_epoch - 1:  # sync rarely: no host stall
+        for m in jax.device_get(pending):
+          for k in totals:
+            totals[k] += float(m[k])
+        pending = []
+        bar.set_postfix(loss=f"{totals['loss_sum'] / max(totals['count'], 1):.4f}",
+                        acc=f"{totals['correct'] / max(totals['count'], 1):.4f}")
+    bar.close()
+    count = max(totals["count"], 1.0)
+    return state, totals["loss_sum"] / count, totals["correct"] / count
+
+  def _test_accuracy(self, params, batch_stats):
+    return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
+                    self.dataset.test_labels, self.cfg.eval_batch_size)
+
+  # ----- the protocol -----
+
+  def run(self) -> dict:
+    cfg = self.cfg
+    os.makedirs(self.outdir, exist_ok=True)
+    summary_path = os.path.join(self.outdir, "summary.json")
+    resumed = self.ckpt.restore_latest("latest", self._template)
+    if resumed is None:
+      self.ckpt.save("init", 0, {"params": self.params, "batch_stats": self.batch_stats},
+                     {"what": "initial weights"})
+      phase, epoch = ("warmup" if cfg.warmup_epochs > 0 else "art"), 0
+      state = {"params": self.params, "batch_stats": self.batch_stats,
+               "opt_state": self.art_tx.init(self.params)}
+      controller = ARTController(cfg.window, cfg.max_art_epochs)
+      extra = {"best_test_accuracy": None, "best_epoch": None, "art_epochs": 0,
+               "lambda_final": 0.0, "finished": False, "art_best_epoch": None,
+               "stop_reason": None, "ft_start": None}
+    else:
+      step, meta, restored = resumed
+      if meta.get("finished") and os.path.exists(summary_path):
+        self.log(f"run in {self.outdir} already finished (summary.json): nothing to do")
+        with open(summary_path) as f:
+          return json.load(f)
+      phase, epoch = meta["phase"], meta["epoch"] + 1
+      state = restored["train"]
+      controller = (ARTController.from_state_dict(meta["controller"], restored["controller"])
+                    if meta["controller"] is not None else None)
+      extra = {k: meta[k] for k in ("best_test_accuracy", "best_epoch", "art_epochs",
+                                    "lambda_final", "finished", "art_best_epoch", "stop_reason",
+                                    "ft_start")}
+      self.log(f"resuming {self.outdir} at epoch {epoch} ({phase}) from checkpoint {step}")
+    metrics_log = MetricsLog(os.path.join(self.outdir, "metrics.jsonl"), epoch)
+
+    art_step = make_train_step(self.model, self.art_tx, self.dataset)
+    ft_step, ft_start = None, extra["ft_start"]
+    if phase == "finetune":
+      ft_step = make_train_step(self.model, self.finetune_tx(state["opt_state"][0].mask),
+                                self.dataset)
+    total_epochs_hint = cfg.warmup_epochs + cfg.epochs
+    while True:
+      start = time.time()
+      record = {"epoch": epoch, "phase": phase}
+      if phase in ("warmup", "art"):
+        state, loss, train_acc = self._train_epoch(art_step, state, epoch,
+                                                   f"{phase} {epoch}")
+        lam = float(state["opt_state"][0].lambda_)
+        test_acc = self._test_accuracy(state["params"], state["batch_stats"])
+        record.update(phase_epoch=epoch if phase == "warmup" else epoch - cfg.warmup_epochs,
+                      **{"lambda": lam}, lr=cfg.lr, train_loss=loss, train_accuracy=train_acc,
+                      test_accuracy=test_acc, pruned_train_accuracy=None, window_mean=None,
+                      best_window_mean=None)
+        next_phase = phase
+        if epoch + 1 >= cfg.warmup_epochs and phase == "warmup":
+          next_phase = "art"
+        if phase == "art":
+          mask = self.mask_fn(state["params"])
+          pruned = masking.apply_mask(state["params"], mask)
+          pruned_acc = evaluate(self.eval_step, pruned, state["batch_stats"],
+                                self.dataset.train_images, self.dataset.train_labels,
+                                cfg.eval_batch_size)
+          payload = _to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+          decision = controller.update(epoch, pruned_acc, train_acc, payload)
+          extra["art_epochs"] = controller.epochs_seen
+          extra["lambda_final"] = lam
+          record.update(pruned_train_accuracy=pruned_acc, window_mean=decision.window_mean,
+                        best_window_mean=decision.best_mean)
+          if decision.stop:
+            self.log(decision.message)
+            extra["stop_reason"], extra["art_best_epoch"] = decision.reason, decision.best_epoch
+            next_phase = "finetune"
+        record["sparsity"] = masking.sparsity(state["params"])
+        record["time"] = time.time() - start
+        metrics_log.append(record)
+        self._log_epoch(record)
+        if next_phase == "finetune":
+          best = controller.best.payload
+          params = jax.tree.map(jnp.asarray, best["params"])
+          mask = self.mask_fn(params)
+          params = masking.apply_mask(params, mask)
+          tx = self.finetune_tx(mask)
+          state = {"params": params, "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
+                   "opt_state": tx.init(params)}
+          ft_step = make_train_step(self.model, tx, self.dataset)
+          ft_start = epoch + 1
+          self.log(str(masking.sparsity_report(params, mask)))
+          controller = None
+        extra["ft_start"] = ft_start
+        self._save(next_phase, epoch, state, controller, extra)
+        phase = next_phase
+      else:
+        ft_epoch = epoch - ft_start
+        if ft_epoch >= cfg.epochs:
+          break
+        state, loss, train_acc = self._train_epoch(ft_step, state, epoch, f"finetune {ft_epoch}")
+        test_acc = self._test_accuracy(state["params"], state["batch_stats"])
+        lr = cfg.lr * cfg.lr_decay ** sum(ft_epoch >= s for s in cfg.lr_steps)
+        record.update(phase_epoch=ft_epoch, **{"lambda": 0.0}, lr=lr, train_loss=loss,
+                      train_accuracy=train_acc, pruned_train_accuracy=None, test_accuracy=test_acc,
+                      window_mean=None, best_window_mean=None,
+                      sparsity=masking.sparsity(state["params"]), time=time.time() - start)
+        if extra["best_test_accuracy"] is None or test_acc > extra["best_test_accuracy"]:
+          extra["best_test_accuracy"], extra["best_epoch"] = test_acc, epoch
+          self.ckpt.save("best", epoch, {"params": state["params"],
+                                         "batch_stats": state["batch_stats"]},
+                         {"test_accuracy": test_acc, "epoch": epoch})
+        metrics_log.append(record)
+        self._log_epoch(record)
+        if ft_epoch + 1 >= cfg.epochs:
+          extra["finished"] = True
+        self._save("finetune", epoch, state, None, extra)
+        if extra["finished"]:
+          break
+      epoch += 1
+      if epoch > total_epochs_hint + cfg.max_art_epochs + 1:
+        raise RuntimeError("internal error: epoch counter ran past every phase")
+    return self._finish(state, extra, test_acc if cfg.epochs > 0 else None)
+
+  def _finish(self, state, extra, final_test_acc):
+    cfg = self.cfg
+    params, stats = state["params"], state["batch_stats"]
+    mask = state["opt_state"][0].mask
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    export = sparse_export.export_sparse(variables, mask,
+                                         os.path.join(self.outdir, "model_sparse.npz"))
+    report = masking.sparsity_report(params)
+    summary = {
+        "dataset": cfg.dataset, "model": cfg.model, "depth": cfg.depth,
+        "penalty": cfg.penalty, "seed": cfg.seed,
+        "sparsity_target": cfg.sparsity, "sparsity_achieved": report.sparsity,
+        "test_accuracy": extra["best_test_accuracy"], "best_epoch": extra["best_epoch"],
+        "final_test_accuracy": final_test_acc, "art_epochs": extra["art_epochs"],
+        "art_best_epoch": extra["art_best_epoch"], "stop_reason": extra["stop_reason"],
+        "lambda_final": extra["lambda_final"], "num_weights": report.total,
+        "num_nonzero_weights": report.kept, "dense_bytes": export["dense_bytes"],
+        "sparse_bytes": export["sparse_bytes"], "compression_ratio": export["compression_ratio"],
+    }
+    _atomic_write(os.path.join(self.outdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    self.log(str(report))
+    self.log("summary: " + json.dumps({k: summary[k] for k in (
+        "test_accuracy", "final_test_accuracy", "sparsity_achieved", "art_epochs",
+        "compression_ratio")}))
+    return summary
+
+  def _log_epoch(self, r):
+    pruned = r.get("pruned_train_accuracy")
+    self.log(f"epoch {r['epoch']:3d} {r['phase']:<8} lambda {r['lambda']:.3g} "
+             f"loss {r['train_loss']:.4f} train {r['train_accuracy']:.4f} "
+             + (f"pruned {pruned:.4f} " if pruned is not None else "")
+             + f"test {r['test_accuracy']:.4f} sparsity {r['sparsity']:.4f} "
+             f"({r['time']:.1f}s)")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="hypersparse-train",
+      description="Adaptive Regularized Training with HyperSparse (warm-up -> ART -> masked "
+                  "fine-tuning). Unset options take the dataset's preset: the reference's "
+                  "defaults for cifar10/cifar100/tinyimagenet, a small fast preset for digits.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  ref = REFERENCE_DEFAULTS
+  p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASET_NAMES)
+  p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR) or TinyImageNet folder")
+  p.add_argument("--download", action="store_true", help="let TFDS download CIFAR if missing")
+  p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
+                 help=f"reference: {ref['model']}; digits: mlp")
+  p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
+                 f"(reference: {ref['depth']})")
+  p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", default=None,
+                 help="VGG/CNN without BatchNorm")
+  p.add_argument("--sparsity", type=float, default=None, help=f"prune rate κ in [0, 1) "
+                 f"(default {ref['sparsity']})")
+  p.add_argument("--penalty", default=None, choices=("hypersparse", "l1", "l2"))
+  p.add_argument("--lambda-init", type=float, default=None,
+                 help=f"reference: {ref['lambda_init']}; digits: {DIGITS_PRESET['lambda_init']}")
+  p.add_argument("--eta", type=float, default=None,
+                 help=f"λ growth per epoch (reference: {ref['eta']}; digits: {DIGITS_PRESET['eta']})")
+  p.add_argument("--window", type=int, default=None, help="b: window of 2b+1 epochs (reference 1)")
+  p.add_argument("--warmup-epochs", type=int, default=None,
+                 help=f"reference: {ref['warmup_epochs']}; digits: {DIGITS_PRESET['warmup_epochs']}")
+  p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs "
+                 f"(reference: {ref['epochs']}; digits: {DIGITS_PRESET['epochs']})")
+  p.add_argument("--max-art-epochs", type=int, default=None,
+                 help="cap on regularisation epochs (the reference has none)")
+  p.add_argument("--batch-size", type=int, default=None, help=f"reference: {ref['batch_size']}")
+  p.add_argument("--eval-batch-size", type=int, default=None)
+  p.add_argument("--lr", type=float, default=None, help=f"reference: {ref['lr']}")
+  p.add_argument("--lr-decay", type=float, default=None, help=f"reference: {ref['lr_decay']}")
+  p.add_argument("--lr-steps", type=int, nargs="*", default=None,
+                 help=f"fine-tune epochs where lr *= lr-decay (reference: {list(ref['lr_steps'])})")
+  p.add_argument("--weight-decay", type=float, default=None, help=f"reference: {ref['weight_decay']}")
+  p.add_argument("--momentum", type=float, default=None, help=f"reference: {ref['momentum']}")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--outdir", default=None, help="run directory (default runs/<dataset>-<model>-<sparsity>)")
+  p.add_argument("--init-from", default=None,
+                 help="start from a hypersparse-jax run/checkpoint dir or a reference .pth(.tar)")
+  p.add_argument("--no-progress", dest="progress", action="store_false",
+                 help="no progress bars")
+  p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
+  return p
+
+
+def config_from_args(args) -> TrainConfig:
+  preset = DIGITS_PRESET if args.dataset == "digits" else REFERENCE_DEFAULTS
+  values = dict(preset)
+  for name in list(values) + ["penalty"]:
+    given = getattr(args, name, None)
+    if given is not None:
+      values[name] = given
+  if args.model is not None and args.depth is None and args.model in ("mlp", "cnn"):
+    values["depth"] = None
+  if args.model == "vgg" and args.depth is None:
+    values["depth"] = 19
+  values["lr_steps"] = tuple(values["lr_steps"])
+  return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                     seed=args.seed, init_from=args.init_from, **values)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    cfg = config_from_args(args)
+    outdir = args.outdir or os.path.join(
+        "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-{cfg.sparsity:g}")
+    config_path = os.path.join(outdir, "config.json")
+    config = dataclasses.asdict(cfg)
+    config["lr_steps"] = list(cfg.lr_steps)
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        saved = json.load(f)
+      if saved != config:
+        diff = {k: (saved.get(k), config.get(k)) for k in config if saved.get(k) != config.get(k)}
+        raise ValueError(f"{outdir} holds a run with another configuration {diff} "
+                         "(saved, requested); use another --outdir")
+    trainer = Trainer(cfg, outdir, progress=args.progress)
+    os.makedirs(outdir, exist_ok=True)
+    if not os.path.exists(config_path):
+      _atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+    trainer.run()
+    if args.plot:
+      from hypersparse_jax import plotting
+      print(f"curves: {plotting.plot_run(outdir)}")
+    return 0
+  except (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+          checkpointing.CheckpointError, ImportError) as e:
+    print(f"hypersparse-train: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
