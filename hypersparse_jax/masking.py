@@ -43,18 +43,39 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def _strip_variable(path: Sequence) -> tuple:
+  """Drops the ``.value`` attribute that Flax NNX ``Variable`` leaves add to a path."""
+  path = tuple(path)
+  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
+      "value", "raw_value"):
+    path = path[:-1]
+  return path
+
+
 def path_name(path: Sequence) -> str:
   """Readable name of a pytree path, e.g. ``('params', 'Conv_0', 'kernel')`` -> ``params/Conv_0/kernel``."""
-  return "/".join(_key_name(k) for k in path)
+  return "/".join(_key_name(k) for k in _strip_variable(path))
 
 
 def default_where(path: Sequence, leaf: Any) -> bool:
-  """Default prunable-leaf predicate: leaves named ``kernel`` with ``ndim >= 2``."""
+  """Default prunable-leaf predicate: leaves named ``kernel`` with ``ndim >= 2``.
+
+  Works for Flax Linen ``params`` dicts, Flax NNX ``nnx.State`` (whose paths end in ``.value``)
+  and plain nested dicts.
+  """
+  path = _strip_variable(path)
   return bool(path) and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2
 
 
 def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
+
+
+def _all_finite(x) -> bool:
+  # Concrete arrays closed over by a traced function (e.g. inside lax.cond) are still checked
+  # eagerly; traced leaves cannot be checked without a host sync and are not.
+  with jax.ensure_compile_time_eval():
+    return bool(jnp.all(jnp.isfinite(x)))
 
 
 def check_sparsity(sparsity) -> float:
@@ -99,7 +120,7 @@ def prunable_leaves(params, where: Optional[Predicate] = None):
           "(float32, bfloat16, float16, float64)")
     if jnp.size(x) == 0:
       raise ValueError(f"prunable leaf {path_name(p)} is empty (shape {jnp.shape(x)})")
-    if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if _is_concrete(x) and not _all_finite(x):
       raise ValueError(
           f"prunable leaf {path_name(p)} contains NaN or infinite weights; magnitudes must be "
           "finite")
@@ -355,7 +376,7 @@ def _mask_from_threshold(params, t, where):
 
   def leaf_mask(path, x):
     if where(path, x):
-      return jnp.abs(jnp.asarray(x).astype(jnp.float32)) > t
+      return _magnitude_bits(x).reshape(jnp.shape(x)) > lax.bitcast_convert_type(t, jnp.int32)
     return jnp.ones(jnp.shape(x), bool)
 
   return jax.tree_util.tree_map_with_path(leaf_mask, params)

@@ -90,7 +90,7 @@ def hypersparse_grad_and_threshold(params, sparsity: float, *, where: Optional[P
   s = hypersparse_scale(t)
   total_a, total_t = _sums(leaves, s)
   ratio = jnp.where(total_t > 0, total_a / jnp.where(total_t > 0, total_t, 1.0), 0.0)
-  factor = s * ratio
+  factor = jnp.minimum(s * ratio, jnp.finfo(jnp.float32).max)  # t == 0: s·A/T may overflow
 
   def leaf_grad(x):
     a = _f32_abs(x)
