@@ -70,6 +70,18 @@ class ARTController:
       pruned_accuracy: training accuracy of the magnitude-pruned copy, in [0, 1].
       dense_accuracy: training accuracy of the dense model in this epoch, in [0, 1].
       payload: what to remember if this entry becomes the best (e.g. model variables).
+
+    Example:
+      >>> from hypersparse_jax import ARTController
+      >>> ctl = ARTController(window=1)
+      >>> ctl.update(0, 0.50, 0.90, "model@0").stop
+      False
+      >>> d = ctl.update(1, 0.70, 0.90, "model@1")  # mean 0.60 > 0.50: middle entry is epoch 1
+      >>> d.best_epoch, round(d.best_mean, 2)
+      (1, 0.6)
+      >>> d = ctl.update(2, 0.99, 0.70, "model@2")  # mean 0.73 > dense 0.70: stop
+      >>> d.stop, d.reason, d.best_epoch, ctl.best.payload
+      (True, 'converged', 1, 'model@1')
     """
     for name, value in (("pruned_accuracy", pruned_accuracy), ("dense_accuracy", dense_accuracy)):
       if not (0.0 <= float(value) <= 1.0):

@@ -366,6 +366,12 @@ def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] =
   Raises:
     ValueError: sparsity outside ``[0, 1)``, empty tree, no prunable leaf, NaN/inf weights.
     TypeError: non-float prunable leaf, traced sparsity.
+
+  Example:
+    >>> import jax.numpy as jnp, hypersparse_jax as hs
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -0.4], [0.2, 0.8]]), "bias": jnp.ones(2)}}
+    >>> float(hs.magnitude_threshold(params, 0.5))  # sorted |w|: 0.1 0.2 0.4 0.8; index 2
+    0.4000000059604645
   """
   sparsity = check_sparsity(sparsity)
   return _threshold(prunable_leaves(params, where), sparsity)
@@ -391,6 +397,15 @@ def magnitude_mask(params, sparsity: float, *, where: Optional[Predicate] = None
 
   Returns:
     A bool pytree with the structure and shapes of ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, hypersparse_jax as hs
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -0.4], [0.2, 0.8]]), "bias": jnp.ones(2)}}
+    >>> mask = hs.magnitude_mask(params, 0.5)
+    >>> mask["dense"]["kernel"].tolist(), mask["dense"]["bias"].tolist()
+    ([[False, False], [False, True]], [True, True])
+    >>> hs.apply_mask(params, mask)["dense"]["kernel"].tolist()
+    [[0.0, 0.0], [0.0, 0.800000011920929]]
   """
   sparsity = check_sparsity(sparsity)
   leaves = prunable_leaves(params, where)

@@ -114,6 +114,18 @@ def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = No
 
   Raises:
     ValueError / TypeError: as :func:`hypersparse_jax.magnitude_threshold`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, hypersparse_jax as hs
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -0.4], [0.2, 0.8]]), "bias": jnp.ones(2)}}
+    >>> g = hs.hypersparse_grad(params, 0.5)
+    >>> [round(v, 3) for v in g["dense"]["kernel"].ravel().tolist()]  # small weights pushed most
+    [1.249, -0.855, 1.154, 0.321]
+    >>> g["dense"]["bias"].tolist()
+    [0.0, 0.0]
+    >>> gp = jax.grad(hs.hypersparse_penalty)(params, 0.5)
+    >>> bool(jnp.allclose(gp["dense"]["kernel"], g["dense"]["kernel"], rtol=1e-5))
+    True
   """
   return hypersparse_grad_and_threshold(params, sparsity, where=where)[0]
 

@@ -111,6 +111,20 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
     :class:`ARTState`. The threshold of the previous step speeds up the exact selection of the
     next (the result does not depend on it). During warm-up no penalty is computed at all.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hypersparse_jax as hs
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -0.4], [0.2, 0.8]]), "bias": jnp.ones(2)}}
+    >>> tx = optax.chain(hs.art(0.5, lambda_init=0.1, eta=2.0, steps_per_epoch=1,
+    ...                         warmup_epochs=1), optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> zero = {"dense": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    >>> for epoch in range(3):
+    ...   updates, state = tx.update(zero, state, params)
+    ...   print(epoch, float(state[0].lambda_))
+    0 0.0
+    1 0.10000000149011612
+    2 0.20000000298023224
   """
   sparsity = masking.check_sparsity(sparsity)
   schedule = lambda_schedule(lambda_init, eta, steps_per_epoch=steps_per_epoch,

@@ -1,0 +1,16 @@
+"""Runs the examples in the public docstrings."""
+
+import doctest
+
+import pytest
+
+from hypersparse_jax import controller, masking, penalties, transform
+
+
+@pytest.mark.parametrize("module", [masking, penalties, transform, controller],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                           verbose=False)
+  assert result.attempted > 0, f"{module.__name__} has no docstring examples"
+  assert result.failed == 0
