@@ -34,6 +34,7 @@ import optax
 
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
+from hypersparse_jax import sharding
 from hypersparse_jax.controller import ARTController
 
 PHASES = ("warmup", "art", "finetune")
@@ -103,8 +104,12 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(model, tx, dataset: input_pipeline.Dataset):
-  """``(state, batch, key) -> (state, metrics)``; ``state`` is ``{params, batch_stats, opt_state}``."""
+def make_train_step(model, tx, dataset: input_pipeline.Dataset, *, state_shardings=None):
+  """``(state, batch, key) -> (state, metrics)``; ``state`` is ``{params, batch_stats, opt_state}``.
+
+  The step follows the shardings of its inputs (see :mod:`hypersparse_jax.sharding`);
+  ``state_shardings`` (a pytree of shardings like ``state``) pins the new state's placement.
+  """
   augment = functools.partial(input_pipeline.augment, mean=dataset.mean, std=dataset.std,
                               crop_padding=dataset.crop_padding, flip=dataset.flip)
 
@@ -130,7 +135,8 @@ def make_train_step(model, tx, dataset: input_pipeline.Dataset):
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     metrics = {"loss_sum": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
                "count": jnp.sum(weights)}
-    return {"params": params, "batch_stats": new_stats, "opt_state": opt_state}, metrics
+    new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state}
+    return sharding.constrain(new_state, state_shardings), metrics
 
   return jax.jit(step, donate_argnums=0)
 
@@ -147,10 +153,11 @@ def make_eval_step(model, dataset: input_pipeline.Dataset):
   return jax.jit(step)
 
 
-def evaluate(eval_step, params, batch_stats, images, labels, batch_size) -> float:
+def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=None) -> float:
+  """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch."""
   correct = 0
   for batch in input_pipeline.eval_batches(images, labels, batch_size):
-    correct += int(eval_step(params, batch_stats, batch))
+    correct += int(eval_step(params, batch_stats, batch if place is None else place(batch)))
   return correct / len(labels)
 
 
@@ -211,9 +218,19 @@ class Trainer:
   """One ART run: owns the model, data, steps, controller and checkpoints of ``outdir``."""
 
   def __init__(self, config: TrainConfig, outdir: str, *, progress: bool = True,
-               log=print):
+               log=print, devices: Optional[int] = None, shard_params: bool = False):
     config.validate()
     self.cfg, self.outdir, self.progress, self.log = config, outdir, progress, log
+    # devices: None = all local devices, 1 = no mesh (plain single-device arrays).
+    self.mesh = None
+    if devices is None and len(jax.local_devices()) > 1 or devices is not None and devices > 1:
+      self.mesh = sharding.make_mesh(devices)
+      sharding.check_batch_size(config.batch_size, self.mesh, "--batch-size")
+    elif devices is not None and devices < 1:
+      raise ValueError(f"--devices must be >= 1, got {devices}")
+    self.fsdp = bool(shard_params) and self.mesh is not None
+    n = 1 if self.mesh is None else sharding.num_shards(self.mesh)
+    self.eval_batch_size = -(-config.eval_batch_size // n) * n  # padding only: same accuracy
     self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.download)
     self.model = models.create_model(
         config.model, num_classes=self.dataset.num_classes, depth=config.depth,
@@ -239,6 +256,34 @@ class Trainer:
     self.eval_step = make_eval_step(self.model, self.dataset)
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
+    self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
+
+  # ----- placement on the mesh (identity without one) -----
+
+  def shardings(self, tree):
+    if self.mesh is None:
+      return None
+    return sharding.state_shardings(tree, self.mesh, fsdp=self.fsdp)
+
+  def place(self, tree):
+    """Replicates ``tree`` over the mesh, or shards it FSDP-style with ``--shard-params``."""
+    return tree if self.mesh is None else jax.device_put(tree, self.shardings(tree))
+
+  def place_batch(self, batch):
+    return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
+
+  def _restore_target(self, meta):
+    """The template of ``meta`` as ShapeDtypeStructs with this run's shardings (any mesh)."""
+    template = self._template(meta)
+    if self.mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      return sharding.abstract(template, jax.tree.map(lambda _: device, template))
+    return sharding.abstract(template, self.shardings(template))
+
+  def _make_step(self, tx, params):
+    state = {"params": params, "batch_stats": self.batch_stats,
+             "opt_state": jax.eval_shape(tx.init, params)}  # shapes fix the shardings
+    return make_train_step(self.model, tx, self.dataset, state_shardings=self.shardings(state))
 
   # ----- pieces -----
 
@@ -295,7 +340,8 @@ class Trainer:
     from tqdm.auto import tqdm
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     batches = input_pipeline.prefetch(input_pipeline.train_batches(
-        self.dataset, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch))
+        self.dataset, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch),
+        transfer=None if self.mesh is None else self.place_batch)
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
     bar = tqdm(batches, total=self.steps_per_epoch, desc=desc, leave=False,
                disable=not self.progress, dynamic_ncols=True)
@@ -316,7 +362,7 @@ class Trainer:
 
   def _test_accuracy(self, params, batch_stats):
     return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
-                    self.dataset.test_labels, self.cfg.eval_batch_size)
+                    self.dataset.test_labels, self.eval_batch_size, self.place_batch)
 
   # ----- the protocol -----
 
@@ -324,13 +370,13 @@ class Trainer:
     cfg = self.cfg
     os.makedirs(self.outdir, exist_ok=True)
     summary_path = os.path.join(self.outdir, "summary.json")
-    resumed = self.ckpt.restore_latest("latest", self._template)
+    resumed = self.ckpt.restore_latest("latest", self._restore_target)
     if resumed is None:
       self.ckpt.save("init", 0, {"params": self.params, "batch_stats": self.batch_stats},
                      {"what": "initial weights"})
       phase, epoch = ("warmup" if cfg.warmup_epochs > 0 else "art"), 0
-      state = {"params": self.params, "batch_stats": self.batch_stats,
-               "opt_state": self.art_tx.init(self.params)}
+      state = self.place({"params": self.params, "batch_stats": self.batch_stats,
+                          "opt_state": self.art_tx.init(self.params)})
       controller = ARTController(cfg.window, cfg.max_art_epochs)
       extra = {"best_test_accuracy": None, "best_epoch": None, "art_epochs": 0,
                "lambda_final": 0.0, "finished": False, "art_best_epoch": None,
@@ -351,11 +397,10 @@ class Trainer:
       self.log(f"resuming {self.outdir} at epoch {epoch} ({phase}) from checkpoint {step}")
     metrics_log = MetricsLog(os.path.join(self.outdir, "metrics.jsonl"), epoch)
 
-    art_step = make_train_step(self.model, self.art_tx, self.dataset)
+    art_step = self._make_step(self.art_tx, self.params)
     ft_step, ft_start = None, extra["ft_start"]
     if phase == "finetune":
-      ft_step = make_train_step(self.model, self.finetune_tx(state["opt_state"][0].mask),
-                                self.dataset)
+      ft_step = self._make_step(self.finetune_tx(state["opt_state"][0].mask), state["params"])
     total_epochs_hint = cfg.warmup_epochs + cfg.epochs
     while True:
       start = time.time()
@@ -377,7 +422,7 @@ class Trainer:
           pruned = masking.apply_mask(state["params"], mask)
           pruned_acc = evaluate(self.eval_step, pruned, state["batch_stats"],
                                 self.dataset.train_images, self.dataset.train_labels,
-                                cfg.eval_batch_size)
+                                self.eval_batch_size, self.place_batch)
           payload = _to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
           decision = controller.update(epoch, pruned_acc, train_acc, payload)
           extra["art_epochs"] = controller.epochs_seen
@@ -394,13 +439,14 @@ class Trainer:
         self._log_epoch(record)
         if next_phase == "finetune":
           best = controller.best.payload
-          params = jax.tree.map(jnp.asarray, best["params"])
+          params = self.place(jax.tree.map(jnp.asarray, best["params"]))
           mask = self.mask_fn(params)
           params = masking.apply_mask(params, mask)
           tx = self.finetune_tx(mask)
-          state = {"params": params, "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
-                   "opt_state": tx.init(params)}
-          ft_step = make_train_step(self.model, tx, self.dataset)
+          state = self.place({"params": params,
+                              "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
+                              "opt_state": tx.init(params)})
+          ft_step = self._make_step(tx, params)
           ft_start = epoch + 1
           self.log(str(masking.sparsity_report(params, mask)))
           controller = None
@@ -518,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--outdir", default=None, help="run directory (default runs/<dataset>-<model>-<sparsity>)")
   p.add_argument("--init-from", default=None,
                  help="start from a hypersparse-jax run/checkpoint dir or a reference .pth(.tar)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="devices for data-parallel training (default: all local devices; 1: no "
+                      "mesh); --batch-size must divide by it")
+  p.add_argument("--shard-params", action="store_true",
+                 help="FSDP: also shard large parameters and optimiser state over the devices")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bars")
   p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
@@ -556,7 +607,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         diff = {k: (saved.get(k), config.get(k)) for k in config if saved.get(k) != config.get(k)}
         raise ValueError(f"{outdir} holds a run with another configuration {diff} "
                          "(saved, requested); use another --outdir")
-    trainer = Trainer(cfg, outdir, progress=args.progress)
+    trainer = Trainer(cfg, outdir, progress=args.progress, devices=args.devices,
+                      shard_params=args.shard_params)
     os.makedirs(outdir, exist_ok=True)
     if not os.path.exists(config_path):
       _atomic_write(config_path, json.dumps(config, indent=2) + "\n")
