@@ -1,0 +1,458 @@
+"""Sparsity study: ART + HyperSparse against ART + L1 / L2, one-shot and gradual magnitude pruning.
+
+    python benchmarks/study.py                      # bundled digits, 5 sparsities x 3 seeds
+    python benchmarks/study.py --quick --out /tmp/s # one seed, two sparsities, a few epochs
+    python benchmarks/study.py --data-dir ~/tensorflow_datasets   # CIFAR-10 (reference protocol)
+
+Methods, per target sparsity κ and seed (all share the initial weights of the seed):
+
+* ``art_hypersparse``, ``art_l1``, ``art_l2``: the full ART protocol of :class:`train.Trainer`
+  (warm-up, regularisation until the stop rule or the cap, masked fine-tuning), ``penalty=``.
+* ``oneshot``: the dense baseline's trained model, globally magnitude-pruned to κ in one shot
+  (:func:`magnitude_mask`), then the same masked fine-tuning as ART (fresh momentum, same lr
+  schedule, same number of epochs).
+* ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017): after the same dense warm-up, the
+  sparsity follows ``s_t = κ (1 − (1 − t/T)^3)`` over ``T`` = as many epochs as ART + HyperSparse
+  regularised for this seed and κ; the global magnitude mask is recomputed every
+  ``--gmp-every`` steps at ``s_t`` and applied after every step; then the same masked
+  fine-tuning. Its total epoch count therefore equals ART + HyperSparse's.
+* ``dense``: dense training for warm-up + fine-tune epochs (lr decayed at the fine-tune
+  milestones, counted from the end of warm-up). Independent of κ.
+
+Accuracy is test accuracy: the best over the fine-tune epochs (as the paper reports) and the
+final one. Written to ``--out``: ``study.json`` (settings, every run, mean ± std per cell),
+``study.md`` (table) and ``study.png`` (accuracy vs sparsity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ART_METHODS = ("art_hypersparse", "art_l1", "art_l2")
+METHODS = ART_METHODS + ("oneshot", "gmp", "dense")
+LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2": "ART + L2",
+          "oneshot": "one-shot magnitude + FT", "gmp": "gradual magnitude (GMP)",
+          "dense": "dense baseline"}
+SPARSITIES = (0.9, 0.95, 0.98, 0.99, 0.995)
+SEEDS = (0, 1, 2)
+
+# Digits settings of the study: the digits preset of train.py with fewer epochs, so the whole
+# study (5 sparsities x 6 methods x 3 seeds) fits in about an hour on 2 CPU cores.
+DIGITS_STUDY = dict(warmup_epochs=8, epochs=12, lr_steps=(6, 9), max_art_epochs=30)
+DIGITS_QUICK = dict(warmup_epochs=2, epochs=2, lr_steps=(1,), max_art_epochs=3)
+QUICK_SPARSITIES = (0.9, 0.98)
+
+
+def make_config(args, sparsity, penalty, seed):
+  from hypersparse_jax import train
+  preset = dict(train.DIGITS_PRESET if args.dataset == "digits" else train.REFERENCE_DEFAULTS)
+  if args.dataset == "digits":
+    preset.update(DIGITS_QUICK if args.quick else DIGITS_STUDY)
+  for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs"):
+    if getattr(args, name, None) is not None:
+      preset[name] = getattr(args, name)
+  if args.model in ("mlp", "cnn") and args.depth is None:
+    preset["depth"] = None
+  preset["lr_steps"] = tuple(s for s in preset["lr_steps"] if s < preset["epochs"])
+  preset.update(sparsity=sparsity, penalty=penalty)
+  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+  values = {k: v for k, v in preset.items() if k in fields}
+  return train.TrainConfig(dataset=args.dataset, data_dir=args.data_dir, seed=seed, **values)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines, built from library pieces
+# ------------------------------------------------------------------------------------------------
+
+
+class Baselines:
+  """Dense training, one-shot pruning + fine-tuning and GMP for one configuration (per process)."""
+
+  def __init__(self, cfg):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from hypersparse_jax import input_pipeline, masking, models, train, transform
+    self.jax, self.jnp, self.optax = jax, jnp, optax
+    self.masking, self.train, self.ip = masking, train, input_pipeline
+    self.cfg = cfg
+    self.dataset = input_pipeline.load_dataset(cfg.dataset, cfg.data_dir)
+    self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
+                                     depth=cfg.depth, batch_norm=cfg.batch_norm)
+    self.spe = input_pipeline.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
+    self.eval_step = train.make_eval_step(self.model, self.dataset)
+    spe, W = self.spe, cfg.warmup_epochs
+    # Dense: constant lr for the warm-up, then the fine-tune decays (so the dense run's state
+    # after W epochs is exactly ART's warm-up state, and GMP can start from it).
+    dense_sched = optax.piecewise_constant_schedule(
+        cfg.lr, {(W + s) * spe: cfg.lr_decay for s in cfg.lr_steps})
+    self.dense_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                                optax.sgd(dense_sched, momentum=cfg.momentum))
+    self.dense_step = train.make_train_step(self.model, self.dense_tx, self.dataset)
+    self.ramp_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                               optax.sgd(cfg.lr, momentum=cfg.momentum))
+    self.ramp_step = train.make_train_step(self.model, self.ramp_tx, self.dataset)
+    # Masked fine-tuning exactly as ART's (Trainer.finetune_tx): the mask lives in the optimiser
+    # state, so one compiled step serves every mask.
+    self.ft_tx = lambda mask: optax.chain(
+        transform.fixed_mask(mask), optax.add_decayed_weights(cfg.weight_decay),
+        optax.sgd(optax.piecewise_constant_schedule(
+            cfg.lr, {s * spe: cfg.lr_decay for s in cfg.lr_steps}), momentum=cfg.momentum))
+    init = jax.jit(functools.partial(self.model.init, train=False))
+    self.key = jax.random.PRNGKey(cfg.seed)  # as Trainer: same initial weights as ART
+    variables = init(jax.random.fold_in(self.key, 0),
+                     jnp.zeros((1,) + self.dataset.image_shape, jnp.float32))
+    self.init_params = variables["params"]
+    self.init_stats = variables.get("batch_stats", {})
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool), self.init_params)
+    self.ft_step = train.make_train_step(self.model, self.ft_tx(ones), self.dataset)
+    self.apply_mask = jax.jit(masking.apply_mask)
+
+  def test_accuracy(self, state):
+    return self.train.evaluate(self.eval_step, state["params"], state["batch_stats"],
+                               self.dataset.test_images, self.dataset.test_labels,
+                               self.cfg.eval_batch_size)
+
+  def run_epoch(self, step, state, epoch, after_step=None):
+    cfg, jax = self.cfg, self.jax
+    epoch_key = jax.random.fold_in(self.key, epoch + 1)
+    for i, batch in enumerate(self.ip.train_batches(self.dataset, cfg.batch_size,
+                                                    seed=cfg.seed, epoch=epoch)):
+      state, _ = step(state, batch, jax.random.fold_in(epoch_key, i))
+      if after_step is not None:
+        state = after_step(state, i)
+    return state
+
+  def dense(self):
+    """Dense baseline (warm-up + fine-tune epochs); returns the result, the warm-up state and
+    the final state."""
+    cfg, jax = self.cfg, self.jax
+    start = time.time()
+    state = {"params": self.init_params, "batch_stats": self.init_stats,
+             "opt_state": self.dense_tx.init(self.init_params)}
+    warm, accs = None, []
+    for epoch in range(cfg.warmup_epochs + cfg.epochs):
+      if epoch == cfg.warmup_epochs:
+        warm = jax.tree.map(lambda x: x.copy(), state)
+      state = self.run_epoch(self.dense_step, state, epoch)
+      if epoch >= cfg.warmup_epochs or cfg.epochs == 0:
+        accs.append(self.test_accuracy(state))
+    if warm is None:
+      warm = jax.tree.map(lambda x: x.copy(), state)
+    result = dict(best_test_accuracy=max(accs), final_test_accuracy=accs[-1],
+                  sparsity=self.masking.sparsity(state["params"]), art_epochs=None,
+                  epochs=cfg.warmup_epochs + cfg.epochs, time=time.time() - start)
+    return result, warm, state
+
+  def finetune(self, params, batch_stats, mask, first_epoch):
+    """ART's masked fine-tuning from ``apply_mask(params, mask)``; returns (state, accuracies)."""
+    params = self.apply_mask(params, mask)
+    state = {"params": params, "batch_stats": batch_stats,
+             "opt_state": self.ft_tx(mask).init(params)}
+    accs = []
+    for e in range(self.cfg.epochs):
+      state = self.run_epoch(self.ft_step, state, first_epoch + e)
+      accs.append(self.test_accuracy(state))
+    if not accs:
+      accs.append(self.test_accuracy(state))
+    return state, accs
+
+  def _result(self, state, accs, start, ramp_epochs, epochs):
+    return dict(best_test_accuracy=max(accs), final_test_accuracy=accs[-1],
+                sparsity=self.masking.sparsity(state["params"]), art_epochs=ramp_epochs,
+                epochs=epochs, time=time.time() - start)
+
+  def oneshot(self, dense_state, sparsity):
+    """Prune the trained dense model to ``sparsity`` in one shot, then fine-tune."""
+    start = time.time()
+    mask = self.masking.magnitude_mask(dense_state["params"], sparsity)
+    first = self.cfg.warmup_epochs + self.cfg.epochs
+    state, accs = self.finetune(dense_state["params"], dense_state["batch_stats"], mask, first)
+    return self._result(state, accs, start, 0, first + self.cfg.epochs)
+
+  def gmp(self, warm_state, sparsity, ramp_epochs, every):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) from the warm-up state, then fine-tuning."""
+    cfg, jax, jnp = self.cfg, self.jax, self.jnp
+    start = time.time()
+    state = jax.tree.map(lambda x: x.copy(), warm_state)
+    state["opt_state"] = self.ramp_tx.init(state["params"])  # constant lr while pruning
+    total = max(1, ramp_epochs * self.spe)
+    holder = {"mask": None, "t": 0}
+
+    def after_step(st, _):
+      holder["t"] += 1
+      t = holder["t"]
+      if holder["mask"] is None or t % every == 0 or t == total:
+        s_t = sparsity * (1.0 - (1.0 - min(t, total) / total) ** 3)
+        # On a 0.005 grid (rounded down; exactly κ at the end): magnitude_mask compiles once
+        # per distinct sparsity, and the grid bounds that to ~200 for the whole study.
+        s_t = sparsity if t >= total else min(sparsity, np.floor(s_t * 200) / 200)
+        holder["mask"] = self.masking.magnitude_mask(st["params"], float(s_t))
+      st["params"] = self.apply_mask(st["params"], holder["mask"])
+      return st
+
+    for e in range(ramp_epochs):
+      state = self.run_epoch(self.ramp_step, state, cfg.warmup_epochs + e, after_step)
+    mask = self.masking.magnitude_mask(state["params"], sparsity)  # exactly κ at the end
+    first = cfg.warmup_epochs + ramp_epochs
+    state, accs = self.finetune(state["params"], state["batch_stats"], mask, first)
+    return self._result(state, accs, start, ramp_epochs, first + cfg.epochs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks (run in worker processes)
+# ------------------------------------------------------------------------------------------------
+
+
+def _worker_init(cache_dir):
+  import jax
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _art_run(args, sparsity, penalty, seed):
+  from hypersparse_jax import train
+  cfg = make_config(args, sparsity, penalty, seed)
+  root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+  outdir = tempfile.mkdtemp(prefix="hs-study-", dir=root)
+  start = time.time()
+  try:
+    summary = train.Trainer(cfg, outdir, progress=False, log=lambda *_: None).run()
+  finally:
+    shutil.rmtree(outdir, ignore_errors=True)
+  return dict(best_test_accuracy=summary["test_accuracy"],
+              final_test_accuracy=summary["final_test_accuracy"],
+              sparsity=summary["sparsity_achieved"], art_epochs=summary["art_epochs"],
+              stop_reason=summary["stop_reason"], time=time.time() - start)
+
+
+def cell_task(args, sparsity, seed):
+  """All methods for one (sparsity, seed): ART x 3 penalties, then one-shot and GMP."""
+  import jax
+  results = {}
+  for method in ART_METHODS:
+    results[method] = _art_run(args, sparsity, method[len("art_"):], seed)
+    _log(args, f"  kappa={sparsity} seed={seed} {method}: {_fmt(results[method])}")
+  base = Baselines(make_config(args, sparsity, "hypersparse", seed))
+  _, warm, final = base.dense()
+  results["oneshot"] = base.oneshot(final, sparsity)
+  _log(args, f"  kappa={sparsity} seed={seed} oneshot: {_fmt(results['oneshot'])}")
+  ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
+  results["gmp"] = base.gmp(warm, sparsity, ramp, args.gmp_every or max(1, base.spe // 2))
+  _log(args, f"  kappa={sparsity} seed={seed} gmp: {_fmt(results['gmp'])}")
+  del jax
+  return sparsity, seed, results
+
+
+def dense_task(args, seed):
+  base = Baselines(make_config(args, SPARSITIES[0], "hypersparse", seed))
+  result, _, _ = base.dense()
+  _log(args, f"  seed={seed} dense: {_fmt(result)}")
+  return seed, result
+
+
+def _fmt(r):
+  return (f"best {r['best_test_accuracy']:.4f} final {r['final_test_accuracy']:.4f} "
+          f"sparsity {r['sparsity']:.5f} art_epochs {r['art_epochs']} ({r['time']:.1f}s)")
+
+
+def _log(args, msg):
+  print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation and outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _stats(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  a = np.asarray(values, np.float64)
+  return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+          "n": len(a)}
+
+
+def aggregate(runs, sparsities):
+  cells = []
+  for method in METHODS:
+    targets = [0.0] if method == "dense" else sparsities
+    for s in targets:
+      rs = [r for r in runs if r["method"] == method and (method == "dense" or r["target"] == s)]
+      if not rs:
+        continue
+      cells.append({"method": method, "target": s, "seeds": [r["seed"] for r in rs],
+                    **{k: _stats([r[k] for r in rs]) for k in
+                       ("best_test_accuracy", "final_test_accuracy", "sparsity", "art_epochs",
+                        "time")}})
+  return cells
+
+
+def _pm(stat, scale=100.0, digits=2):
+  if stat is None:
+    return "–"
+  return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def write_markdown(path, report):
+  s = report["settings"]
+  lines = [f"# Sparsity study on {s['dataset']} ({s['model']})", "",
+           f"Seeds {s['seeds']}; warm-up {s['warmup_epochs']} epochs, ART regularisation at "
+           f"most {s['max_art_epochs']} epochs (λ_init {s['lambda_init']}, η {s['eta']}), "
+           f"fine-tune {s['epochs']} epochs (lr {s['lr']} × {s['lr_decay']} at {s['lr_steps']}), "
+           f"batch {s['batch_size']}, weight decay {s['weight_decay']}. GMP: cubic schedule over as "
+           f"many epochs as ART + HyperSparse regularised, mask every {s['gmp_every']} steps. "
+           f"Test accuracy in %, mean ± std over seeds: best over fine-tune epochs "
+           f"(as the paper reports) / final. Total wall time {report['wall_time']:.0f} s.", "",
+           "| method | target κ | best test acc | final test acc | achieved sparsity | "
+           "ART / ramp epochs | time (s) |",
+           "|---|---|---|---|---|---|---|"]
+  for c in report["cells"]:
+    lines.append(
+        f"| {LABELS[c['method']]} | {c['target'] * 100:g} % | {_pm(c['best_test_accuracy'])} | "
+        f"{_pm(c['final_test_accuracy'])} | {_pm(c['sparsity'], 100, 3)} | "
+        f"{_pm(c['art_epochs'], 1, 1)} | {_pm(c['time'], 1, 1)} |")
+  # Compact pivot: best accuracy per method (rows) and sparsity (columns).
+  sps = s["sparsities"]
+  lines += ["", "Best fine-tune test accuracy (%), mean ± std:", "",
+            "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
+            "|---|" + "---|" * len(sps)]
+  by = {(c["method"], c["target"]): c for c in report["cells"]}
+  for m in METHODS:
+    if m == "dense":
+      c = by.get(("dense", 0.0))
+      row = [_pm(c["best_test_accuracy"]) if c else "–"] * len(sps)
+    else:
+      row = [_pm(by[(m, x)]["best_test_accuracy"]) if (m, x) in by else "–" for x in sps]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_plot(path, report):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sps = report["settings"]["sparsities"]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  by = {(c["method"], c["target"]): c for c in report["cells"]}
+  xs = np.arange(len(sps))
+  for m in METHODS:
+    if m == "dense":
+      c = by.get(("dense", 0.0))
+      if c:
+        mu, sd = c["best_test_accuracy"]["mean"] * 100, c["best_test_accuracy"]["std"] * 100
+        ax.axhline(mu, color="k", ls="--", lw=1, label=LABELS[m])
+        ax.axhspan(mu - sd, mu + sd, color="k", alpha=0.08)
+      continue
+    pts = [(i, by[(m, x)]["best_test_accuracy"]) for i, x in enumerate(sps) if (m, x) in by]
+    if pts:
+      ax.errorbar([p[0] for p in pts], [p[1]["mean"] * 100 for p in pts],
+                  yerr=[p[1]["std"] * 100 for p in pts], marker="o", capsize=3, label=LABELS[m])
+  ax.set_xticks(xs, [f"{x * 100:g}" for x in sps])
+  ax.set_xlabel("sparsity κ (%)")
+  ax.set_ylabel("best fine-tune test accuracy (%)")
+  ax.set_title(f"{report['settings']['dataset']} / {report['settings']['model']}: "
+               f"{len(report['settings']['seeds'])} seed(s), mean ± std")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--out", default=os.path.join("benchmarks", "results", "study"))
+  p.add_argument("--data-dir", default=None, help="TFDS data dir: run on CIFAR-10 instead")
+  p.add_argument("--quick", action="store_true", help="one seed, two sparsities, few epochs")
+  p.add_argument("--sparsities", type=float, nargs="*", default=None)
+  p.add_argument("--seeds", type=int, nargs="*", default=None)
+  p.add_argument("--model", default=None)
+  p.add_argument("--depth", type=int, default=None)
+  p.add_argument("--warmup-epochs", type=int, default=None)
+  p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs")
+  p.add_argument("--max-art-epochs", type=int, default=None)
+  p.add_argument("--gmp-every", type=int, default=None,
+                 help="GMP mask update interval in steps (default: half an epoch)")
+  p.add_argument("--workers", type=int, default=2, help="worker processes")
+  p.add_argument("--jit-cache", default=os.path.join(tempfile.gettempdir(),
+                                                     "hypersparse-study-jit-cache"),
+                 help="persistent XLA compilation cache ('' to disable)")
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  args.dataset = "cifar10" if args.data_dir else "digits"
+  sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES))
+  seeds = tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else SEEDS))
+  os.makedirs(args.out, exist_ok=True)
+  cfg = make_config(args, sparsities[0], "hypersparse", seeds[0])
+  from hypersparse_jax import input_pipeline
+  spe = input_pipeline.steps_per_epoch(
+      input_pipeline.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
+  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("sparsity", "penalty", "seed", "init_from", "download")}
+  settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
+                  methods=list(METHODS), quick=args.quick, steps_per_epoch=spe,
+                  gmp_every=args.gmp_every or max(1, spe // 2), workers=args.workers)
+  print(f"study: {json.dumps(settings)}", flush=True)
+
+  start = time.time()
+  runs = []
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=max(1, args.workers), mp_context=ctx, initializer=_worker_init,
+      initargs=(args.jit_cache,)) as pool:
+    futures = [pool.submit(dense_task, args, seed) for seed in seeds]
+    futures += [pool.submit(cell_task, args, s, seed) for s in sparsities for seed in seeds]
+    for fut in concurrent.futures.as_completed(futures):
+      out = fut.result()
+      if len(out) == 2:
+        seed, r = out
+        runs.append(dict(method="dense", target=0.0, seed=seed, **r))
+      else:
+        s, seed, results = out
+        for method, r in results.items():
+          runs.append(dict(method=method, target=s, seed=seed, **r))
+      report = {"settings": settings, "wall_time": time.time() - start,
+                "complete": len(runs) == len(seeds) * (1 + 5 * len(sparsities)),
+                "cells": aggregate(runs, sparsities), "runs": runs}
+      _write(args.out, report)
+      print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
+  print(open(os.path.join(args.out, "study.md")).read())
+  return 0
+
+
+def _write(out, report):
+  tmp = os.path.join(out, ".study.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(tmp, os.path.join(out, "study.json"))
+  write_markdown(os.path.join(out, "study.md"), report)
+  write_plot(os.path.join(out, "study.png"), report)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
