@@ -14,7 +14,7 @@ Methods, per target sparsity κ and seed (all share the initial weights of the s
 * ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017): after the same dense warm-up, the
   sparsity follows ``s_t = κ (1 − (1 − t/T)^3)`` over ``T`` = as many epochs as ART + HyperSparse
   regularised for this seed and κ; the global magnitude mask is recomputed every
-  ``--gmp-every`` steps at ``s_t`` and applied after every step; then the same masked
+  ``--gmp-every`` steps (default: every epoch) at ``s_t`` (rounded down to 0.01) and applied after every step; then the same masked
   fine-tuning. Its total epoch count therefore equals ART + HyperSparse's.
 * ``dense``: dense training for warm-up + fine-tune epochs (lr decayed at the fine-tune
   milestones, counted from the end of warm-up). Independent of κ.
@@ -196,9 +196,9 @@ class Baselines:
       t = holder["t"]
       if holder["mask"] is None or t % every == 0 or t == total:
         s_t = sparsity * (1.0 - (1.0 - min(t, total) / total) ** 3)
-        # On a 0.005 grid (rounded down; exactly κ at the end): magnitude_mask compiles once
-        # per distinct sparsity, and the grid bounds that to ~200 for the whole study.
-        s_t = sparsity if t >= total else min(sparsity, np.floor(s_t * 200) / 200)
+        # On a 0.01 grid (rounded down; exactly κ at the end): magnitude_mask compiles once
+        # per distinct sparsity (it is slow to compile), and the grid bounds that number.
+        s_t = sparsity if t >= total else min(sparsity, np.floor(s_t * 100) / 100)
         holder["mask"] = self.masking.magnitude_mask(st["params"], float(s_t))
       st["params"] = self.apply_mask(st["params"], holder["mask"])
       return st
@@ -251,7 +251,7 @@ def cell_task(args, sparsity, seed):
   results["oneshot"] = base.oneshot(final, sparsity)
   _log(args, f"  kappa={sparsity} seed={seed} oneshot: {_fmt(results['oneshot'])}")
   ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
-  results["gmp"] = base.gmp(warm, sparsity, ramp, args.gmp_every or max(1, base.spe // 2))
+  results["gmp"] = base.gmp(warm, sparsity, ramp, args.gmp_every or base.spe)
   _log(args, f"  kappa={sparsity} seed={seed} gmp: {_fmt(results['gmp'])}")
   del jax
   return sparsity, seed, results
@@ -394,7 +394,7 @@ def build_parser():
   p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs")
   p.add_argument("--max-art-epochs", type=int, default=None)
   p.add_argument("--gmp-every", type=int, default=None,
-                 help="GMP mask update interval in steps (default: half an epoch)")
+                 help="GMP mask update interval in steps (default: one epoch)")
   p.add_argument("--workers", type=int, default=2, help="worker processes")
   p.add_argument("--jit-cache", default=os.path.join(tempfile.gettempdir(),
                                                      "hypersparse-study-jit-cache"),
@@ -416,7 +416,7 @@ def main(argv=None):
               if k not in ("sparsity", "penalty", "seed", "init_from", "download")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
                   methods=list(METHODS), quick=args.quick, steps_per_epoch=spe,
-                  gmp_every=args.gmp_every or max(1, spe // 2), workers=args.workers)
+                  gmp_every=args.gmp_every or spe, workers=args.workers)
   print(f"study: {json.dumps(settings)}", flush=True)
 
   start = time.time()
