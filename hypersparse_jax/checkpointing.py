@@ -39,7 +39,13 @@ class RunCheckpoints:
     }
 
   def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` (pytree) and ``meta`` (JSON-able dict) as ``kind`` at ``step``."""
+    """Saves ``state`` (pytree) and ``meta`` (JSON-able dict) as ``kind`` at ``step``.
+
+    A step that already exists (written by a run killed before its next ``latest`` checkpoint,
+    then redone after the resume) is replaced.
+    """
+    if step in self._managers[kind].all_steps():
+      self._managers[kind].delete(step)
     self._managers[kind].save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._managers[kind].wait_until_finished()

@@ -297,18 +297,20 @@ class Trainer:
       directory = path
       if os.path.isdir(os.path.join(path, "checkpoints")):
         directory = os.path.join(path, "checkpoints")
+      if not any(os.path.isdir(os.path.join(directory, k)) for k in ("best", "latest")):
+        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
       ckpt = checkpointing.RunCheckpoints(directory)
       kind = "best" if ckpt.steps("best") else "latest"
       if not ckpt.steps(kind):
         raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
       step = ckpt.steps(kind)[-1]
-      target = {"params": self.params, "batch_stats": self.batch_stats}
-      meta = ckpt.restore_meta(kind, step)
-      full = self._template(meta)
-      restored = ckpt.restore_state(kind, step, full)
-      variables = {"params": restored["train"]["params"],
-                   "batch_stats": restored["train"]["batch_stats"]}
-      del target
+      if kind == "best":  # best holds {params, batch_stats}; latest the whole training state
+        restored = ckpt.restore_state(kind, step, {"params": self.params,
+                                                   "batch_stats": self.batch_stats})
+      else:
+        restored = ckpt.restore_state(kind, step,
+                                      self._template(ckpt.restore_meta(kind, step)))["train"]
+      variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     return variables["params"], variables.get("batch_stats", {})
 
   def finetune_tx(self, mask):
@@ -402,6 +404,7 @@ class Trainer:
     if phase == "finetune":
       ft_step = self._make_step(self.finetune_tx(state["opt_state"][0].mask), state["params"])
     total_epochs_hint = cfg.warmup_epochs + cfg.epochs
+    test_acc = None
     while True:
       start = time.time()
       record = {"epoch": epoch, "phase": phase}
@@ -479,6 +482,8 @@ class Trainer:
       epoch += 1
       if epoch > total_epochs_hint + cfg.max_art_epochs + 1:
         raise RuntimeError("internal error: epoch counter ran past every phase")
+    if cfg.epochs > 0 and test_acc is None:  # killed after the last checkpoint, before summary
+      test_acc = self._test_accuracy(state["params"], state["batch_stats"])
     return self._finish(state, extra, test_acc if cfg.epochs > 0 else None)
 
   def _finish(self, state, extra, final_test_acc):
@@ -527,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Adaptive Regularized Training with HyperSparse (warm-up -> ART -> masked "
                   "fine-tuning). Unset options take the dataset's preset: the reference's "
                   "defaults for cifar10/cifar100/tinyimagenet, a small fast preset for digits.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  )
   ref = REFERENCE_DEFAULTS
   p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASET_NAMES)
   p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR) or TinyImageNet folder")

@@ -1,0 +1,492 @@
+"""End-to-end tests of ``hypersparse-train`` (``hypersparse_jax.train``) on the bundled digits.
+
+Every run uses a tiny ART protocol (1 warm-up epoch, at most 3 regularisation epochs, 2 fine-tune
+epochs). Compilation dominates the cost of such a run, so this module switches on JAX's
+persistent compilation cache in a temporary folder (for this module only, subprocesses included):
+the first run compiles, the others load the same executables.
+
+Assertions are made against independent facts: the files a run leaves, arrays read back from the
+orbax checkpoints and ``model_sparse.npz`` with NumPy, numbers recomputed from those arrays, and
+equality between an uninterrupted run and one that was SIGKILLed and resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import hypersparse_jax
+from hypersparse_jax import input_pipeline, train
+
+TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3",
+        "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
+LAMBDA_INIT, ETA, SPARSITY, WARMUP, FT_EPOCHS = 1e-3, 2.0, 0.9, 1, 2
+SUMMARY_KEYS = ("dataset", "model", "sparsity_target", "sparsity_achieved", "test_accuracy",
+                "final_test_accuracy", "art_epochs", "lambda_final", "num_weights",
+                "num_nonzero_weights", "dense_bytes", "sparse_bytes", "compression_ratio")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_ENV = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in a temporary folder, restored afterwards."""
+  try:  # private: reset so that the new settings take effect after earlier compilations
+    from jax._src.compilation_cache import reset_cache
+  except ImportError:  # pragma: no cover - only slower
+    reset_cache = lambda: None  # noqa: E731
+
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  for name, value in zip(names, (path, 0.0, -1)):
+    jax.config.update(name, value)
+  reset_cache()
+  CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  reset_cache()
+  CACHE_ENV.clear()
+
+
+def tiny(**options):
+  """``TINY`` with some options replaced, e.g. ``tiny(model="cnn")``."""
+  argv = list(TINY)
+  for name, value in options.items():
+    argv[argv.index("--" + name.replace("_", "-")) + 1] = str(value)
+  return argv
+
+
+def call_main(argv):
+  """``train.main(argv)``'s exit code, argparse's SystemExit included."""
+  try:
+    return train.main([str(a) for a in argv])
+  except SystemExit as e:
+    return e.code
+
+
+def read_ckpt(run_dir, kind, step=None):
+  """The ``state`` item of checkpoint ``kind`` (newest step by default) as NumPy arrays."""
+  directory = os.path.join(run_dir, "checkpoints", kind)
+  if step is None:
+    step = max(int(s) for s in os.listdir(directory) if s.isdigit())
+  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  return jax.tree.map(np.asarray, tree)
+
+
+def ckpt_steps(run_dir, kind):
+  directory = os.path.join(run_dir, "checkpoints", kind)
+  return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_metrics(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def without_time(records):
+  return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def flat(tree):
+  """``{path string: array}`` of a pytree of arrays (dicts, lists, None)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def assert_trees_equal(a, b):
+  fa, fb = flat(a), flat(b)
+  assert sorted(fa) == sorted(fb)
+  assert fa, "empty trees"
+  for k in fa:
+    assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape, k
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
+
+
+def snapshot(directory):
+  """``{relative path: (mtime_ns, sha256)}`` of every file under ``directory``."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns, digest)
+  return out
+
+
+def copy_run(src, dst):
+  shutil.copytree(src, dst, copy_function=shutil.copy2)
+  return str(dst)
+
+
+def kernels(params):
+  """``{layer name: kernel}`` of a ``{layer: {kernel, bias}}`` dict."""
+  return {name: np.asarray(leaf["kernel"]) for name, leaf in params.items()
+          if "kernel" in leaf and np.ndim(leaf["kernel"]) >= 2}
+
+
+def error_lines(err):
+  return [line for line in err.splitlines() if "error:" in line]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, _compilation_cache):
+  """An uninterrupted tiny run (shared: tests that change a run work on a copy)."""
+  outdir = str(tmp_path_factory.mktemp("run") / "a")
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  return outdir
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. A complete run
+# ------------------------------------------------------------------------------------------------
+
+
+def test_run_writes_files_and_consistent_summary(run_a):
+  for name in ("config.json", "metrics.jsonl", "summary.json", "model_sparse.npz"):
+    assert os.path.isfile(os.path.join(run_a, name)), name
+  for kind in ("latest", "best", "init"):
+    assert ckpt_steps(run_a, kind), kind
+
+  config = read_json(os.path.join(run_a, "config.json"))
+  assert (config["dataset"], config["model"], config["sparsity"]) == ("digits", "mlp", SPARSITY)
+  assert (config["lambda_init"], config["eta"], config["warmup_epochs"], config["epochs"],
+          config["max_art_epochs"]) == (LAMBDA_INIT, ETA, WARMUP, FT_EPOCHS, 3)
+
+  summary = read_json(os.path.join(run_a, "summary.json"))
+  assert set(SUMMARY_KEYS) <= set(summary)
+  assert (summary["dataset"], summary["model"], summary["sparsity_target"]) == (
+      "digits", "mlp", SPARSITY)
+
+  # Recount from the exported final weights.
+  exported = hypersparse_jax.load_sparse(os.path.join(run_a, "model_sparse.npz"))
+  ks = kernels(exported["params"])
+  assert sorted(ks) == ["fc1", "fc2", "fc3"]
+  n = sum(v.size for v in ks.values())
+  nonzero = sum(int(np.count_nonzero(v)) for v in ks.values())
+  assert summary["num_weights"] == n == 64 * 256 + 256 * 128 + 128 * 10
+  assert summary["num_nonzero_weights"] == nonzero
+  assert summary["sparsity_achieved"] == pytest.approx(1 - nonzero / n, abs=1e-12)
+  assert 1 - nonzero / n >= SPARSITY - 1e-9
+  # Global magnitude pruning keeps |w| > sort(|w|)[floor(κ n)]: at most n - floor(κ n) - 1 kept.
+  assert nonzero <= n - int(np.floor(SPARSITY * n)) - 1
+  assert summary["sparse_bytes"] == os.path.getsize(os.path.join(run_a, "model_sparse.npz"))
+  assert summary["dense_bytes"] == sum(v.nbytes for v in flat(exported).values())
+  assert summary["compression_ratio"] == pytest.approx(
+      summary["dense_bytes"] / summary["sparse_bytes"])
+
+  # The exported weights are the final weights: same as the newest `latest` checkpoint.
+  latest = read_ckpt(run_a, "latest")
+  assert_trees_equal(exported["params"], latest["train"]["params"])
+
+  # Final test accuracy recomputed with NumPy from the exported weights (ReLU MLP).
+  data = input_pipeline.load_dataset("digits")
+  x = (data.test_images.astype(np.float32) / 255 - np.asarray(data.mean, np.float32)) / np.asarray(
+      data.std, np.float32)
+  h = x.reshape(len(x), -1)
+  p = exported["params"]
+  h = np.maximum(h @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  h = np.maximum(h @ p["fc2"]["kernel"] + p["fc2"]["bias"], 0)
+  logits = h @ p["fc3"]["kernel"] + p["fc3"]["bias"]
+  accuracy = float(np.mean(np.argmax(logits, -1) == data.test_labels))
+  assert summary["final_test_accuracy"] == pytest.approx(accuracy, abs=2 / len(x))
+
+
+def test_metrics_phases_and_lambda_schedule(run_a):
+  summary = read_json(os.path.join(run_a, "summary.json"))
+  records = read_metrics(run_a)
+  art_epochs = summary["art_epochs"]
+  assert 1 <= art_epochs <= 3
+  assert [r["epoch"] for r in records] == list(range(WARMUP + art_epochs + FT_EPOCHS))
+  assert [r["phase"] for r in records] == (
+      ["warmup"] * WARMUP + ["art"] * art_epochs + ["finetune"] * FT_EPOCHS)
+  if art_epochs < 3:
+    assert summary["stop_reason"] == "converged"
+  else:
+    assert summary["stop_reason"] in ("converged", "max_epochs")
+
+  art = [r for r in records if r["phase"] == "art"]
+  lambdas = [r["lambda"] for r in art]
+  expected = [np.float32(LAMBDA_INIT * ETA ** i) for i in range(art_epochs)]  # λ is float32
+  np.testing.assert_allclose(lambdas, expected, rtol=1e-6)
+  for prev, cur in zip(lambdas, lambdas[1:]):
+    assert cur / prev == pytest.approx(ETA, rel=1e-6)
+  assert summary["lambda_final"] == pytest.approx(LAMBDA_INIT * ETA ** (art_epochs - 1), rel=1e-6)
+  assert all(r["lambda"] == 0 for r in records if r["phase"] != "art")
+  for r in art:
+    assert 0 <= r["pruned_train_accuracy"] <= 1 and r["window_mean"] is not None
+
+  ft = [r for r in records if r["phase"] == "finetune"]
+  assert summary["test_accuracy"] == max(r["test_accuracy"] for r in ft)
+  assert summary["final_test_accuracy"] == ft[-1]["test_accuracy"]
+  assert all(r["sparsity"] == pytest.approx(summary["sparsity_achieved"]) for r in ft)
+  assert all(r["sparsity"] == 0 for r in records if r["phase"] == "warmup")
+
+
+def test_pruned_weights_stay_zero_during_finetune(run_a):
+  steps = ckpt_steps(run_a, "latest")
+  assert len(steps) == 2  # both fine-tune epochs (keep=2)
+  states = [read_ckpt(run_a, "latest", s)["train"] for s in steps]
+  mask = kernels(states[0]["opt_state"][0]["mask"])
+  np.testing.assert_equal(kernels(states[1]["opt_state"][0]["mask"]), mask)
+  for state in states:
+    for k, w in kernels(state["params"]).items():
+      assert np.all(w[~mask[k]] == 0), k          # pruned entries exactly zero
+      assert np.all(w[mask[k]] != 0), k           # kept entries still trained
+  kept = sum(int(m.sum()) for m in mask.values())
+  assert kept == read_json(os.path.join(run_a, "summary.json"))["num_nonzero_weights"]
+  # The kept weights moved between the two fine-tune epochs; the pruned ones did not.
+  w0, w1 = kernels(states[0]["params"]), kernels(states[1]["params"])
+  assert any(not np.array_equal(w0[k], w1[k]) for k in w0)
+  best = read_ckpt(run_a, "best")
+  for k, w in kernels(best["params"]).items():
+    assert np.all(w[~mask[k]] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Exact resume after SIGKILL
+# ------------------------------------------------------------------------------------------------
+
+
+def _start(outdir):
+  env = dict(os.environ, **CACHE_ENV)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.train", *TINY, "--outdir",
+                           outdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          cwd=REPO_ROOT)
+
+
+def _kill_when(proc, outdir, phase, timeout=240.0):
+  """SIGKILLs ``proc`` as soon as ``metrics.jsonl`` holds a record of ``phase``."""
+  path = os.path.join(outdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      out = proc.stdout.read().decode(errors="replace")
+      pytest.fail(f"run ended (rc {proc.returncode}) before a {phase} epoch:\n{out[-3000:]}")
+    try:
+      with open(path) as f:
+        text = f.read()
+    except FileNotFoundError:
+      text = ""
+    if f'"phase": "{phase}"' in text:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      out = proc.stdout.read().decode(errors="replace")
+      proc.stdout.close()
+      return out
+    time.sleep(0.005)
+  proc.kill()
+  proc.wait()
+  pytest.fail(f"no {phase} epoch within {timeout} s")
+
+
+def test_resume_after_sigkill_in_art_and_finetune_is_exact(run_a, tmp_path, capsys):
+  outdir = str(tmp_path / "b")
+
+  _kill_when(_start(outdir), outdir, "art")
+  assert not os.path.exists(os.path.join(outdir, "summary.json"))
+  phases = [json.loads(line)["phase"] for line in open(os.path.join(outdir, "metrics.jsonl"))
+            if line.strip().endswith("}")]
+  assert phases[-1] == "art"  # killed during the regularisation phase
+
+  out = _kill_when(_start(outdir), outdir, "finetune")
+  assert "resuming" in out
+  assert not os.path.exists(os.path.join(outdir, "summary.json"))
+
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  assert "resuming" in capsys.readouterr().out
+
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
+  assert without_time(read_metrics(outdir)) == without_time(read_metrics(run_a))
+  assert read_json(os.path.join(outdir, "config.json")) == read_json(
+      os.path.join(run_a, "config.json"))
+  assert_trees_equal(hypersparse_jax.load_sparse(os.path.join(outdir, "model_sparse.npz")),
+                     hypersparse_jax.load_sparse(os.path.join(run_a, "model_sparse.npz")))
+  for kind in ("best", "init", "latest"):
+    assert ckpt_steps(outdir, kind) == ckpt_steps(run_a, kind)
+    assert_trees_equal(read_ckpt(outdir, kind), read_ckpt(run_a, kind))
+
+
+def test_resume_from_state_left_by_kill_while_writing(run_a, tmp_path, capsys):
+  """Killed after the last checkpoint but before summary/export, mid-line in metrics.jsonl,
+  with an orbax temporary step folder left behind: the rerun completes identically."""
+  outdir = copy_run(run_a, tmp_path / "w")
+  os.remove(os.path.join(outdir, "summary.json"))
+  os.remove(os.path.join(outdir, "model_sparse.npz"))
+  metrics = os.path.join(outdir, "metrics.jsonl")
+  with open(metrics, "a") as f:
+    f.write('{"epoch": 6, "phase": "fine')  # a record cut by the kill
+  tmp_step = os.path.join(outdir, "checkpoints", "latest", "6.orbax-checkpoint-tmp-123")
+  os.makedirs(os.path.join(tmp_step, "state"))
+  with open(os.path.join(tmp_step, "state", "partial"), "wb") as f:
+    f.write(b"\0garbage")
+
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  capsys.readouterr()
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
+  assert without_time(read_metrics(outdir)) == without_time(read_metrics(run_a))
+  assert_trees_equal(hypersparse_jax.load_sparse(os.path.join(outdir, "model_sparse.npz")),
+                     hypersparse_jax.load_sparse(os.path.join(run_a, "model_sparse.npz")))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. A finished run is left alone
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rerun_of_finished_run_changes_nothing(run_a, tmp_path, capsys):
+  outdir = copy_run(run_a, tmp_path / "done")
+  before = snapshot(outdir)
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  out = capsys.readouterr().out
+  assert "already finished" in out
+  assert "epoch" not in out.replace("already finished", "")  # no training epoch logged
+  assert snapshot(outdir) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Bad input: one-line error, non-zero exit, no traceback, nothing written
+# ------------------------------------------------------------------------------------------------
+
+
+def _assert_clean_error(argv, capsys, outdir=None, must_contain=None):
+  rc = call_main(argv)
+  out, err = capsys.readouterr()
+  assert rc not in (0, None), (rc, out, err)
+  assert "Traceback" not in err and "Traceback" not in out
+  lines = error_lines(err)
+  assert len(lines) == 1, err
+  assert lines[0].startswith("hypersparse-train: error:")
+  if must_contain is not None:
+    assert must_contain.lower() in lines[0].lower(), lines[0]
+  if outdir is not None:
+    assert not os.path.exists(outdir), os.listdir(outdir)
+  return lines[0]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "mnist"], "mnist"),
+    (["--model", "lenet"], "lenet"),
+    (["--model", "resnet", "--depth", "33"], "33"),
+    (["--sparsity", "1.0"], "sparsity"),
+    (["--sparsity=-0.1"], "sparsity"),
+    (["--init-from", "/nonexistent/run"], "/nonexistent/run"),
+    (["--dataset", "tinyimagenet", "--data-dir", "/nonexistent"], "/nonexistent"),
+], ids=["dataset", "model", "resnet33", "sparsity1", "sparsity-neg", "init-missing",
+        "tinyimagenet-missing"])
+def test_bad_input_errors_cleanly(extra, needle, tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + extra + ["--outdir", outdir], capsys, outdir, needle)
+
+
+def test_cifar10_without_data_errors_cleanly(tmp_path, capsys):
+  data_dir = tmp_path / "tfds"
+  data_dir.mkdir()
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(["--dataset", "cifar10", "--model", "mlp", "--data-dir", str(data_dir),
+                       "--no-progress", "--outdir", outdir], capsys, outdir)
+  assert os.listdir(data_dir) == []
+
+
+def test_other_config_in_existing_outdir_errors(run_a, tmp_path, capsys):
+  outdir = copy_run(run_a, tmp_path / "other")
+  before = snapshot(outdir)
+  line = _assert_clean_error(tiny(max_art_epochs=4) + ["--outdir", outdir], capsys, must_contain="configuration")
+  assert "max_art_epochs" in line
+  assert snapshot(outdir) == before
+
+
+def test_init_from_other_architecture_errors(run_a, tmp_path, capsys):
+  before = snapshot(run_a)
+  outdir = str(tmp_path / "cnn")
+  _assert_clean_error(tiny(model="cnn") + ["--outdir", outdir, "--init-from", run_a], capsys, outdir)
+  assert snapshot(run_a) == before
+
+
+def test_init_from_folder_without_checkpoint_errors(tmp_path, capsys):
+  source = tmp_path / "empty_run"
+  source.mkdir()
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + ["--outdir", outdir, "--init-from", str(source)], capsys, outdir,
+                      "no hypersparse-jax checkpoint")
+  assert os.listdir(source) == []  # nothing created in the source folder
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00not a checkpoint\xff")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous_step(run_a, tmp_path, capsys):
+  """Documented in ``checkpointing``: a damaged newest step is skipped, the previous one used."""
+  outdir = copy_run(run_a, tmp_path / "corrupt")
+  steps = ckpt_steps(outdir, "latest")
+  _corrupt(os.path.join(outdir, "checkpoints", "latest", str(steps[-1])))
+  os.remove(os.path.join(outdir, "summary.json"))
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  out = capsys.readouterr().out
+  assert f"from checkpoint {steps[-2]}" in out
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
+  assert without_time(read_metrics(outdir)) == without_time(read_metrics(run_a))
+  assert_trees_equal(read_ckpt(outdir, "latest", steps[-1]), read_ckpt(run_a, "latest",
+                                                                        steps[-1]))
+
+
+def test_all_checkpoints_corrupt_errors_cleanly(run_a, tmp_path, capsys):
+  outdir = copy_run(run_a, tmp_path / "corrupt_all")
+  for step in ckpt_steps(outdir, "latest"):
+    _corrupt(os.path.join(outdir, "checkpoints", "latest", str(step)))
+  before = snapshot(outdir)
+  _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="checkpoint")
+  assert snapshot(outdir) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. --init-from an earlier run
+# ------------------------------------------------------------------------------------------------
+
+
+def test_init_from_earlier_run_loads_its_best_weights(run_a, tmp_path, capsys):
+  outdir = str(tmp_path / "c")
+  assert call_main(TINY + ["--outdir", outdir, "--init-from", run_a]) == 0
+  capsys.readouterr()
+  best_a = read_ckpt(run_a, "best")
+  init_c = read_ckpt(outdir, "init")
+  assert_trees_equal(init_c, best_a)
+  assert read_json(os.path.join(outdir, "config.json"))["init_from"] == run_a
+  # Starting from a trained, pruned model: the first (dense warm-up) epoch starts at its zeros.
+  initial = read_ckpt(run_a, "init")
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(initial["params"]), jax.tree.leaves(init_c["params"])))
+  assert os.path.isfile(os.path.join(outdir, "summary.json"))
