@@ -339,10 +339,36 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
   return lax.cond(br.lo == br.hi, lambda: br.lo, lambda: from_bracket(br))
 
 
+_CHUNK = 1 << 30     # elements per counting chunk: int32 counts of one chunk cannot overflow
+_SEPARATE = 1 << 20  # leaves at least this large are counted in place, not copied
+
+
+def _flat_chunks(leaves, n: int):
+  """Bit patterns of all magnitudes as a few flat int32 arrays ("chunks").
+
+  Small leaves are concatenated into one array padded to whole rows: that keeps the selection's
+  program small (short compile times) whatever the number of leaves, at the price of one copy
+  of those leaves. Large leaves are counted in place, where the copy would cost more than the
+  extra code. Padding holds a bit pattern above +inf, never counted below a split nor gathered.
+  No chunk exceeds ``_CHUNK`` elements.
+  """
+  del n
+  small, chunks = [], []
+  for _, x in leaves:
+    bits = _magnitude_bits(x)
+    (chunks if bits.shape[0] >= _SEPARATE else small).append(bits)
+  if small:
+    pad = (-sum(b.shape[0] for b in small)) % _ROW
+    if pad:
+      small.append(jnp.full((pad,), _MAX_BITS + 1, jnp.int32))
+    chunks.insert(0, jnp.concatenate(small) if len(small) > 1 else small[0])
+  return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
+
+
 def _threshold(leaves, sparsity: float, hint=None) -> jax.Array:
   n = num_prunable(leaves)
   k = rank_of_threshold(sparsity, n)
-  bits = _kth_bits([_magnitude_bits(x) for _, x in leaves], n, k, hint)
+  bits = _kth_bits(_flat_chunks(leaves, n), n, k, hint)
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
