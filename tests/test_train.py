@@ -490,3 +490,21 @@ def test_init_from_earlier_run_loads_its_best_weights(run_a, tmp_path, capsys):
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(initial["params"]), jax.tree.leaves(init_c["params"])))
   assert os.path.isfile(os.path.join(outdir, "summary.json"))
+
+
+def test_init_from_reference_pytorch_checkpoint(tmp_path, capsys):
+  """``--init-from file.pth.tar`` (the reference's format) starts from exactly those weights."""
+  torch = pytest.importorskip("torch")
+  from hypersparse_jax import torch_models
+  net = torch_models.TorchDigitsMLP()
+  with torch.no_grad():
+    net.fc2.weight[:, :10] = 0.0  # pruned weights in the source must arrive as exact zeros
+  path = str(tmp_path / "ref.pth.tar")
+  torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, path)
+  outdir = str(tmp_path / "from_torch")
+  assert call_main(TINY + ["--outdir", outdir, "--init-from", path]) == 0
+  init = read_ckpt(outdir, "init")["params"]
+  # Independent of our importer: PyTorch Linear stores (out, in); Flax Dense kernels are (in, out).
+  np.testing.assert_array_equal(init["fc1"]["kernel"], net.fc1.weight.detach().numpy().T)
+  np.testing.assert_array_equal(init["fc2"]["bias"], net.fc2.bias.detach().numpy())
+  assert np.all(init["fc2"]["kernel"][:10, :] == 0.0)
