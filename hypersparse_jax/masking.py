@@ -18,6 +18,7 @@ sorted. Any failed guess only costs another pass: the loop always ends on the ex
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -84,6 +85,8 @@ def check_sparsity(sparsity) -> float:
     raise TypeError(
         "sparsity must be a concrete Python number in [0, 1), not a traced value: it fixes the "
         "rank floor(sparsity * n) at trace time")
+  if isinstance(sparsity, (str, bytes, bool)):
+    raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
   try:
     value = float(sparsity)
   except (TypeError, ValueError):
@@ -365,11 +368,17 @@ def _flat_chunks(leaves, n: int):
   return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
 
 
+@functools.partial(jax.jit, static_argnames=("n", "k"))
+def _kth_magnitude(arrays, hint, *, n: int, k: int) -> jax.Array:
+  # jit-compiled on its own so that eager calls hit the compilation cache (its loops would
+  # otherwise be traced and compiled anew on every call); inside a caller's jit it is inlined.
+  bits = _kth_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint)
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _threshold(leaves, sparsity: float, hint=None) -> jax.Array:
   n = num_prunable(leaves)
-  k = rank_of_threshold(sparsity, n)
-  bits = _kth_bits(_flat_chunks(leaves, n), n, k, hint)
-  return lax.bitcast_convert_type(bits, jnp.float32)
+  return _kth_magnitude([x for _, x in leaves], hint, n=n, k=rank_of_threshold(sparsity, n))
 
 
 def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] = None) -> jax.Array:

@@ -571,7 +571,6 @@ def test_bad_sparsity_raises_with_value(bad, exc, text):
     magnitude_threshold(_GOOD, bad)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: check_sparsity accepts numeric strings via float()")
 def test_numeric_string_sparsity_raises():
   with pytest.raises(TypeError, match="0.9"):
     magnitude_threshold(_GOOD, "0.9")
