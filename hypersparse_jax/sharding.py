@@ -96,10 +96,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """A sharding that keeps a full copy of an array on every device of ``mesh``."""
   return NamedSharding(mesh, P())
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+  """Raises ValueError unless ``batch_size`` splits evenly over the mesh's devices."""
   n = num_shards(mesh)
   if batch_size % n:
     raise ValueError(f"{what} {batch_size} is not divisible by the number of devices {n}: "
@@ -159,6 +161,7 @@ def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE) ->
 
 
 def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
+  """:func:`replicated_sharding` for every leaf of ``tree`` (same structure)."""
   return jax.tree.map(lambda _: replicated_sharding(mesh), tree)
 
 

@@ -527,6 +527,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The ``hypersparse-train`` argument parser (unset options are None: presets fill them)."""
   p = argparse.ArgumentParser(
       prog="hypersparse-train",
       description="Adaptive Regularized Training with HyperSparse (warm-up -> ART -> masked "
@@ -581,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TrainConfig:
+  """A :class:`TrainConfig` from parsed arguments over the dataset's preset (see module doc)."""
   preset = DIGITS_PRESET if args.dataset == "digits" else REFERENCE_DEFAULTS
   values = dict(preset)
   for name in list(values) + ["penalty"]:
@@ -597,6 +599,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input)."""
   args = build_parser().parse_args(argv)
   try:
     cfg = config_from_args(args)
