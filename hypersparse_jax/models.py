@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import functools
+
 import flax.linen as nn
+
+from hypersparse_jax import conv as conv_lib
 import jax.numpy as jnp
 
 __all__ = [
@@ -45,6 +49,10 @@ _BN_EPSILON = 1e-5
 
 # Explicit symmetric padding: Flax's 'SAME' pads (0, 1) for a stride-2 3x3 conv on even sizes,
 # whereas PyTorch's padding=1 pads (1, 1); the two would sample different pixels.
+# Flax Conv whose kernel gradient is a matmul: several times faster training on XLA:CPU
+# (see hypersparse_jax.conv); the forward pass is lax's own.
+_Conv = functools.partial(nn.Conv, conv_general_dilated=conv_lib.conv_general_dilated)
+
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))
 
@@ -117,7 +125,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
-        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
             f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
             dtype=self.dtype, name=name)
         out = conv(self.planes, 3, self.stride, _PAD1, "conv1")(x)
@@ -152,7 +160,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
-        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
             f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
             dtype=self.dtype, name=name)
         out = conv(self.planes, 1, 1, _PAD0, "conv1")(x)
@@ -210,7 +218,7 @@ class CIFARResNet(nn.Module):
         n, bottleneck = resnet_blocks_per_stage(self.depth)
         block_cls = Bottleneck if bottleneck else BasicBlock
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(32, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_he_fan_out,
+        x = _Conv(32, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_he_fan_out,
                     dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_batch_norm("bn1", train, self.dtype)(x))
         in_channels = 32
@@ -280,7 +288,7 @@ class VGG(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 index += 1
                 continue
-            x = nn.Conv(v, (3, 3), padding=_PAD1, use_bias=True, kernel_init=_he_fan_in,
+            x = _Conv(v, (3, 3), padding=_PAD1, use_bias=True, kernel_init=_he_fan_in,
                         bias_init=_zeros, dtype=self.dtype, name=f"features_{index}")(x)
             index += 1
             if self.batch_norm:
@@ -368,7 +376,7 @@ class DigitsCNN(nn.Module):
         """
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.widths, start=1):
-            x = nn.Conv(width, (3, 3), padding=_PAD1, use_bias=not self.batch_norm,
+            x = _Conv(width, (3, 3), padding=_PAD1, use_bias=not self.batch_norm,
                         kernel_init=_he_fan_out, bias_init=_zeros, dtype=self.dtype,
                         name=f"conv{i}")(x)
             if self.batch_norm:

@@ -1,0 +1,62 @@
+"""The matmul-kernel-gradient convolution against XLA's own convolution and autodiff."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from hypersparse_jax import conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 7, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),
+    ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),
+    ((3, 6, 6, 2), (3, 2, 2, 3), (1, 2), "SAME"),
+    ((1, 7, 7, 2), (3, 3, 2, 2), (1, 1), "VALID"),
+])
+def test_value_and_gradients_match_lax(shape, kernel, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(kernel), jnp.float32)
+  ours = lambda x, w: jnp.sum(jnp.sin(conv.conv_general_dilated(  # noqa: E731
+      x, w, strides, padding, dimension_numbers=NHWC)))
+  ref = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(  # noqa: E731
+      x, w, strides, padding, dimension_numbers=NHWC)))
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
+  for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_kernel_gradient_matches_finite_differences():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 5, 2))
+  w = rng.standard_normal((3, 3, 2, 2))
+  f = lambda w: float(jnp.sum(jnp.sin(conv.conv_general_dilated(  # noqa: E731
+      jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), (2, 2), ((1, 1), (1, 1)),
+      dimension_numbers=NHWC))))
+  g = np.asarray(jax.grad(lambda w: jnp.sum(jnp.sin(conv.conv_general_dilated(
+      jnp.asarray(x, jnp.float32), w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC))))(
+          jnp.asarray(w, jnp.float32)))
+  h = 1e-2
+  for idx in [(0, 0, 0, 0), (1, 2, 1, 0), (2, 1, 0, 1)]:
+    e = np.zeros_like(w)
+    e[idx] = h
+    assert abs((f(w + e) - f(w - e)) / (2 * h) - g[idx]) < 2e-2 * max(1.0, abs(g[idx]))
+
+
+def test_inside_flax_conv_and_fallback_for_dilation():
+  x = jnp.ones((1, 6, 6, 2))
+  fast = nn.Conv(3, (3, 3), padding="SAME", conv_general_dilated=conv.conv_general_dilated)
+  plain = nn.Conv(3, (3, 3), padding="SAME")
+  v = plain.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-6)
+  dilated = nn.Conv(3, (3, 3), kernel_dilation=(2, 2), conv_general_dilated=conv.conv_general_dilated)
+  plain_dilated = nn.Conv(3, (3, 3), kernel_dilation=(2, 2))
+  gd = jax.grad(lambda v: jnp.sum(dilated.apply(v, x) ** 2))(v)
+  gp = jax.grad(lambda v: jnp.sum(plain_dilated.apply(v, x) ** 2))(v)
+  np.testing.assert_allclose(gd["params"]["kernel"], gp["params"]["kernel"], rtol=1e-5)
