@@ -7,8 +7,11 @@ and dominates the training step. :func:`conv_general_dilated` keeps XLA's forwar
 gradient, and computes the kernel gradient as ``patchesᵀ · dy`` — the ``kh·kw`` shifted views of
 the padded input stacked into a matrix — which XLA runs as one fast matrix multiplication.
 
-Pass it to Flax: ``nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)``. Calls it does
-not specialise (dilation, feature groups, other layouts) go to ``lax.conv_general_dilated``.
+Pass it to Flax: ``nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)``. Only the CPU
+backend is specialised; on GPU/TPU, and for calls it does not specialise (dilation, feature
+groups, other layouts), it is ``lax.conv_general_dilated``. The price on CPU is memory: the
+stacked patches of one layer (``kh·kw`` times its input) live during its backward pass
+(ResNet-32, batch 64: XLA's temporary buffers 0.49 GB -> 1.65 GB).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
+  if jax.default_backend() != "cpu":  # cuDNN / TPU kernel gradients are fast: keep them
+    return plain()
   ones = lambda d: d is None or all(v == 1 for v in d)  # noqa: E731
   if lhs.ndim != 4 or dimension_numbers is None or (
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
