@@ -29,7 +29,6 @@ from jax import lax
 
 Predicate = Callable[[tuple, Any], bool]
 
-_KEEP_ALL = None  # marker for "leaf is not prunable" in mask trees built internally
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ reference in tests and as the PyTorch side of the speed benchmark. Inputs are NC
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 try:
