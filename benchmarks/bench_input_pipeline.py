@@ -18,14 +18,12 @@ there and the figures are noisy; the interesting comparison is against a trainin
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+import report
 from hypersparse_jax import input_pipeline as ip
 
 
@@ -113,38 +111,27 @@ def main() -> None:
     parser.add_argument("--num-examples", type=int, default=50_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
     dataset = _synthetic_cifar(args.num_examples)
     results = [bench(b, dataset, args.repeats) for b in args.batch_sizes]
-    device = jax.devices()[0]
-    print(
-        json.dumps(
-            {
-                "benchmark": "input_pipeline",
-                "config": {
-                    "num_examples": args.num_examples,
-                    "image_shape": list(dataset.image_shape),
-                    "crop_padding": dataset.crop_padding,
-                    "flip": dataset.flip,
-                    "repeats": args.repeats,
-                    "timing": "best epoch of repeats, after one warm-up step; async dispatch, one block per epoch",
-                },
-                "results": results,
-                "machine": {
-                    "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(),
-                    "jax_version": jax.__version__,
-                    "backend": jax.default_backend(),
-                    "device": f"{device.platform}:{device.device_kind}",
-                    "device_count": jax.device_count(),
-                },
+    report.emit(
+        {
+            "benchmark": "input_pipeline",
+            "config": {
+                "num_examples": args.num_examples,
+                "image_shape": list(dataset.image_shape),
+                "crop_padding": dataset.crop_padding,
+                "flip": dataset.flip,
+                "repeats": args.repeats,
+                "timing": "best epoch of repeats, after one warm-up step; async dispatch, one block per epoch",
             },
-            indent=2,
-        )
+            "results": results,
+            "machine": report.machine_info(),
+        },
+        args.out,
     )
-
 
 if __name__ == "__main__":
     main()

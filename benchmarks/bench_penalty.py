@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypersparse_jax as hs
+import report
 from hypersparse_jax import penalties
 
 
@@ -134,20 +133,8 @@ def main(argv=None):
   parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.98])
   parser.add_argument("--out", default=None, help="also write the JSON here")
   args = parser.parse_args(argv)
-  out = {
-      "benchmark": "hypersparse_grad",
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "jax": jax.__version__, "device": str(jax.devices()[0]),
-                  "backend": jax.default_backend()},
-      "date": time.strftime("%Y-%m-%d"),
-      "results": run(args.repeats, args.sparsities, args.sort_repeats),
-  }
-  text = json.dumps(out, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-
+  report.emit({"benchmark": "hypersparse_grad", "machine": report.machine_info(),
+               "results": run(args.repeats, args.sparsities, args.sort_repeats)}, args.out)
 
 if __name__ == "__main__":
   main()

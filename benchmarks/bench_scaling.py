@@ -23,7 +23,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from hypersparse_jax import input_pipeline, models, train, transform  # noqa: E402

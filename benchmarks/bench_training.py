@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -391,21 +392,9 @@ def run_flag_variant(name, flags, rounds, timeout):
 
 
 def machine():
-  _, jax, _, _, _ = _jax()
-  info = {"platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "python": platform.python_version(),
-          "jax": jax.__version__, "device": str(jax.devices()[0]),
-          "backend": jax.default_backend(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-  try:
-    import torch
-    info["torch"] = torch.__version__
+  info = report.machine_info()
+  if "torch" in info:
     info["torch_threads"] = os.cpu_count()
-  except ImportError:
-    pass
-  try:
-    info["load_average_at_start"] = os.getloadavg()
-  except OSError:
-    pass
   return info
 
 
@@ -460,11 +449,7 @@ def main(argv=None):
     out["xla_flag_variants_resnet32"] = variants
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["wall_s"] = time.perf_counter() - start
-  text = json.dumps(out, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  report.emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class Baselines:
 
   def gmp(self, warm_state, sparsity, ramp_epochs, every):
     """Gradual magnitude pruning (Zhu & Gupta 2017) from the warm-up state, then fine-tuning."""
-    cfg, jax, jnp = self.cfg, self.jax, self.jnp
+    cfg, jax = self.cfg, self.jax
     start = time.time()
     state = jax.tree.map(lambda x: x.copy(), warm_state)
     state["opt_state"] = self.ramp_tx.init(state["params"])  # constant lr while pruning
