@@ -18,6 +18,15 @@ NHWC = ("NHWC", "HWIO", "NHWC")
     ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),
     ((3, 6, 6, 2), (3, 2, 2, 3), (1, 2), "SAME"),
     ((1, 7, 7, 2), (3, 3, 2, 2), (1, 1), "VALID"),
+    # stride-1 kernel gradient by rows: asymmetric padding, non-square and 1×1 kernels
+    ((2, 6, 5, 3), (2, 3, 3, 4), (1, 1), ((0, 2), (1, 0))),
+    ((2, 7, 4, 2), (5, 1, 2, 3), (1, 1), ((2, 2), (0, 0))),
+    ((2, 5, 5, 3), (1, 1, 3, 4), (1, 1), ((0, 0), (0, 0))),
+    # fewer output positions than kernel taps: the forward is a matrix product too
+    ((3, 2, 2, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    ((2, 4, 4, 3), (3, 3, 3, 2), (2, 2), ((1, 1), (1, 1))),
+    ((2, 1, 1, 3), (3, 3, 3, 2), (1, 1), "SAME"),
+    ((2, 3, 3, 2), (3, 3, 2, 6), (1, 1), "VALID"),
 ])
 def test_value_and_gradients_match_lax(shape, kernel, strides, padding):
   rng = np.random.default_rng(0)
@@ -30,6 +39,42 @@ def test_value_and_gradients_match_lax(shape, kernel, strides, padding):
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
   for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_tiny_outputs_use_a_matrix_product_and_others_keep_xla_forward():
+  """The VGG 2×2 stage runs as a product (XLA:CPU's convolution is 70× slower there)."""
+  fwd = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                               dimension_numbers=NHWC)
+  w = jnp.ones((3, 3, 4, 5))
+  tiny = str(jax.make_jaxpr(fwd)(jnp.ones((2, 2, 2, 4)), w))
+  large = str(jax.make_jaxpr(fwd)(jnp.ones((2, 8, 8, 4)), w))
+  assert "conv_general_dilated" not in tiny and "dot_general" in tiny
+  assert "conv_general_dilated" in large
+  grad = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(fwd(jnp.ones((2, 8, 8, 4)), w))))(w))
+  assert "dot_general" in grad
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4), (2, 2, 2, 4)])
+def test_bfloat16_matches_lax_and_keeps_dtypes(shape):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.bfloat16)
+  args = ((1, 1), ((1, 1), (1, 1)))
+  ours = conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
+  ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), *args,
+                                 dimension_numbers=NHWC)
+  assert ours.dtype == jnp.bfloat16
+  np.testing.assert_allclose(ours.astype(jnp.float32), ref, rtol=3e-2, atol=3e-2 * float(
+      jnp.max(jnp.abs(ref))))
+  gx, gw = jax.grad(lambda x, w: jnp.sum(conv.conv_general_dilated(
+      x, w, *args, dimension_numbers=NHWC).astype(jnp.float32) ** 2), (0, 1))(x, w)
+  rx, rw = jax.grad(lambda x, w: jnp.sum(lax.conv_general_dilated(
+      x, w, *args, dimension_numbers=NHWC) ** 2), (0, 1))(x.astype(jnp.float32),
+                                                          w.astype(jnp.float32))
+  assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+  for got, want in ((gx, rx), (gw, rw)):
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=5e-2,
+                               atol=5e-2 * float(jnp.max(jnp.abs(want))))
 
 
 def test_kernel_gradient_matches_finite_differences():
