@@ -185,8 +185,12 @@ class JaxRunner:
 def interleave(runners: dict, rounds: int, warmup: int = 1):
   """Runs every runner once per round, round-robin; returns per-runner lists of step seconds."""
   times = {k: [] for k in runners}
+  settle = float(os.environ.get("BENCH_SETTLE_S", "0.5"))
   for r in range(warmup + rounds):
     for name, fn in runners.items():
+      # Let the previous variant's worker threads go idle (OpenMP and XLA pools spin for a
+      # while after their last task) so that they do not steal cores from this one.
+      time.sleep(settle)
       start = time.perf_counter()
       fn()
       dt = time.perf_counter() - start
@@ -206,8 +210,19 @@ def med_ms(ts):
 # ----------------------------------------------------------------------------------------------
 
 
+def compile_with_lax_conv(name, tx, state, batch):
+  """The plain step with XLA's own convolution (``nn.Conv``) instead of ``hypersparse_jax.conv``."""
+  flax, _, _, _, hs = _jax()
+  saved = hs.models._Conv
+  hs.models._Conv = flax.linen.Conv  # read when the model is traced, i.e. while compiling
+  try:
+    return compile_step(build_model(name), tx, state, batch)
+  finally:
+    hs.models._Conv = saved
+
+
 def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16,
-                with_channels_last, with_no_donation):
+                with_channels_last, with_no_donation, with_lax_conv=True, overhead_rounds=0):
   _, jax, jnp, _, hs = _jax()
   log(f"== {name}")
   model = build_model(name)
@@ -228,6 +243,12 @@ def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16
     tx = plain_tx()
     _, memory["plain_no_donation"], _ = compile_step(model, tx, make_state(variables, tx), batch,
                                                      donate=False)
+  if with_lax_conv:
+    tx = plain_tx()
+    state = make_state(variables, tx)
+    compiled, memory["plain_lax_conv"], compile_s["plain_lax_conv"] = compile_with_lax_conv(
+        name, tx, state, batch)
+    runners["plain_lax_conv"] = JaxRunner(compiled, state, batch)
   if with_bf16:
     bf_model = build_model(name, jnp.bfloat16)
     tx = plain_tx()
@@ -244,6 +265,19 @@ def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16
 
   times = interleave(runners, rounds)
   ms = {k: med_ms(v) for k, v in times.items()}
+  paired = {}
+  if overhead_rounds:
+    # ART / fine-tune overhead alone: only the three steps, many rounds, and the ratio taken
+    # within each round (neighbouring steps), so that slow drifts of the machine cancel.
+    log(f"  overhead: plain/art/mask x {overhead_rounds} rounds")
+    ot = interleave({k: runners[k] for k in ("plain", "art", "mask")}, overhead_rounds, warmup=0)
+    for k in ("art", "mask"):
+      per_round = [a / b for a, b in zip(ot[k], ot["plain"])]
+      paired[f"{k}_over_plain"] = {
+          "median_of_round_ratios": float(np.median(per_round)),
+          "ratio_of_medians": med_ms(ot[k]) / med_ms(ot["plain"]),
+          "round_ratios": [round(r, 4) for r in per_round]}
+    paired["step_ms"] = {k: med_ms(v) for k, v in ot.items()}
 
   # Pruned-accuracy evaluation of one ART epoch: mask + apply_mask + eval forward on the set.
   mask_fn = jax.jit(lambda p: hs.apply_mask(p, hs.magnitude_mask(p, SPARSITY)))
@@ -286,11 +320,15 @@ def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16
           "mask_over_plain": ratio("mask", "plain"),
           "jax_plain_over_torch": ratio("plain", "torch"),
           "jax_bf16_over_jax_f32": ratio("plain_bf16", "plain"),
+          "jax_lax_conv_over_torch": ratio("plain_lax_conv", "torch"),
+          "plain_over_lax_conv": ratio("plain", "plain_lax_conv"),
+          "jax_throughput_over_torch": ratio("torch", "plain"),
           "torch_channels_last_over_torch": ratio("torch_channels_last", "torch"),
           "memory_art_over_plain": mem_ratio("art", "plain"),
           "memory_mask_over_plain": mem_ratio("mask", "plain"),
           "memory_no_donation_over_plain": mem_ratio("plain_no_donation", "plain"),
       },
+      "overhead_paired": paired,
       "memory": memory,
       "pruned_eval": {
           "eval_batch": eval_batch, "timed_batches": eval_batches,
@@ -359,18 +397,32 @@ def bench_conv_layouts(repeats=5, shape=(64, 16, 16, 128, 128)):
 
 
 def worker(name, rounds):
-  """Runs in a subprocess: times the plain f32 step under the inherited XLA_FLAGS."""
+  """Runs in a subprocess: times the plain f32 step under the inherited XLA_FLAGS.
+
+  The PyTorch twin runs interleaved with it in the same process (when PyTorch is installed), so
+  ``jax_throughput_over_torch`` compares flag sets across processes without cross-run noise.
+  """
   model = build_model(name)
   variables = init_variables(model)
   batch = make_batch()
   tx = plain_tx()
   state = make_state(variables, tx)
   compiled, memory, compile_s = compile_step(model, tx, state, batch)
-  runner = JaxRunner(compiled, state, batch)
-  times = interleave({"plain": runner}, rounds)
+  runners = {"plain": JaxRunner(compiled, state, batch)}
+  try:
+    sys.path.insert(0, HERE)
+    from torch_step import make_torch_step
+    runners["torch"] = make_torch_step(name)
+  except ImportError:
+    pass
+  times = interleave(runners, rounds)
   ms = med_ms(times["plain"])
-  print(json.dumps({"step_ms": ms, "images_per_s": BATCH / ms * 1e3, "compile_s": compile_s,
-                    "step_ms_all": [round(t * 1e3, 1) for t in times["plain"]]}))
+  out = {"step_ms": ms, "images_per_s": BATCH / ms * 1e3, "compile_s": compile_s,
+         "step_ms_all": [round(t * 1e3, 1) for t in times["plain"]]}
+  if "torch" in times:
+    out["torch_step_ms"] = med_ms(times["torch"])
+    out["jax_throughput_over_torch"] = out["torch_step_ms"] / ms
+  print(json.dumps(out))
 
 
 def run_flag_variant(name, flags, rounds, timeout):
@@ -406,6 +458,8 @@ def main(argv=None):
   parser.add_argument("--eval-batch", type=int, default=500)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--no-layouts", action="store_true")
+  parser.add_argument("--overhead-rounds", type=int, default=10,
+                      help="extra rounds of only plain/art/mask for the paired overhead ratio")
   parser.add_argument("--flag-variants", nargs="*", default=list(DEFAULT_FLAG_VARIANTS),
                       help="XLA_FLAGS sets timed on ResNet-32 in subprocesses (none: skip)")
   parser.add_argument("--flag-steps", type=int, default=2)
@@ -430,7 +484,8 @@ def main(argv=None):
         name, rounds=args.resnet_steps if is_resnet else args.vgg_steps,
         eval_batches=2 if is_resnet else 1, eval_batch=args.eval_batch,
         with_torch=not args.no_torch, with_bf16=is_resnet,
-        with_channels_last=is_resnet, with_no_donation=is_resnet))
+        with_channels_last=is_resnet, with_no_donation=is_resnet,
+        overhead_rounds=args.overhead_rounds))
   if not args.no_layouts and not args.no_torch:
     log("== conv layouts")
     out["conv_layouts"] = bench_conv_layouts()
