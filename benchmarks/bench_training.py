@@ -265,19 +265,7 @@ def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16
 
   times = interleave(runners, rounds)
   ms = {k: med_ms(v) for k, v in times.items()}
-  paired = {}
-  if overhead_rounds:
-    # ART / fine-tune overhead alone: only the three steps, many rounds, and the ratio taken
-    # within each round (neighbouring steps), so that slow drifts of the machine cancel.
-    log(f"  overhead: plain/art/mask x {overhead_rounds} rounds")
-    ot = interleave({k: runners[k] for k in ("plain", "art", "mask")}, overhead_rounds, warmup=0)
-    for k in ("art", "mask"):
-      per_round = [a / b for a, b in zip(ot[k], ot["plain"])]
-      paired[f"{k}_over_plain"] = {
-          "median_of_round_ratios": float(np.median(per_round)),
-          "ratio_of_medians": med_ms(ot[k]) / med_ms(ot["plain"]),
-          "round_ratios": [round(r, 4) for r in per_round]}
-    paired["step_ms"] = {k: med_ms(v) for k, v in ot.items()}
+  paired = run_overhead(name, overhead_rounds, 3000) if overhead_rounds else {}
 
   # Pruned-accuracy evaluation of one ART epoch: mask + apply_mask + eval forward on the set.
   mask_fn = jax.jit(lambda p: hs.apply_mask(p, hs.magnitude_mask(p, SPARSITY)))
@@ -415,20 +403,94 @@ def worker(name, rounds):
     runners["torch"] = make_torch_step(name)
   except ImportError:
     pass
-  times = interleave(runners, rounds)
+  for fn in runners.values():  # warm-up (first calls grow the heap)
+    fn()
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  times = interleave(runners, rounds, warmup=0)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
   ms = med_ms(times["plain"])
   out = {"step_ms": ms, "images_per_s": BATCH / ms * 1e3, "compile_s": compile_s,
-         "step_ms_all": [round(t * 1e3, 1) for t in times["plain"]]}
+         "step_ms_all": [round(t * 1e3, 1) for t in times["plain"]],
+         "page_faults_per_round": faults / rounds}
   if "torch" in times:
     out["torch_step_ms"] = med_ms(times["torch"])
     out["jax_throughput_over_torch"] = out["torch_step_ms"] / ms
   print(json.dumps(out))
 
 
-def run_flag_variant(name, flags, rounds, timeout):
+def overhead_worker(name, rounds):
+  """Runs in a fresh subprocess: ART / fine-tune step overhead alone.
+
+  Only the three JAX steps live in the process (no PyTorch, no other variants sharing the heap),
+  they run round-robin with the order rotated every round, and each round's ratios are taken
+  between neighbouring steps, so slow drifts of a shared machine cancel. Both wall time and
+  process CPU time (all threads, user + system) are recorded per step: CPU time does not count
+  the time other processes hold the cores, so its ratio is the steadier one.
+  """
+  _, jax, _, _, hs = _jax()
+  model = build_model(name)
+  variables = init_variables(model)
+  batch = make_batch()
+  mask = jax.jit(lambda p: hs.magnitude_mask(p, SPARSITY))(variables["params"])
+  runners = {}
+  for variant, tx in (("plain", plain_tx()), ("art", art_tx()), ("mask", mask_tx(mask))):
+    state = make_state(variables, tx)
+    if variant == "mask":
+      state["params"] = hs.apply_mask(state["params"], mask)
+    compiled, _, _ = compile_step(model, tx, state, batch)
+    runners[variant] = JaxRunner(compiled, state, batch)
+  for fn in runners.values():
+    fn()
+    fn()
+  names = list(runners)
+  wall = {k: [] for k in names}
+  cpu = {k: [] for k in names}
+  faults = {k: 0 for k in names}
+  for r in range(rounds):
+    for k in names[r % len(names):] + names[:r % len(names)]:
+      time.sleep(float(os.environ.get("BENCH_SETTLE_S", "0.5")))
+      u0 = resource.getrusage(resource.RUSAGE_SELF)
+      start = time.perf_counter()
+      runners[k]()
+      wall[k].append(time.perf_counter() - start)
+      u1 = resource.getrusage(resource.RUSAGE_SELF)
+      cpu[k].append(u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime)
+      faults[k] += u1.ru_minflt - u0.ru_minflt
+    log(f"  round {r}: " + ", ".join(f"{k}={wall[k][-1] * 1e3:.0f}ms/{cpu[k][-1] * 1e3:.0f}cpu-ms"
+                                    for k in names))
+  out = {"rounds": rounds, "step_ms": {k: med_ms(v) for k, v in wall.items()},
+         "step_cpu_ms": {k: med_ms(v) for k, v in cpu.items()},
+         "page_faults_per_step": {k: v / rounds for k, v in faults.items()}}
+  for k in ("art", "mask"):
+    for label, series in (("wall", wall), ("cpu", cpu)):
+      per_round = [a / b for a, b in zip(series[k], series["plain"])]
+      out[f"{k}_over_plain_{label}"] = {
+          "median_of_round_ratios": float(np.median(per_round)),
+          "ratio_of_medians": med_ms(series[k]) / med_ms(series["plain"]),
+          "round_ratios": [round(x, 4) for x in per_round]}
+  print(json.dumps(out))
+
+
+def run_overhead(name, rounds, timeout):
+  cmd = [sys.executable, os.path.abspath(__file__), "--overhead-worker", name, "--rounds",
+         str(rounds)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout}s"}
+  if proc.returncode != 0:
+    return {"error": proc.stderr.strip().splitlines()[-1:]}
+  for line in proc.stderr.splitlines():
+    log(line)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_flag_variant(name, flags, rounds, timeout, retain_host_memory=True):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--rounds", str(rounds)]
+  if not retain_host_memory:
+    cmd.append("--no-retain-host-memory")
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -437,6 +499,7 @@ def run_flag_variant(name, flags, rounds, timeout):
     return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   out["flags"] = flags
+  out["retain_freed_memory"] = retain_host_memory
   return out
 
 
@@ -458,20 +521,32 @@ def main(argv=None):
   parser.add_argument("--eval-batch", type=int, default=500)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--no-layouts", action="store_true")
-  parser.add_argument("--overhead-rounds", type=int, default=10,
-                      help="extra rounds of only plain/art/mask for the paired overhead ratio")
+  parser.add_argument("--overhead-rounds", type=int, default=16,
+                      help="rounds of only plain/art/mask (fresh process) for the overhead ratio")
   parser.add_argument("--flag-variants", nargs="*", default=list(DEFAULT_FLAG_VARIANTS),
                       help="XLA_FLAGS sets timed on ResNet-32 in subprocesses (none: skip)")
   parser.add_argument("--flag-steps", type=int, default=2)
+  parser.add_argument("--no-retain-host-memory", dest="retain_host_memory", action="store_false",
+                      help="run with glibc's default malloc (see hypersparse_jax.host_memory)")
+  parser.add_argument("--no-allocator-compare", dest="allocator_compare", action="store_false",
+                      help="skip the ResNet-32 subprocesses with/without retained host memory")
   parser.add_argument("--out", default=None, help="also write the JSON here")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--overhead-worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--rounds", type=int, default=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  # Before JAX's first computation (machine() below starts the backend). JAX and PyTorch run
+  # in this one process, so both steps are timed under the same allocator settings.
+  from hypersparse_jax import host_memory
+  retained = args.retain_host_memory and host_memory.retain_freed_memory()
   if args.worker:
     return worker(args.worker, args.rounds)
+  if args.overhead_worker:
+    return overhead_worker(args.overhead_worker, args.rounds)
 
   start = time.perf_counter()
-  out = {"benchmark": "training_step", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+  out = {"benchmark": "training_step", "date": time.strftime("%Y-%m-%d"),
+         "machine": {**machine(), "retain_freed_memory": retained},
          "config": {"batch": BATCH, "input": [32, 32, 3], "num_classes": NUM_CLASSES,
                     "sparsity": SPARSITY, "steps_per_epoch": STEPS_PER_EPOCH,
                     "optimizer": "add_decayed_weights(1e-4) + sgd(0.1, momentum=0.9)",
@@ -502,6 +577,22 @@ def main(argv=None):
       if "step_ms" in v and "torch" in base["step_ms"]:
         v["ratio_over_torch_main_run"] = v["step_ms"] / base["step_ms"]["torch"]
     out["xla_flag_variants_resnet32"] = variants
+  if args.allocator_compare and "resnet" in args.models:
+    # glibc's default (freed blocks unmapped: every step faults its buffers in again) against
+    # hypersparse_jax.host_memory.retain_freed_memory(), each in a fresh process with its own
+    # PyTorch twin interleaved.
+    log("== allocator: glibc default vs retain_freed_memory")
+    runs = {}
+    for retain in (False, True):
+      runs["retain" if retain else "default"] = run_flag_variant(
+          "resnet", "", args.flag_steps, 600, retain_host_memory=retain)
+      log(json.dumps(runs["retain" if retain else "default"]))
+    if all("step_ms" in r for r in runs.values()):
+      runs["jax_retain_over_default"] = runs["retain"]["step_ms"] / runs["default"]["step_ms"]
+      if all("torch_step_ms" in r for r in runs.values() if isinstance(r, dict)):
+        runs["torch_retain_over_default"] = (runs["retain"]["torch_step_ms"]
+                                             / runs["default"]["torch_step_ms"])
+    out["allocator_resnet32"] = runs
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["wall_s"] = time.perf_counter() - start
   report.emit(out, args.out)

@@ -268,31 +268,33 @@ def _uniform_splits(br: _Bracket) -> jax.Array:
   return jnp.maximum(br.lo + offs, br.lo + 1)
 
 
-def _gather_candidates(bits_leaves, br: _Bracket, capacity: int):
-  """Bit patterns in ``[lo, hi]`` gathered via per-row min/max/count, sorted; ok=False if lost."""
+def _gather_candidates(bits_leaves, br: _Bracket, capacity: int) -> jax.Array:
+  """The bit patterns in ``[lo, hi]`` (at most ``capacity`` of them), sorted, padded with 2³¹−1.
+
+  One counting pass marks the rows of ``_ROW`` weights that hold a candidate; only those rows
+  (at most ``capacity``: each holds at least one of the ≤ ``capacity`` candidates) are gathered
+  and searched, so the pass over all weights is a cheap int8 row sum.
+  """
   rows = []
   for bits in bits_leaves:
     pad = (-bits.shape[0]) % _ROW
     padded = jnp.pad(bits, (0, pad), constant_values=_MAX_BITS + 1) if pad else bits
     rows.append(padded.reshape(-1, _ROW))
-  inside = lambda r: (r >= br.lo) & (r <= br.hi)
-  # Three separate reductions: XLA:CPU runs them ~2x faster apart than fused into one loop.
-  mins = [jnp.min(jnp.where(inside(r), r, jnp.int32(2**31 - 1)), axis=1) for r in rows]
-  rows = lax.optimization_barrier(rows)
-  maxs = [jnp.max(jnp.where(inside(r), r, jnp.int32(-1)), axis=1) for r in rows]
-  rows = lax.optimization_barrier(rows)
-  cnts = [jnp.sum(inside(r).astype(jnp.int8), axis=1, dtype=jnp.int8) for r in rows]
-  row_min, row_max = jnp.concatenate(mins), jnp.concatenate(maxs)
-  row_cnt = jnp.concatenate(cnts).astype(jnp.int32)
-  # A row holding three or more candidates cannot be rebuilt from its min and max.
-  ok = jnp.max(row_cnt) <= 2
-  idx = jnp.nonzero(row_cnt > 0, size=capacity, fill_value=row_cnt.shape[0])[0]
-  big = 2**31 - 1
-  first = jnp.where(idx < row_cnt.shape[0], row_min.at[idx].get(mode="fill", fill_value=big), big)
-  second = jnp.where(row_cnt.at[idx].get(mode="fill", fill_value=0) == 2,
-                     row_max.at[idx].get(mode="fill", fill_value=big), big)
-  ok = ok & (jnp.sum((row_cnt > 0).astype(jnp.int32)) <= capacity)
-  return jnp.sort(jnp.concatenate([first, second])), ok
+  inside = lambda r: (r >= br.lo) & (r <= br.hi)  # padding (> +inf) is never inside
+  row_has = jnp.concatenate([jnp.sum(inside(r).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0
+                             for r in rows])
+  num_rows = row_has.shape[0]
+  row_idx = jnp.nonzero(row_has, size=capacity, fill_value=num_rows)[0]
+  picked = jnp.full((capacity, _ROW), _MAX_BITS + 1, jnp.int32)
+  offset = 0
+  for r in rows:
+    local = row_idx - offset
+    valid = (local >= 0) & (local < r.shape[0])
+    picked = jnp.where(valid[:, None], r[jnp.clip(local, 0, r.shape[0] - 1)], picked)
+    offset += r.shape[0]
+  flat = picked.reshape(-1)
+  pos = jnp.nonzero(inside(flat), size=capacity, fill_value=flat.shape[0])[0]
+  return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
 
 
 def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> jax.Array:
@@ -319,8 +321,7 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
   splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
   br = _narrow(bits_leaves, k, full, splits)
 
-  # Gathering fails if a row of _ROW holds 3+ candidates: with c candidates among n weights that
-  # happens in about _ROW²·c³/(6n²) rows; this capacity keeps it near 0.02 (then: exact recount).
+  # Candidates left for the final gather and sort (rows holding them are gathered whole).
   capacity = int(min(4096, max(64, (n / _ROW) ** (2 / 3) / 2)))
 
   def pending(br):
@@ -329,20 +330,11 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
   br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)), br)
 
   def gathered(br):
-    cands, ok = _gather_candidates(bits_leaves, br, capacity)
-    index = jnp.clip(Count.of(k).minus(br.below_lo), 0, 2 * capacity - 1)
-    return cands[index], ok
+    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them.
+    index = jnp.clip(Count.of(k).minus(br.below_lo), 0, capacity - 1)
+    return _gather_candidates(bits_leaves, br, capacity)[index]
 
-  def exact_by_counting(br):  # rare: rows too crowded to gather from; count down to one value
-    br = lax.while_loop(lambda b: b.lo < b.hi,
-                        lambda b: _narrow(bits_leaves, k, b, _uniform_splits(b)), br)
-    return br.lo
-
-  def from_bracket(br):
-    value, ok = gathered(br)
-    return lax.cond(ok, lambda: value, lambda: exact_by_counting(br))
-
-  return lax.cond(br.lo == br.hi, lambda: br.lo, lambda: from_bracket(br))
+  return lax.cond(br.lo == br.hi, lambda: br.lo, lambda: gathered(br))
 
 
 _CHUNK = 1 << 30     # elements per counting chunk: int32 counts of one chunk cannot overflow

@@ -34,7 +34,7 @@ import optax
 
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
-from hypersparse_jax import sharding
+from hypersparse_jax import host_memory, sharding
 from hypersparse_jax.controller import ARTController
 
 PHASES = ("warmup", "art", "finetune")
@@ -578,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bars")
   p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
+  p.add_argument("--no-retain-host-memory", dest="retain_host_memory", action="store_false",
+                 help="let glibc return freed memory to the OS (default: keep it, which saves "
+                      "XLA:CPU's per-step page faults; see hypersparse_jax.host_memory)")
   return p
 
 
@@ -601,6 +604,8 @@ def config_from_args(args) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input)."""
   args = build_parser().parse_args(argv)
+  if args.retain_host_memory:
+    host_memory.retain_freed_memory(warn=False)  # before JAX's first computation (see its docstring)
   try:
     cfg = config_from_args(args)
     outdir = args.outdir or os.path.join(
