@@ -204,13 +204,18 @@ def _magnitude_bits(leaf) -> jax.Array:
                                   jnp.int32).reshape(-1)
 
 
-def _count_below(bits_leaves, splits: jax.Array) -> Count:
-  """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,))."""
-  parts = []
+def _count_below(bits_leaves, splits: jax.Array, *, with_rows: bool = False):
+  """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,)).
+
+  With ``with_rows``, also each chunk's per-row counts ``(len // _ROW, K)`` int8 (the rows of
+  whole ``_ROW``-blocks; a chunk's tail is not in them), as ``(Count, [row_counts])``.
+  """
+  parts, row_parts = [], []
   for bits in bits_leaves:
     size = bits.shape[0]
     body = size - size % _ROW
     per_split = jnp.zeros(splits.shape, jnp.int32)
+    row_counts = None
     if body:
       rows = bits[:body].reshape(-1, _ROW)
       # int8 sums over short rows vectorise far better on XLA:CPU than one long bool sum.
@@ -221,7 +226,8 @@ def _count_below(bits_leaves, splits: jax.Array) -> Count:
       tail = bits[body:]
       per_split = per_split + jnp.sum((tail[:, None] < splits[None, :]).astype(jnp.int32), axis=0)
     parts.append(per_split)
-  return Count.sum(parts)
+    row_parts.append(row_counts)
+  return (Count.sum(parts), row_parts) if with_rows else Count.sum(parts)
 
 
 def _strided_sample(bits_leaves, n: int, m: int) -> jax.Array:
@@ -244,8 +250,12 @@ class _Bracket(NamedTuple):
 
 def _narrow(bits_leaves, k: int, br: _Bracket, splits: jax.Array) -> _Bracket:
   """One counting pass at sorted ``splits`` inside ``[lo, hi]``; keeps the piece holding rank k."""
-  counts = _count_below(bits_leaves, splits)  # counts[j] = #(bits < splits[j])
-  # The answer b satisfies #(bits < b) <= k < #(bits <= b): b >= s_j iff #(bits < s_j) <= k.
+  return _narrow_by_counts(k, br, splits, _count_below(bits_leaves, splits))
+
+
+def _narrow_by_counts(k: int, br: _Bracket, splits: jax.Array, counts: Count) -> _Bracket:
+  # counts[j] = #(bits < splits[j]). The answer b satisfies #(bits < b) <= k < #(bits <= b):
+  # b >= s_j iff #(bits < s_j) <= k.
   at_or_above = counts.le(k) & (splits > br.lo) & (splits <= br.hi)
   j_lo = jnp.sum(at_or_above.astype(jnp.int32)) - 1  # last split with count <= k (splits sorted)
   has_lo = j_lo >= 0
@@ -268,23 +278,75 @@ def _uniform_splits(br: _Bracket) -> jax.Array:
   return jnp.maximum(br.lo + offs, br.lo + 1)
 
 
-def _gather_candidates(bits_leaves, br: _Bracket, capacity: int) -> jax.Array:
-  """The bit patterns in ``[lo, hi]`` (at most ``capacity`` of them), sorted, padded with 2³¹−1.
-
-  One counting pass marks the rows of ``_ROW`` weights that hold a candidate; only those rows
-  (at most ``capacity``: each holds at least one of the ≤ ``capacity`` candidates) are gathered
-  and searched, so the pass over all weights is a cheap int8 row sum.
-  """
+def _padded_rows(bits_leaves):
+  """Each chunk as rows of ``_ROW`` (the tail padded with a pattern above +inf)."""
   rows = []
   for bits in bits_leaves:
     pad = (-bits.shape[0]) % _ROW
     padded = jnp.pad(bits, (0, pad), constant_values=_MAX_BITS + 1) if pad else bits
     rows.append(padded.reshape(-1, _ROW))
-  inside = lambda r: (r >= br.lo) & (r <= br.hi)  # padding (> +inf) is never inside
-  row_has = jnp.concatenate([jnp.sum(inside(r).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0
-                             for r in rows])
-  num_rows = row_has.shape[0]
-  row_idx = jnp.nonzero(row_has, size=capacity, fill_value=num_rows)[0]
+  return rows
+
+
+def _inside(x, br: _Bracket):
+  return (x >= br.lo) & (x <= br.hi)  # padding (> +inf) is never inside
+
+
+def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
+  """Rows (of :func:`_padded_rows`, all chunks in order) holding a pattern in ``[lo, hi]``."""
+  return jnp.concatenate([jnp.sum(_inside(r, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0
+                          for r in _padded_rows(bits_leaves)])
+
+
+def _row_flags_from_counts(bits_leaves, br: _Bracket, splits, row_counts) -> jax.Array:
+  """The same flags from a counting pass's per-row counts at ``splits``, without a pass.
+
+  Valid when ``lo`` is 0 or one of the splits and ``hi + 1`` is one of them or ``hi`` is
+  ``_MAX_BITS``, as after that pass's :func:`_narrow`. A chunk's tail row is always flagged
+  (at most one extra row per chunk; the gather checks every value).
+  """
+  a = jnp.argmax(splits == br.lo)
+  lo_is_split = jnp.any(splits == br.lo)
+  b = jnp.argmax(splits == br.hi + 1)
+  hi_is_split = jnp.any(splits == br.hi + 1)
+  flags = []
+  for bits, rc in zip(bits_leaves, row_counts):
+    if rc is not None:
+      below_lo = jnp.where(lo_is_split, rc[:, a], jnp.int8(0))
+      upto_hi = jnp.where(hi_is_split, rc[:, b], jnp.int8(_ROW))
+      flags.append(upto_hi > below_lo)
+    if bits.shape[0] % _ROW:
+      flags.append(jnp.ones((1,), bool))
+  return jnp.concatenate(flags)
+
+
+def _true_indices(flags: jax.Array, size: int) -> jax.Array:
+  """``jnp.nonzero(flags, size=size, fill_value=len(flags))[0]`` in two levels.
+
+  XLA:CPU's prefix sum (inside ``nonzero``) is slow on long arrays (7 ms for 625k flags); here
+  it runs over blocks of ``_ROW`` flags, then over the (at most ``size``) blocks holding one.
+  """
+  n = flags.shape[0]
+  num_blocks = -(-n // _ROW)
+  if num_blocks <= size:
+    return jnp.nonzero(flags, size=size, fill_value=n)[0]
+  blocks = jnp.pad(flags, (0, num_blocks * _ROW - n)).reshape(num_blocks, _ROW)
+  picked = jnp.nonzero(jnp.any(blocks, axis=1), size=size, fill_value=num_blocks)[0]
+  sub = blocks.at[picked].get(mode="fill", fill_value=False).reshape(-1)
+  pos = jnp.nonzero(sub, size=size, fill_value=sub.shape[0])[0]
+  block = picked.at[pos // _ROW].get(mode="fill", fill_value=num_blocks)
+  return jnp.where(pos < sub.shape[0], block * _ROW + pos % _ROW, n)
+
+
+def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
+                       capacity: int) -> jax.Array:
+  """The bit patterns in ``[lo, hi]``, sorted, padded with 2³¹−1 to ``capacity`` entries.
+
+  ``row_flags`` marks the rows of :func:`_padded_rows` that may hold one (at most
+  ``capacity`` rows); only those rows are gathered and searched.
+  """
+  rows = _padded_rows(bits_leaves)
+  row_idx = _true_indices(row_flags, capacity)
   picked = jnp.full((capacity, _ROW), _MAX_BITS + 1, jnp.int32)
   offset = 0
   for r in rows:
@@ -293,7 +355,7 @@ def _gather_candidates(bits_leaves, br: _Bracket, capacity: int) -> jax.Array:
     picked = jnp.where(valid[:, None], r[jnp.clip(local, 0, r.shape[0] - 1)], picked)
     offset += r.shape[0]
   flat = picked.reshape(-1)
-  pos = jnp.nonzero(inside(flat), size=capacity, fill_value=flat.shape[0])[0]
+  pos = jnp.nonzero(_inside(flat, br), size=capacity, fill_value=flat.shape[0])[0]
   return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
 
 
@@ -319,7 +381,8 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
     fan = lax.bitcast_convert_type(jnp.maximum(hint_value * (1 + rel), 0.0), jnp.int32)
     splits = fan.at[4:].add(1)
   splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
-  br = _narrow(bits_leaves, k, full, splits)
+  counts, row_counts = _count_below(bits_leaves, splits, with_rows=True)
+  first = _narrow_by_counts(k, full, splits, counts)
 
   # Candidates left for the final gather and sort (rows holding them are gathered whole).
   capacity = int(min(4096, max(64, (n / _ROW) ** (2 / 3) / 2)))
@@ -327,12 +390,20 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
   def pending(br):
     return (br.lo < br.hi) & (br.upto_hi.minus(br.below_lo) > capacity)
 
-  br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)), br)
+  br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
+                      first)
 
   def gathered(br):
-    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them.
-    index = jnp.clip(Count.of(k).minus(br.below_lo), 0, capacity - 1)
-    return _gather_candidates(bits_leaves, br, capacity)[index]
+    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them. Their
+    # rows come from the first pass's row counts when that pass alone got here (the usual
+    # case with ART's hint), else from one more pass.
+    rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
+    from_first = (br.lo == first.lo) & (br.hi == first.hi)
+    flags = lax.cond(from_first,
+                     lambda: _row_flags_from_counts(bits_leaves, br, splits, row_counts),
+                     lambda: _row_flags_by_pass(bits_leaves, br))
+    index = jnp.clip(Count.of(k).minus(br.below_lo), 0, rows_capacity - 1)
+    return _gather_candidates(bits_leaves, br, flags, rows_capacity)[index]
 
   return lax.cond(br.lo == br.hi, lambda: br.lo, lambda: gathered(br))
 

@@ -621,3 +621,48 @@ def test_apply_mask_mismatches_raise():
     apply_mask(params, {"a": {"kernel": np.ones((4, 3), np.int32), "bias": good["a"]["bias"]}})
   with pytest.raises(ValueError, match="structure"):
     sparsity_report(params, {"a": {"kernel": good["a"]["kernel"]}})
+
+
+def test_row_flags_from_first_pass_counts_match_a_recount():
+  # The gather finds candidate rows from the first counting pass's per-row counts; they must be
+  # exactly the rows holding a value in [lo, hi] (tail rows always flagged), as a NumPy recount.
+  rng = np.random.default_rng(5)
+  sizes = (40_000, 1_000_003, 77)  # two chunks with a tail, one small
+  chunks = [jnp.asarray(np.abs(rng.standard_normal(s)).astype(np.float32).view(np.int32))
+            for s in sizes]
+  n = sum(sizes)
+  for kappa in (0.5, 0.98, 0.9999):
+    k = masking.rank_of_threshold(kappa, n)
+    want = np.sort(np.concatenate([np.asarray(c) for c in chunks]))[k]
+    for rel in (1e-4, 1e-2):  # splits as ART's hint fan around the answer, and wider
+      splits = jnp.asarray(np.sort(np.float32(want.view(np.float32)) * np.float32(
+          [1 - 8 * rel, 1 - 2 * rel, 1 - rel, 1 - rel / 2, 1 + rel / 2, 1 + rel, 1 + 2 * rel,
+           1 + 8 * rel])).view(np.int32))
+      counts, rows = masking._count_below(chunks, splits, with_rows=True)
+      full = masking._Bracket(jnp.int32(0), jnp.int32(masking._MAX_BITS),
+                              masking.Count.of(0), masking.Count.of(n))
+      br = masking._narrow_by_counts(k, full, splits, counts)
+      lo, hi = int(br.lo), int(br.hi)
+      assert lo <= want <= hi
+      got = np.asarray(masking._row_flags_from_counts(chunks, br, splits, rows))
+      expect = []
+      for c in chunks:
+        c = np.asarray(c)
+        body = c.size - c.size % masking._ROW
+        expect.append(((c[:body] >= lo) & (c[:body] <= hi)).reshape(-1, masking._ROW).any(1))
+        if body < c.size:
+          expect.append(np.ones(1, bool))
+      np.testing.assert_array_equal(got, np.concatenate(expect))
+      by_pass = np.asarray(masking._row_flags_by_pass(chunks, br))
+      assert np.all(got >= by_pass)  # the pass flags a subset (tails only where they hold one)
+
+
+@pytest.mark.parametrize("n,size,density", [(1000, 64, 0.02), (625_750, 3655, 0.0006),
+                                            (625_750, 300, 0.0), (100_000, 2000, 0.5)])
+def test_true_indices_is_nonzero(n, size, density):
+  rng = np.random.default_rng(n + size)
+  flags = rng.random(n) < density
+  want = np.nonzero(flags)[0][:size]
+  want = np.concatenate([want, np.full(size - want.size, n)])
+  got = np.asarray(jax.jit(masking._true_indices, static_argnums=1)(jnp.asarray(flags), size))
+  np.testing.assert_array_equal(got, want)
