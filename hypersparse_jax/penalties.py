@@ -76,21 +76,22 @@ def _sums(leaves, s):
   return total_a, total_t
 
 
-class _Terms(NamedTuple):
+class HyperSparseTerms(NamedTuple):
+  """The scalars of one HyperSparse gradient (float32): see :func:`hypersparse_terms`."""
   threshold: jax.Array  # t
   scale: jax.Array      # s = 0.6585 / t
   total_a: jax.Array    # A = Σ |w|
   total_t: jax.Array    # T = Σ tanh(s·|w|)
 
 
-def _terms(leaves, sparsity: float, hint=None) -> _Terms:
+def _terms(leaves, sparsity: float, hint=None) -> HyperSparseTerms:
   """The threshold and the two sums that both the gradient and the loss form need (one pass)."""
   t = masking._threshold(leaves, sparsity, hint)
   s = hypersparse_scale(t)
-  return _Terms(t, s, *_sums(leaves, s))
+  return HyperSparseTerms(t, s, *_sums(leaves, s))
 
 
-def _grad_from_terms(params, where, terms: _Terms):
+def _grad_from_terms(params, where, terms: HyperSparseTerms):
   s, total_a, total_t = terms.scale, terms.total_a, terms.total_t
   ratio = jnp.where(total_t > 0, total_a / jnp.where(total_t > 0, total_t, 1.0), 0.0)
   factor = jnp.minimum(s * ratio, jnp.finfo(jnp.float32).max)  # t == 0: s·A/T may overflow
@@ -115,6 +116,26 @@ def hypersparse_grad_and_threshold(params, sparsity: float, *, where: Optional[P
       jnp.asarray(threshold_hint, jnp.float32), jnp.int32)
   terms = _terms(leaves, sparsity, hint)
   return _grad_from_terms(params, where, terms), terms.threshold
+
+
+def hypersparse_terms(params, sparsity: float, *, where: Optional[Predicate] = None,
+                      threshold_hint: Optional[jax.Array] = None) -> HyperSparseTerms:
+  """The scalars of the HyperSparse gradient: threshold ``t``, ``s``, ``A`` and ``T``.
+
+  With :func:`hypersparse_grad_from_terms` this splits :func:`hypersparse_grad` into its
+  reductions and its elementwise map (:func:`hypersparse_jax.art` computes the first only in
+  the regularisation phase and fuses the second into the optimiser's own pass).
+  """
+  sparsity = masking.check_sparsity(sparsity)
+  leaves = masking.prunable_leaves(params, where)
+  hint = None if threshold_hint is None else lax.bitcast_convert_type(
+      jnp.asarray(threshold_hint, jnp.float32), jnp.int32)
+  return _terms(leaves, sparsity, hint)
+
+
+def hypersparse_grad_from_terms(params, terms: HyperSparseTerms, *, where: Optional[Predicate] = None):
+  """``g_i = sign(w_i)·s·sech²(s·a_i)·A/T`` from :func:`hypersparse_terms` (0 where ``T = 0``)."""
+  return _grad_from_terms(params, where, terms)
 
 
 def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = None):
@@ -160,7 +181,7 @@ def hypersparse_penalty(params, sparsity: float, *, where: Optional[Predicate] =
   return _penalty(params, sparsity, where)
 
 
-def _value_from_terms(terms: _Terms):
+def _value_from_terms(terms: HyperSparseTerms):
   # A·T/stop_gradient(T) − A: the value (≈ 0) of the reference's loss form.
   safe_t = jnp.where(terms.total_t > 0, terms.total_t, 1.0)
   return terms.total_a * terms.total_t / safe_t - terms.total_a

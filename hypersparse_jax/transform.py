@@ -85,6 +85,11 @@ def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
   raise ValueError(f"penalty must be 'hypersparse', 'l1', 'l2' or a callable, got {penalty!r}")
 
 
+def _add_scaled(updates, grads, lam):
+  return jax.tree.map(lambda u, g: u + (lam * g.astype(jnp.float32)).astype(u.dtype), updates,
+                      grads)
+
+
 def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
         warmup_epochs: int = 60, penalty: PenaltySpec = "hypersparse", staircase: bool = True,
         where: Optional[Predicate] = None) -> optax.GradientTransformation:
@@ -110,7 +115,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
     :class:`ARTState`. The threshold of the previous step speeds up the exact selection of the
-    next (the result does not depend on it). During warm-up no penalty is computed at all.
+    next (the result does not depend on it). During warm-up no threshold is selected.
 
   Example:
     >>> import jax.numpy as jnp, optax, hypersparse_jax as hs
@@ -141,17 +146,31 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     if params is None:
       raise ValueError("art() needs the parameters: call tx.update(grads, state, params)")
     lam = schedule(state.count).astype(jnp.float32)
+    if penalty == "hypersparse":
+      # Only the reductions (threshold, A, T) sit in the branch; the elementwise map below is
+      # fused by XLA into the optimiser's pass over the updates (λ = 0 in warm-up: a zero
+      # factor, no selection). A branch returning whole update trees makes XLA copy them.
+      def terms_of(_):
+        return penalties.hypersparse_terms(params, sparsity, where=where,
+                                           threshold_hint=state.threshold)
 
-    def regularised(_):
-      grads, threshold = grad_fn(params, state.threshold)
-      new = jax.tree.map(lambda u, g: u + (lam * g.astype(jnp.float32)).astype(u.dtype),
-                         updates, grads)
-      return new, jnp.asarray(threshold, jnp.float32)
+      def warmup(_):
+        zero = jnp.zeros([], jnp.float32)
+        return penalties.HyperSparseTerms(state.threshold, zero, zero, zero)
 
-    def plain(_):
-      return updates, state.threshold
+      terms = lax.cond(lam > 0, terms_of, warmup, None)
+      grads = penalties.hypersparse_grad_from_terms(params, terms, where=where)
+      threshold = terms.threshold
+      new_updates = _add_scaled(updates, grads, lam)
+    else:
+      def regularised(_):
+        grads, threshold = grad_fn(params, state.threshold)
+        return _add_scaled(updates, grads, lam), jnp.asarray(threshold, jnp.float32)
 
-    new_updates, threshold = lax.cond(lam > 0, regularised, plain, None)
+      def plain(_):
+        return updates, state.threshold
+
+      new_updates, threshold = lax.cond(lam > 0, regularised, plain, None)
     return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold)
 
   return optax.GradientTransformation(init_fn, update_fn)
