@@ -432,13 +432,14 @@ def overhead_worker(name, rounds):
   variables = init_variables(model)
   batch = make_batch()
   mask = jax.jit(lambda p: hs.magnitude_mask(p, SPARSITY))(variables["params"])
-  runners = {}
+  runners, txs = {}, {}
   for variant, tx in (("plain", plain_tx()), ("art", art_tx()), ("mask", mask_tx(mask))):
     state = make_state(variables, tx)
     if variant == "mask":
       state["params"] = hs.apply_mask(state["params"], mask)
     compiled, _, _ = compile_step(model, tx, state, batch)
     runners[variant] = JaxRunner(compiled, state, batch)
+    txs[variant] = tx
   for fn in runners.values():
     fn()
     fn()
@@ -461,6 +462,8 @@ def overhead_worker(name, rounds):
   out = {"rounds": rounds, "step_ms": {k: med_ms(v) for k, v in wall.items()},
          "step_cpu_ms": {k: med_ms(v) for k, v in cpu.items()},
          "page_faults_per_step": {k: v / rounds for k, v in faults.items()}}
+  out["update_only"] = time_updates(txs, runners, rounds=30, grads=batch_grads(model, runners,
+                                                                                 batch))
   for k in ("art", "mask"):
     for label, series in (("wall", wall), ("cpu", cpu)):
       per_round = [a / b for a, b in zip(series[k], series["plain"])]
@@ -469,6 +472,52 @@ def overhead_worker(name, rounds):
           "ratio_of_medians": med_ms(series[k]) / med_ms(series["plain"]),
           "round_ratios": [round(x, 4) for x in per_round]}
   print(json.dumps(out))
+
+
+def batch_grads(model, runners, batch):
+  """The loss gradient of the benchmark batch at the plain variant's current parameters."""
+  _, jax, _, optax, _ = _jax()
+  state = runners["plain"].state
+  x, y = batch
+
+  def loss(params):
+    logits, _ = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return jax.jit(jax.grad(loss))(state["params"])
+
+
+def time_updates(txs, runners, rounds, grads):
+  """The optimiser update alone (``tx.update`` + ``apply_updates``, jitted, state donated).
+
+  The only part of the step in which the three variants differ: the forward and backward pass
+  are the same program. Timed from each variant's current training state with the batch's
+  gradient ``grads`` (as the steps, which train on one batch), round-robin; its milliseconds
+  are far steadier than whole steps.
+  """
+  _, jax, jnp, optax, _ = _jax()
+
+  def update_fn(tx):
+    def update(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    return jax.jit(update, donate_argnums=(0, 1))
+
+  fns, states = {}, {}
+  for k, tx in txs.items():
+    fns[k] = update_fn(tx)
+    state = runners[k].state
+    states[k] = (jax.tree.map(jnp.copy, state["params"]), jax.tree.map(jnp.copy, state["opt_state"]))
+    states[k] = jax.block_until_ready(fns[k](*states[k], grads))  # compile + warm-up
+  times = {k: [] for k in txs}
+  for _ in range(rounds):
+    for k in txs:
+      start = time.perf_counter()
+      states[k] = jax.block_until_ready(fns[k](*states[k], grads))
+      times[k].append(time.perf_counter() - start)
+  return {"rounds": rounds, "update_ms": {k: med_ms(v) for k, v in times.items()},
+          "update_ms_all": {k: [round(t * 1e3, 2) for t in v] for k, v in times.items()}}
 
 
 def run_overhead(name, rounds, timeout):

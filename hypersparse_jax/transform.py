@@ -64,10 +64,13 @@ def lambda_schedule(lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_e
 
 
 class ARTState(NamedTuple):
-  """State of :func:`art`: the step count, the λ of the last step and the last threshold."""
+  """State of :func:`art`: step count, last λ, last threshold and its last relative change."""
   count: chex.Array      # int32 number of updates so far
   lambda_: chex.Array    # float32 λ used by the last update (0 in warm-up)
   threshold: chex.Array  # float32 global magnitude threshold at the last regularised step
+  # float32 t_last / t_before − 1 over the last regularised step (0 before two of them): the
+  # next threshold is searched first around t·(1 + change), where momentum usually carries it.
+  threshold_change: chex.Array
 
 
 def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
@@ -140,7 +143,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     masking.prunable_leaves(params, where)  # fail early on an unusable tree
     threshold = masking.magnitude_threshold(params, sparsity, where=where)
     return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
-                    jnp.asarray(threshold, jnp.float32))
+                    jnp.asarray(threshold, jnp.float32), jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -151,8 +154,8 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       # fused by XLA into the optimiser's pass over the updates (λ = 0 in warm-up: a zero
       # factor, no selection). A branch returning whole update trees makes XLA copy them.
       def terms_of(_):
-        return penalties.hypersparse_terms(params, sparsity, where=where,
-                                           threshold_hint=state.threshold)
+        hint = state.threshold * (1 + state.threshold_change)  # only speeds up the search
+        return penalties.hypersparse_terms(params, sparsity, where=where, threshold_hint=hint)
 
       def warmup(_):
         zero = jnp.zeros([], jnp.float32)
@@ -162,6 +165,9 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       grads = penalties.hypersparse_grad_from_terms(params, terms, where=where)
       threshold = terms.threshold
       new_updates = _add_scaled(updates, grads, lam)
+      moved = (lam > 0) & (state.lambda_ > 0) & (state.threshold > 0)
+      change = jnp.where(moved, threshold / jnp.where(moved, state.threshold, 1.0) - 1,
+                         state.threshold_change)
     else:
       def regularised(_):
         grads, threshold = grad_fn(params, state.threshold)
@@ -171,7 +177,10 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
         return updates, state.threshold
 
       new_updates, threshold = lax.cond(lam > 0, regularised, plain, None)
-    return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold)
+      change = state.threshold_change
+    # A change that is not finite or implausibly large (t jumped) is not carried forward.
+    change = jnp.where(jnp.abs(change) < 0.05, change, 0.0).astype(jnp.float32)
+    return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold, change)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -247,6 +247,15 @@ class ArtTest(chex.TestCase):
                     np.testing.assert_array_equal(np.asarray(out[layer]["bias"]),
                                                   grads_np[layer]["bias"])
                 self.assertEqual(float(new_state.threshold), np_threshold(params_np, kappa))
+                # relative change of t over the step, kept for the next search (0 after the
+                # first regularised step, and where |change| >= 5 %)
+                if float(state.lambda_) > 0:
+                    change = np_threshold(params_np, kappa) / float(state.threshold) - 1
+                    want = change if abs(change) < 0.05 else 0.0
+                else:
+                    want = 0.0
+                np.testing.assert_allclose(float(new_state.threshold_change), want,
+                                           rtol=1e-5, atol=1e-7)
             state = new_state
             # move the parameters so that the threshold changes from step to step
             params_np = jax.tree.map(
