@@ -132,8 +132,13 @@ def main(argv=None):
   parser.add_argument("--sort-repeats", type=int, default=2)
   parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.98])
   parser.add_argument("--out", default=None, help="also write the JSON here")
+  parser.add_argument("--no-retain-host-memory", dest="retain_host_memory", action="store_false",
+                      help="glibc's default malloc (see hypersparse_jax.host_memory)")
   args = parser.parse_args(argv)
-  report.emit({"benchmark": "hypersparse_grad", "machine": report.machine_info(),
+  # As in training (the CLI's default): outputs reuse freed pages instead of faulting in new ones.
+  retained = args.retain_host_memory and hs.host_memory.retain_freed_memory()
+  report.emit({"benchmark": "hypersparse_grad",
+               "machine": {**report.machine_info(), "retain_freed_memory": retained},
                "results": run(args.repeats, args.sparsities, args.sort_repeats)}, args.out)
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hypersparse_jax import models
 from hypersparse_jax.models import VGG, CIFARResNet, DigitsCNN, DigitsMLP, create_model
 
 
