@@ -182,15 +182,18 @@ class JaxRunner:
     return metrics
 
 
+def settle():
+  """Lets the previous variant's worker threads go idle (OpenMP and XLA pools spin for a while
+  after their last task) so that they do not steal cores from the next one."""
+  time.sleep(float(os.environ.get("BENCH_SETTLE_S", "0.5")))
+
+
 def interleave(runners: dict, rounds: int, warmup: int = 1):
   """Runs every runner once per round, round-robin; returns per-runner lists of step seconds."""
   times = {k: [] for k in runners}
-  settle = float(os.environ.get("BENCH_SETTLE_S", "0.5"))
   for r in range(warmup + rounds):
     for name, fn in runners.items():
-      # Let the previous variant's worker threads go idle (OpenMP and XLA pools spin for a
-      # while after their last task) so that they do not steal cores from this one.
-      time.sleep(settle)
+      settle()
       start = time.perf_counter()
       fn()
       dt = time.perf_counter() - start
@@ -221,6 +224,21 @@ def compile_with_lax_conv(name, tx, state, batch):
     hs.models._Conv = saved
 
 
+def compile_variants(model, variables, batch):
+  """The ``plain``, ``art`` and ``mask`` steps, compiled: ``(runners, memory, compile_s, txs)``."""
+  _, jax, _, _, hs = _jax()
+  mask = jax.jit(lambda p: hs.magnitude_mask(p, SPARSITY))(variables["params"])
+  runners, memory, compile_s, txs = {}, {}, {}, {}
+  for variant, tx in (("plain", plain_tx()), ("art", art_tx()), ("mask", mask_tx(mask))):
+    state = make_state(variables, tx)
+    if variant == "mask":
+      state["params"] = hs.apply_mask(state["params"], mask)
+    compiled, memory[variant], compile_s[variant] = compile_step(model, tx, state, batch)
+    runners[variant], txs[variant] = JaxRunner(compiled, state, batch), tx
+    log(f"  compiled {variant} in {compile_s[variant]:.1f}s; memory {memory[variant]}")
+  return runners, memory, compile_s, txs
+
+
 def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16,
                 with_channels_last, with_no_donation, with_lax_conv=True, overhead_rounds=0):
   _, jax, jnp, _, hs = _jax()
@@ -229,16 +247,7 @@ def bench_model(name, *, rounds, eval_batches, eval_batch, with_torch, with_bf16
   variables = init_variables(model)
   batch = make_batch()
   n_prunable = hs.masking.num_prunable(hs.masking.prunable_leaves(variables["params"]))
-  mask = jax.jit(lambda p: hs.magnitude_mask(p, SPARSITY))(variables["params"])
-
-  runners, memory, compile_s = {}, {}, {}
-  for variant, tx in (("plain", plain_tx()), ("art", art_tx()), ("mask", mask_tx(mask))):
-    state = make_state(variables, tx)
-    if variant == "mask":
-      state["params"] = hs.apply_mask(state["params"], mask)
-    compiled, memory[variant], compile_s[variant] = compile_step(model, tx, state, batch)
-    runners[variant] = JaxRunner(compiled, state, batch)
-    log(f"  compiled {variant} in {compile_s[variant]:.1f}s; memory {memory[variant]}")
+  runners, memory, compile_s, _ = compile_variants(model, variables, batch)
   if with_no_donation:  # memory only: what donating the state saves
     tx = plain_tx()
     _, memory["plain_no_donation"], _ = compile_step(model, tx, make_state(variables, tx), batch,
@@ -427,19 +436,10 @@ def overhead_worker(name, rounds):
   process CPU time (all threads, user + system) are recorded per step: CPU time does not count
   the time other processes hold the cores, so its ratio is the steadier one.
   """
-  _, jax, _, _, hs = _jax()
   model = build_model(name)
   variables = init_variables(model)
   batch = make_batch()
-  mask = jax.jit(lambda p: hs.magnitude_mask(p, SPARSITY))(variables["params"])
-  runners, txs = {}, {}
-  for variant, tx in (("plain", plain_tx()), ("art", art_tx()), ("mask", mask_tx(mask))):
-    state = make_state(variables, tx)
-    if variant == "mask":
-      state["params"] = hs.apply_mask(state["params"], mask)
-    compiled, _, _ = compile_step(model, tx, state, batch)
-    runners[variant] = JaxRunner(compiled, state, batch)
-    txs[variant] = tx
+  runners, _, _, txs = compile_variants(model, variables, batch)
   for fn in runners.values():
     fn()
     fn()
@@ -449,7 +449,7 @@ def overhead_worker(name, rounds):
   faults = {k: 0 for k in names}
   for r in range(rounds):
     for k in names[r % len(names):] + names[:r % len(names)]:
-      time.sleep(float(os.environ.get("BENCH_SETTLE_S", "0.5")))
+      settle()
       u0 = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       runners[k]()
@@ -508,7 +508,8 @@ def time_updates(txs, runners, rounds, grads):
   for k, tx in txs.items():
     fns[k] = update_fn(tx)
     state = runners[k].state
-    states[k] = (jax.tree.map(jnp.copy, state["params"]), jax.tree.map(jnp.copy, state["opt_state"]))
+    states[k] = (jax.tree.map(jnp.copy, state["params"]),
+                 jax.tree.map(jnp.copy, state["opt_state"]))
     states[k] = jax.block_until_ready(fns[k](*states[k], grads))  # compile + warm-up
   times = {k: [] for k in txs}
   for _ in range(rounds):
@@ -520,36 +521,30 @@ def time_updates(txs, runners, rounds, grads):
           "update_ms_all": {k: [round(t * 1e3, 2) for t in v] for k, v in times.items()}}
 
 
-def run_overhead(name, rounds, timeout):
-  cmd = [sys.executable, os.path.abspath(__file__), "--overhead-worker", name, "--rounds",
-         str(rounds)]
+def run_worker(args, timeout, env=None):
+  """Runs this script with ``args`` in a fresh process; its last stdout line (JSON) or an error."""
+  cmd = [sys.executable, os.path.abspath(__file__), *args]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout}s"}
   if proc.returncode != 0:
     return {"error": proc.stderr.strip().splitlines()[-1:]}
-  for line in proc.stderr.splitlines():
-    log(line)
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_overhead(name, rounds, timeout):
+  return run_worker(["--overhead-worker", name, "--rounds", str(rounds)], timeout)
 
 
 def run_flag_variant(name, flags, rounds, timeout, retain_host_memory=True):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--rounds", str(rounds)]
+  args = ["--worker", name, "--rounds", str(rounds)]
   if not retain_host_memory:
-    cmd.append("--no-retain-host-memory")
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {"flags": flags, "error": f"timed out after {timeout}s"}
-  if proc.returncode != 0:
-    return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
-  out["flags"] = flags
-  out["retain_freed_memory"] = retain_host_memory
-  return out
+    args.append("--no-retain-host-memory")
+  return {**run_worker(args, timeout, env), "flags": flags,
+          "retain_freed_memory": retain_host_memory}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,16 +626,13 @@ def main(argv=None):
     # hypersparse_jax.host_memory.retain_freed_memory(), each in a fresh process with its own
     # PyTorch twin interleaved.
     log("== allocator: glibc default vs retain_freed_memory")
-    runs = {}
-    for retain in (False, True):
-      runs["retain" if retain else "default"] = run_flag_variant(
-          "resnet", "", args.flag_steps, 600, retain_host_memory=retain)
-      log(json.dumps(runs["retain" if retain else "default"]))
-    if all("step_ms" in r for r in runs.values()):
-      runs["jax_retain_over_default"] = runs["retain"]["step_ms"] / runs["default"]["step_ms"]
-      if all("torch_step_ms" in r for r in runs.values() if isinstance(r, dict)):
-        runs["torch_retain_over_default"] = (runs["retain"]["torch_step_ms"]
-                                             / runs["default"]["torch_step_ms"])
+    default, retain = (run_flag_variant("resnet", "", args.flag_steps, 600,
+                                        retain_host_memory=r) for r in (False, True))
+    runs = {"default": default, "retain": retain}
+    log(json.dumps(runs))
+    for key, label in (("step_ms", "jax"), ("torch_step_ms", "torch")):
+      if key in default and key in retain:
+        runs[f"{label}_retain_over_default"] = retain[key] / default[key]
     out["allocator_resnet32"] = runs
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["wall_s"] = time.perf_counter() - start

@@ -22,7 +22,8 @@ __all__ = [
     "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
     "FixedMaskState", "MODEL_NAMES", "SparsityReport", "VGG", "VGG_CONFIGS", "apply_mask", "art",
     "create_model", "default_where", "export_sparse", "fixed_mask", "from_torch_state_dict",
-    "host_memory", "hypersparse_grad", "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad", "l2_penalty",
+    "host_memory", "hypersparse_grad", "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad",
+    "l2_penalty",
     "lambda_schedule", "load_sparse", "load_torch_checkpoint", "magnitude_mask",
     "magnitude_threshold", "sparsity", "sparsity_report",
 ]

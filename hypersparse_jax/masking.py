@@ -204,11 +204,12 @@ def _magnitude_bits(leaf) -> jax.Array:
                                   jnp.int32).reshape(-1)
 
 
-def _count_below(bits_leaves, splits: jax.Array, *, with_rows: bool = False):
+def _count_below(bits_leaves, splits: jax.Array):
   """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,)).
 
-  With ``with_rows``, also each chunk's per-row counts ``(len // _ROW, K)`` int8 (the rows of
-  whole ``_ROW``-blocks; a chunk's tail is not in them), as ``(Count, [row_counts])``.
+  Returns ``(Count, [row_counts])``: also each chunk's per-row counts ``(len // _ROW, K)`` int8
+  (rows of whole ``_ROW``-blocks; a chunk's tail is not in them; None for a chunk shorter than a
+  row). Callers that ignore them cost nothing extra: they are the pass's intermediate anyway.
   """
   parts, row_parts = [], []
   for bits in bits_leaves:
@@ -227,7 +228,7 @@ def _count_below(bits_leaves, splits: jax.Array, *, with_rows: bool = False):
       per_split = per_split + jnp.sum((tail[:, None] < splits[None, :]).astype(jnp.int32), axis=0)
     parts.append(per_split)
     row_parts.append(row_counts)
-  return (Count.sum(parts), row_parts) if with_rows else Count.sum(parts)
+  return Count.sum(parts), row_parts
 
 
 def _strided_sample(bits_leaves, n: int, m: int) -> jax.Array:
@@ -250,7 +251,7 @@ class _Bracket(NamedTuple):
 
 def _narrow(bits_leaves, k: int, br: _Bracket, splits: jax.Array) -> _Bracket:
   """One counting pass at sorted ``splits`` inside ``[lo, hi]``; keeps the piece holding rank k."""
-  return _narrow_by_counts(k, br, splits, _count_below(bits_leaves, splits))
+  return _narrow_by_counts(k, br, splits, _count_below(bits_leaves, splits)[0])
 
 
 def _narrow_by_counts(k: int, br: _Bracket, splits: jax.Array, counts: Count) -> _Bracket:
@@ -278,24 +279,27 @@ def _uniform_splits(br: _Bracket) -> jax.Array:
   return jnp.maximum(br.lo + offs, br.lo + 1)
 
 
-def _padded_rows(bits_leaves):
-  """Each chunk as rows of ``_ROW`` (the tail padded with a pattern above +inf)."""
-  rows = []
-  for bits in bits_leaves:
-    pad = (-bits.shape[0]) % _ROW
-    padded = jnp.pad(bits, (0, pad), constant_values=_MAX_BITS + 1) if pad else bits
-    rows.append(padded.reshape(-1, _ROW))
-  return rows
+# "Rows" below: every chunk cut into rows of _ROW patterns, the last one short where the chunk
+# has a tail, all chunks' rows numbered in order; a row is read past a chunk's end as a pattern
+# above +inf (never a candidate).
 
 
 def _inside(x, br: _Bracket):
-  return (x >= br.lo) & (x <= br.hi)  # padding (> +inf) is never inside
+  return (x >= br.lo) & (x <= br.hi)
 
 
 def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
-  """Rows (of :func:`_padded_rows`, all chunks in order) holding a pattern in ``[lo, hi]``."""
-  return jnp.concatenate([jnp.sum(_inside(r, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0
-                          for r in _padded_rows(bits_leaves)])
+  """Rows holding a pattern in ``[lo, hi]``: one pass over the weights."""
+  flags = []
+  for bits in bits_leaves:
+    size = bits.shape[0]
+    body = size - size % _ROW
+    if body:
+      rows = bits[:body].reshape(-1, _ROW)
+      flags.append(jnp.sum(_inside(rows, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0)
+    if body < size:
+      flags.append(jnp.any(_inside(bits[body:], br))[None])
+  return jnp.concatenate(flags)
 
 
 def _row_flags_from_counts(bits_leaves, br: _Bracket, splits, row_counts) -> jax.Array:
@@ -342,18 +346,21 @@ def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
                        capacity: int) -> jax.Array:
   """The bit patterns in ``[lo, hi]``, sorted, padded with 2³¹−1 to ``capacity`` entries.
 
-  ``row_flags`` marks the rows of :func:`_padded_rows` that may hold one (at most
-  ``capacity`` rows); only those rows are gathered and searched.
+  ``row_flags`` marks the rows (see above) that may hold one (at most ``capacity`` rows); only
+  those rows are gathered and searched.
   """
-  rows = _padded_rows(bits_leaves)
   row_idx = _true_indices(row_flags, capacity)
   picked = jnp.full((capacity, _ROW), _MAX_BITS + 1, jnp.int32)
   offset = 0
-  for r in rows:
+  for bits in bits_leaves:
+    num_rows = -(-bits.shape[0] // _ROW)
     local = row_idx - offset
-    valid = (local >= 0) & (local < r.shape[0])
-    picked = jnp.where(valid[:, None], r[jnp.clip(local, 0, r.shape[0] - 1)], picked)
-    offset += r.shape[0]
+    valid = (local >= 0) & (local < num_rows)
+    # Elements of the flagged rows, read in place (no padded copy of the chunk).
+    elements = local[:, None] * _ROW + jnp.arange(_ROW, dtype=local.dtype)[None, :]
+    got = bits.at[elements].get(mode="fill", fill_value=_MAX_BITS + 1)
+    picked = jnp.where(valid[:, None], got, picked)
+    offset += num_rows
   flat = picked.reshape(-1)
   pos = jnp.nonzero(_inside(flat, br), size=capacity, fill_value=flat.shape[0])[0]
   return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
@@ -381,7 +388,7 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
     fan = lax.bitcast_convert_type(jnp.maximum(hint_value * (1 + rel), 0.0), jnp.int32)
     splits = fan.at[4:].add(1)
   splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
-  counts, row_counts = _count_below(bits_leaves, splits, with_rows=True)
+  counts, row_counts = _count_below(bits_leaves, splits)
   first = _narrow_by_counts(k, full, splits, counts)
 
   # Candidates left for the final gather and sort (rows holding them are gathered whole).

@@ -91,7 +91,26 @@ def _terms(leaves, sparsity: float, hint=None) -> HyperSparseTerms:
   return HyperSparseTerms(t, s, *_sums(leaves, s))
 
 
-def _grad_from_terms(params, where, terms: HyperSparseTerms):
+def hypersparse_terms(params, sparsity: float, *, where: Optional[Predicate] = None,
+                      threshold_hint: Optional[jax.Array] = None) -> HyperSparseTerms:
+  """The scalars of the HyperSparse gradient: threshold ``t``, ``s``, ``A`` and ``T``.
+
+  With :func:`hypersparse_grad_from_terms` this splits :func:`hypersparse_grad` into its
+  reductions and its elementwise map (:func:`hypersparse_jax.art` computes the first only in
+  the regularisation phase and fuses the second into the optimiser's own pass).
+  ``threshold_hint`` (a float32 scalar, e.g. the previous step's ``t``) only speeds up the exact
+  selection: the result is identical with or without it.
+  """
+  sparsity = masking.check_sparsity(sparsity)
+  leaves = masking.prunable_leaves(params, where)
+  hint = None if threshold_hint is None else lax.bitcast_convert_type(
+      jnp.asarray(threshold_hint, jnp.float32), jnp.int32)
+  return _terms(leaves, sparsity, hint)
+
+
+def hypersparse_grad_from_terms(params, terms: HyperSparseTerms, *,
+                                where: Optional[Predicate] = None):
+  """``g_i = sign(w_i)·s·sech²(s·a_i)·A/T`` from :func:`hypersparse_terms` (0 where ``T = 0``)."""
   s, total_a, total_t = terms.scale, terms.total_a, terms.total_t
   ratio = jnp.where(total_t > 0, total_a / jnp.where(total_t > 0, total_t, 1.0), 0.0)
   factor = jnp.minimum(s * ratio, jnp.finfo(jnp.float32).max)  # t == 0: s·A/T may overflow
@@ -105,37 +124,9 @@ def _grad_from_terms(params, where, terms: HyperSparseTerms):
 
 def hypersparse_grad_and_threshold(params, sparsity: float, *, where: Optional[Predicate] = None,
                                    threshold_hint: Optional[jax.Array] = None):
-  """:func:`hypersparse_grad` and the threshold ``t`` it used (float32 scalar).
-
-  ``threshold_hint`` (a float32 scalar, e.g. the previous step's ``t``) only speeds up the exact
-  selection: the result is identical with or without it.
-  """
-  sparsity = masking.check_sparsity(sparsity)
-  leaves = masking.prunable_leaves(params, where)
-  hint = None if threshold_hint is None else lax.bitcast_convert_type(
-      jnp.asarray(threshold_hint, jnp.float32), jnp.int32)
-  terms = _terms(leaves, sparsity, hint)
-  return _grad_from_terms(params, where, terms), terms.threshold
-
-
-def hypersparse_terms(params, sparsity: float, *, where: Optional[Predicate] = None,
-                      threshold_hint: Optional[jax.Array] = None) -> HyperSparseTerms:
-  """The scalars of the HyperSparse gradient: threshold ``t``, ``s``, ``A`` and ``T``.
-
-  With :func:`hypersparse_grad_from_terms` this splits :func:`hypersparse_grad` into its
-  reductions and its elementwise map (:func:`hypersparse_jax.art` computes the first only in
-  the regularisation phase and fuses the second into the optimiser's own pass).
-  """
-  sparsity = masking.check_sparsity(sparsity)
-  leaves = masking.prunable_leaves(params, where)
-  hint = None if threshold_hint is None else lax.bitcast_convert_type(
-      jnp.asarray(threshold_hint, jnp.float32), jnp.int32)
-  return _terms(leaves, sparsity, hint)
-
-
-def hypersparse_grad_from_terms(params, terms: HyperSparseTerms, *, where: Optional[Predicate] = None):
-  """``g_i = sign(w_i)·s·sech²(s·a_i)·A/T`` from :func:`hypersparse_terms` (0 where ``T = 0``)."""
-  return _grad_from_terms(params, where, terms)
+  """:func:`hypersparse_grad` and the threshold ``t`` it used (float32 scalar)."""
+  terms = hypersparse_terms(params, sparsity, where=where, threshold_hint=threshold_hint)
+  return hypersparse_grad_from_terms(params, terms, where=where), terms.threshold
 
 
 def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = None):
@@ -194,7 +185,7 @@ def _penalty(params, sparsity, where):
 
 def _penalty_fwd(params, sparsity, where):
   terms = _terms(masking.prunable_leaves(params, where), sparsity)  # threshold selected once
-  return _value_from_terms(terms), _grad_from_terms(params, where, terms)
+  return _value_from_terms(terms), hypersparse_grad_from_terms(params, terms, where=where)
 
 
 def _penalty_bwd(sparsity, where, grads, cotangent):

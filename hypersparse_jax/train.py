@@ -605,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input)."""
   args = build_parser().parse_args(argv)
   if args.retain_host_memory:
-    host_memory.retain_freed_memory(warn=False)  # before JAX's first computation (see its docstring)
+    host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
   try:
     cfg = config_from_args(args)
     outdir = args.outdir or os.path.join(

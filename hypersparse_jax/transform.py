@@ -74,17 +74,17 @@ class ARTState(NamedTuple):
 
 
 def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
-  """``fn(params, hint) -> (grad_tree, threshold)`` for the named or user penalty."""
+  """``fn(params) -> grad_tree`` for L1, L2 or a user penalty; None for HyperSparse.
+
+  (HyperSparse is split into its reductions and its elementwise map inside :func:`art`.)
+  """
   if callable(penalty):
-    def user(params, hint):
-      return jax.grad(penalty)(params), hint
-    return user
+    return jax.grad(penalty)
   if penalty == "hypersparse":
-    return lambda params, hint: penalties.hypersparse_grad_and_threshold(
-        params, sparsity, where=where, threshold_hint=hint)
+    return None
   if penalty in ("l1", "l2"):
     grad = penalties.PENALTY_GRADS[penalty]
-    return lambda params, hint: (grad(params, sparsity, where=where), hint)
+    return lambda params: grad(params, sparsity, where=where)
   raise ValueError(f"penalty must be 'hypersparse', 'l1', 'l2' or a callable, got {penalty!r}")
 
 
@@ -149,10 +149,10 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     if params is None:
       raise ValueError("art() needs the parameters: call tx.update(grads, state, params)")
     lam = schedule(state.count).astype(jnp.float32)
-    if penalty == "hypersparse":
-      # Only the reductions (threshold, A, T) sit in the branch; the elementwise map below is
-      # fused by XLA into the optimiser's pass over the updates (λ = 0 in warm-up: a zero
-      # factor, no selection). A branch returning whole update trees makes XLA copy them.
+    if grad_fn is None:
+      # HyperSparse: only the reductions (threshold, A, T) sit in the branch; the elementwise
+      # map below is fused by XLA into the optimiser's pass over the updates (λ = 0 in warm-up:
+      # a zero factor, no selection). A branch returning whole update trees makes XLA copy them.
       def terms_of(_):
         hint = state.threshold * (1 + state.threshold_change)  # only speeds up the search
         return penalties.hypersparse_terms(params, sparsity, where=where, threshold_hint=hint)
@@ -168,18 +168,14 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       moved = (lam > 0) & (state.lambda_ > 0) & (state.threshold > 0)
       change = jnp.where(moved, threshold / jnp.where(moved, state.threshold, 1.0) - 1,
                          state.threshold_change)
+      # A change that is not finite or implausibly large (t jumped) is not carried forward.
+      change = jnp.where(jnp.abs(change) < 0.05, change, 0.0).astype(jnp.float32)
     else:
-      def regularised(_):
-        grads, threshold = grad_fn(params, state.threshold)
-        return _add_scaled(updates, grads, lam), jnp.asarray(threshold, jnp.float32)
-
-      def plain(_):
-        return updates, state.threshold
-
-      new_updates, threshold = lax.cond(lam > 0, regularised, plain, None)
-      change = state.threshold_change
-    # A change that is not finite or implausibly large (t jumped) is not carried forward.
-    change = jnp.where(jnp.abs(change) < 0.05, change, 0.0).astype(jnp.float32)
+      # L1, L2, user penalty: no threshold; the gradient only where λ > 0 (a user penalty
+      # may be costly), so the branch returns the update tree.
+      new_updates = lax.cond(lam > 0, lambda _: _add_scaled(updates, grad_fn(params), lam),
+                             lambda _: updates, None)
+      threshold, change = state.threshold, state.threshold_change
     return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold, change)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -624,8 +624,8 @@ def test_apply_mask_mismatches_raise():
 
 
 def test_row_flags_from_first_pass_counts_match_a_recount():
-  # The gather finds candidate rows from the first counting pass's per-row counts; they must be
-  # exactly the rows holding a value in [lo, hi] (tail rows always flagged), as a NumPy recount.
+  # The gather finds candidate rows from the first counting pass's per-row counts (tail rows
+  # always flagged) or from one more pass; both against a NumPy recount, then the gather itself.
   rng = np.random.default_rng(5)
   sizes = (40_000, 1_000_003, 77)  # two chunks with a tail, one small
   chunks = [jnp.asarray(np.abs(rng.standard_normal(s)).astype(np.float32).view(np.int32))
@@ -638,23 +638,33 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
       splits = jnp.asarray(np.sort(np.float32(want.view(np.float32)) * np.float32(
           [1 - 8 * rel, 1 - 2 * rel, 1 - rel, 1 - rel / 2, 1 + rel / 2, 1 + rel, 1 + 2 * rel,
            1 + 8 * rel])).view(np.int32))
-      counts, rows = masking._count_below(chunks, splits, with_rows=True)
+      counts, rows = masking._count_below(chunks, splits)
       full = masking._Bracket(jnp.int32(0), jnp.int32(masking._MAX_BITS),
                               masking.Count.of(0), masking.Count.of(n))
       br = masking._narrow_by_counts(k, full, splits, counts)
       lo, hi = int(br.lo), int(br.hi)
       assert lo <= want <= hi
-      got = np.asarray(masking._row_flags_from_counts(chunks, br, splits, rows))
-      expect = []
+      # NumPy: does each row of _ROW (a chunk's last row short) hold a value in [lo, hi]?
+      exact, tails_flagged = [], []
       for c in chunks:
         c = np.asarray(c)
+        inside = (c >= lo) & (c <= hi)
         body = c.size - c.size % masking._ROW
-        expect.append(((c[:body] >= lo) & (c[:body] <= hi)).reshape(-1, masking._ROW).any(1))
-        if body < c.size:
-          expect.append(np.ones(1, bool))
-      np.testing.assert_array_equal(got, np.concatenate(expect))
+        row_any = list(inside[:body].reshape(-1, masking._ROW).any(1))
+        exact += row_any + ([inside[body:].any()] if body < c.size else [])
+        tails_flagged += row_any + ([True] if body < c.size else [])
+      from_counts = np.asarray(masking._row_flags_from_counts(chunks, br, splits, rows))
+      np.testing.assert_array_equal(from_counts, np.array(tails_flagged))
       by_pass = np.asarray(masking._row_flags_by_pass(chunks, br))
-      assert np.all(got >= by_pass)  # the pass flags a subset (tails only where they hold one)
+      np.testing.assert_array_equal(by_pass, np.array(exact))
+      # The gather from the flagged rows returns exactly the values in [lo, hi], sorted.
+      values = np.concatenate([np.asarray(c) for c in chunks])
+      cands = np.sort(values[(values >= lo) & (values <= hi)])
+      capacity = max(int(np.sum(tails_flagged)), cands.size)
+      got = np.asarray(masking._gather_candidates(chunks, br, jnp.asarray(tails_flagged),
+                                                  capacity))
+      np.testing.assert_array_equal(got[:cands.size], cands)
+      assert np.all(got[cands.size:] == 2**31 - 1)
 
 
 @pytest.mark.parametrize("n,size,density", [(1000, 64, 0.02), (625_750, 3655, 0.0006),
