@@ -14,14 +14,18 @@ Measured on XLA:CPU (JAX 0.10, 2 cores, batch 64, 3×3 kernels):
   whichever forward ran).
 
 Pass it to Flax: ``nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)``. Only the CPU
-backend is specialised; on GPU/TPU, and for calls it does not specialise (dilation, feature
-groups, negative padding, other layouts), it is ``lax.conv_general_dilated``. Memory: the
+backend is specialised; on GPU/TPU, for calls it does not specialise (dilation, feature
+groups, negative padding, other layouts), and inside :func:`plain_convolutions` (used while a
+model is traced for export, so that converters such as jax2onnx see one convolution primitive),
+it is ``lax.conv_general_dilated``. Memory: the
 kernel gradient's shifted copies of one layer live during its backward pass (ResNet-32, batch
 64: XLA's temporary buffers 0.49 GB with XLA's own gradient, 0.85 GB here).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -30,6 +34,23 @@ from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _CONTRACT_0 = (((0,), (0,)), ((), ()))
+_PLAIN_ONLY = contextvars.ContextVar("hypersparse_jax_plain_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def plain_convolutions():
+  """Within this context :func:`conv_general_dilated` is ``lax.conv_general_dilated`` everywhere.
+
+  The choice is made when a function is traced, so trace (``jax.make_jaxpr``, an exporter, a
+  fresh ``jax.jit``) inside the context; functions jit-compiled before keep what they traced.
+  Exporters need it: the CPU specialisation is a ``custom_vjp`` around either a convolution or
+  a patch matrix product, whereas a single ``conv_general_dilated`` maps to one ONNX ``Conv``.
+  """
+  token = _PLAIN_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _PLAIN_ONLY.reset(token)
 
 
 def _out_size(size, k, stride, pad):
@@ -123,7 +144,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
-  if jax.default_backend() != "cpu":  # cuDNN / TPU kernel gradients are fast: keep them
+  if _PLAIN_ONLY.get() or jax.default_backend() != "cpu":  # cuDNN / TPU gradients are fast
     return plain()
   ones = lambda d: d is None or all(v == 1 for v in d)  # noqa: E731
   if lhs.ndim != 4 or dimension_numbers is None or (

@@ -285,7 +285,9 @@ class VGG(nn.Module):
         index = 0
         for v in VGG_CONFIGS[self.depth]:
             if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                # window_shape by keyword: jax2onnx replaces nn.max_pool while it traces with a
+                # function whose window_shape is keyword-only (a positional one fails there).
+                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
                 index += 1
                 continue
             x = _Conv(v, (3, 3), padding=_PAD1, use_bias=True, kernel_init=_he_fan_in,
@@ -381,7 +383,7 @@ class DigitsCNN(nn.Module):
                         name=f"conv{i}")(x)
             if self.batch_norm:
                 x = _batch_norm(f"bn{i}", train, self.dtype)(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
                         dtype=self.dtype, name="fc")(x)
