@@ -13,6 +13,8 @@ from hypersparse_jax.models import (MODEL_NAMES, VGG_CONFIGS, CIFARResNet, Digit
 from hypersparse_jax.penalties import (hypersparse_grad, hypersparse_penalty, l1_grad, l1_penalty,
                                        l2_grad, l2_penalty)
 from hypersparse_jax.sparse_export import export_sparse, load_sparse
+# jax2onnx / onnx / onnxruntime are imported when export_onnx runs (the optional [onnx] extra).
+from hypersparse_jax.onnx_export import OnnxExportError, export_onnx
 from hypersparse_jax.torch_import import from_torch_state_dict, load_torch_checkpoint
 from hypersparse_jax import host_memory
 
@@ -20,10 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
-    "FixedMaskState", "MODEL_NAMES", "SparsityReport", "VGG", "VGG_CONFIGS", "apply_mask", "art",
-    "create_model", "default_where", "export_sparse", "fixed_mask", "from_torch_state_dict",
-    "host_memory", "hypersparse_grad", "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad",
-    "l2_penalty",
-    "lambda_schedule", "load_sparse", "load_torch_checkpoint", "magnitude_mask",
-    "magnitude_threshold", "sparsity", "sparsity_report",
+    "FixedMaskState", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "VGG", "VGG_CONFIGS",
+    "apply_mask", "art", "create_model", "default_where", "export_onnx", "export_sparse",
+    "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad", "hypersparse_penalty",
+    "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule", "load_sparse",
+    "load_torch_checkpoint", "magnitude_mask", "magnitude_threshold", "sparsity", "sparsity_report"
 ]

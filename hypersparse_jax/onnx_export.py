@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["OnnxExportError", "export_onnx", "main"]
+__all__ = ["DATASET_IMAGE_SHAPES", "OnnxExportError", "export_onnx", "load_run_variables", "main"]
 
 _EXTRA_HINT = "pip install 'hypersparse-jax[onnx]'"
 _INPUT_NAME = "images"
@@ -288,3 +288,175 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+# ------------------------------------------------------------------------------------------------
+# hypersparse-export: a run directory's checkpoint as ONNX
+# ------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_manager(directory: str):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(create=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _restore_untyped(directory: str, step: int):
+  """``(state, meta)`` of an orbax step saved by :class:`RunCheckpoints`, as NumPy trees."""
+  import orbax.checkpoint as ocp
+  from hypersparse_jax import checkpointing
+  mngr = _checkpoint_manager(directory)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise checkpointing.CheckpointError(
+        f"cannot restore checkpoint {directory}/{step}: "
+        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  finally:
+    mngr.close()
+  return restored["state"], restored["meta"]
+
+
+def _steps(directory: str) -> list:
+  if not os.path.isdir(directory):
+    return []
+  mngr = _checkpoint_manager(directory)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def load_run_variables(run_dir: str, *, final: bool = False):
+  """The model, its eval variables and a description of the checkpoint of a training run.
+
+  ``run_dir`` is a ``hypersparse-train --outdir``. The default is the run's selected fine-tuned
+  model: checkpoint ``best_val`` (best validation accuracy) when the run has a validation
+  split, else ``best`` (best test accuracy, the reference's choice); ``final=True`` takes the
+  last fine-tune epoch from ``latest``.
+
+  Returns:
+    ``(model, variables, info)`` with ``info = {'checkpoint', 'epoch', 'dataset', ...}``.
+
+  Raises:
+    FileNotFoundError: not a run directory, or no fine-tuned checkpoint yet.
+    CheckpointError: the checkpoint cannot be read or does not fit the run's configuration.
+  """
+  import jax
+  import jax.numpy as jnp
+  from hypersparse_jax import checkpointing, models
+
+  config_path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{run_dir!r} is not a hypersparse-train run directory (no "
+                            "config.json)")
+  with open(config_path) as f:
+    config = json.load(f)
+  ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+  if final:
+    steps = _steps(os.path.join(ckpt_dir, "latest"))
+    if not steps:
+      raise FileNotFoundError(f"{run_dir!r} has no checkpoint in checkpoints/latest")
+    state, meta = _restore_untyped(os.path.join(ckpt_dir, "latest"), steps[-1])
+    if meta.get("phase") != "finetune":
+      raise FileNotFoundError(
+          f"{run_dir!r} has not reached fine-tuning yet (latest checkpoint: epoch "
+          f"{meta.get('epoch')}, phase {meta.get('phase')}): there is no pruned model to export")
+    kind, epoch = "latest", meta.get("epoch")
+    params, batch_stats = state["train"]["params"], state["train"].get("batch_stats") or {}
+    finished = bool(meta.get("finished"))
+  else:
+    for kind in ("best_val", "best"):
+      steps = _steps(os.path.join(ckpt_dir, kind))
+      if steps:
+        break
+    else:
+      raise FileNotFoundError(f"{run_dir!r} has no fine-tuned checkpoint (checkpoints/best_val "
+                              "or checkpoints/best): the run has not fine-tuned an epoch yet")
+    state, meta = _restore_untyped(os.path.join(ckpt_dir, kind), steps[-1])
+    epoch = meta.get("epoch", steps[-1])
+    params, batch_stats = state["params"], state.get("batch_stats") or {}
+    finished = None
+  dataset = config.get("dataset")
+  if dataset not in DATASET_IMAGE_SHAPES:
+    raise ValueError(f"{config_path}: unknown dataset {dataset!r}")
+  image_shape = DATASET_IMAGE_SHAPES[dataset]
+  if dataset == "tinyimagenet":  # the class count is the folder's: read it from the head
+    head = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if str(getattr(path[-1], "key", "")) == "bias"][-1]
+    num_classes = int(np.shape(head)[0])
+  else:
+    num_classes = 10 if dataset in ("digits", "cifar10") else 100
+  model = models.create_model(config["model"], num_classes=num_classes, depth=config.get("depth"),
+                              batch_norm=config.get("batch_norm", True))
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1,) + image_shape), train=False))
+  variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)  # noqa: E731
+  if shapes(variables) != shapes(dict(expected)):
+    raise checkpointing.CheckpointError(
+        f"the {kind} checkpoint of {run_dir!r} does not fit the model of its config.json "
+        f"({config['model']}, depth {config.get('depth')})")
+  info = {"checkpoint": kind, "epoch": epoch, "dataset": dataset, "model": config["model"],
+          "depth": config.get("depth"), "sparsity_target": config.get("sparsity"),
+          "image_shape": image_shape}
+  if finished is not None:
+    info["finished"] = finished
+  return model, variables, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The ``hypersparse-export`` argument parser."""
+  p = argparse.ArgumentParser(
+      prog="hypersparse-export",
+      description="Export the pruned model of a hypersparse-train run directory as ONNX "
+                  "(eval mode, dynamic batch; input: float32 NHWC images normalised as in "
+                  "training, (x / 255 - mean) / std). Needs: " + _EXTRA_HINT)
+  p.add_argument("run_dir", help="a hypersparse-train --outdir")
+  p.add_argument("output", help="the .onnx file to write")
+  p.add_argument("--final", action="store_true",
+                 help="the last fine-tune epoch instead of the selected one (best_val if the "
+                      "run has a validation split, else best)")
+  p.add_argument("--sparse-initializers", action="store_true",
+                 help="store pruned weight tensors as ONNX sparse_initializers (smaller file)")
+  p.add_argument("--no-verify", dest="verify", action="store_false",
+                 help="skip the onnxruntime comparison with the Flax model")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``hypersparse-export``; returns the exit code (2 with a one-line error)."""
+  args = build_parser().parse_args(argv)
+  from hypersparse_jax import checkpointing, masking
+  try:
+    _import_onnx_stack()
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"cannot write {args.output}: folder {folder} does not exist")
+    model, variables, info = load_run_variables(args.run_dir, final=args.final)
+    if info.get("finished") is False:
+      print(f"hypersparse-export: note: the run has not finished; exporting fine-tune epoch "
+            f"{info['epoch']}", file=sys.stderr)
+    report = export_onnx(
+        model, variables, args.output, input_shape=(None,) + info["image_shape"],
+        sparse_initializers=args.sparse_initializers, verify=args.verify,
+        metadata={k: v for k, v in info.items() if k != "image_shape"})
+    sparsity = masking.sparsity(variables["params"])
+  except (ValueError, TypeError, FileNotFoundError, ImportError,
+          checkpointing.CheckpointError) as e:
+    print(f"hypersparse-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  check = ("" if report["max_rel_error"] is None else
+           f", onnxruntime max |error| {report['max_rel_error']:.1e} x max |logit|")
+  print(f"wrote {args.output}: {info['model']}{info['depth'] or ''} {info['dataset']}, "
+        f"checkpoint {info['checkpoint']} epoch {info['epoch']}, sparsity {sparsity:.4f}, "
+        f"{report['bytes']:,} bytes ({report['sparse_initializers']} sparse initializers)"
+        + check)
+  print(json.dumps({**report, **{k: v for k, v in info.items() if k != "image_shape"},
+                    "sparsity": sparsity}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
