@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import hypersparse_jax  # noqa: E402
-from hypersparse_jax import input_pipeline, masking, models, onnx_export, train  # noqa: E402
+from hypersparse_jax import input_pipeline, models, onnx_export, train  # noqa: E402
 
 RTOL = 1e-4  # of the largest |logit|
 SPARSITY = 0.9
@@ -50,8 +50,8 @@ def random_variables(model, seed=0):
   running statistics so that eval mode is actually tested.
   """
   shape = (1,) + model.default_input_shape[1:]
-  variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(seed), jnp.zeros(shape),
-                                                  train=False))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros(shape),
+                                                train=False))
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   out = []
@@ -68,9 +68,13 @@ def random_variables(model, seed=0):
       value = 0.1 * rng.standard_normal(leaf.shape)
     out.append(value.astype(np.float32))
   variables = jax.tree_util.tree_unflatten(treedef, out)
-  mask = masking.magnitude_mask(variables["params"], SPARSITY)
-  return dict(variables, params=jax.tree.map(np.asarray,
-                                             masking.apply_mask(variables["params"], mask)))
+  # Global magnitude pruning in NumPy: drop |w| <= the floor(SPARSITY * n)-th smallest |w|.
+  kernel_list = kernels(variables)
+  magnitudes = np.sort(np.concatenate([np.abs(k).reshape(-1) for k in kernel_list]))
+  threshold = magnitudes[int(np.floor(SPARSITY * magnitudes.size))]
+  for k in kernel_list:
+    k[np.abs(k) <= threshold] = 0.0
+  return variables
 
 
 def flax_logits(model, variables, x):
