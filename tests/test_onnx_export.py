@@ -253,10 +253,11 @@ def test_missing_extra_names_the_pip_command(exported, tmp_path, monkeypatch, ca
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  """A tiny digits CNN run (BatchNorm: batch_stats come from the checkpoint too)."""
+  """A tiny digits CNN run with a validation split (BatchNorm: batch_stats are restored too)."""
   outdir = str(tmp_path_factory.mktemp("run") / "cnn")
   argv = ["--model", "cnn", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "2",
-          "--lambda-init", "1e-3", "--eta", "2", "--no-progress", "--outdir", outdir]
+          "--lambda-init", "1e-3", "--eta", "2", "--val-fraction", "0.2", "--no-progress",
+          "--outdir", outdir]
   assert train.main(argv) == 0
   return outdir
 
@@ -285,11 +286,15 @@ def test_cli_exports_the_selected_checkpoint(run_dir, tmp_path, capsys):
   out = str(tmp_path / "model.onnx")
   assert onnx_export.main([run_dir, out]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  kind = "best_val" if os.path.isdir(os.path.join(run_dir, "checkpoints", "best_val")) else "best"
-  step, state = _restore(run_dir, kind)
-  assert report["checkpoint"] == kind and report["epoch"] == step
-  # onnxruntime's accuracy on the test split is the one the run logged for that epoch.
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  # With a validation split the selected model is the best-validation epoch (checkpoint best_val).
+  assert summary["selection"] == "best_val"
+  step, state = _restore(run_dir, "best_val")
+  assert report["checkpoint"] == "best_val" and report["epoch"] == step == summary["selected_epoch"]
+  # onnxruntime's accuracy on the test split is the run's headline test accuracy.
   accuracy, x = _onnx_test_accuracy(out)
+  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-12)
   assert accuracy == pytest.approx(_records(run_dir)[step]["test_accuracy"], abs=1e-12)
   model = models.create_model("cnn", num_classes=10)
   expected = flax_logits(model, state, x[:3])
@@ -328,3 +333,18 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
   assert not any(name.endswith(".onnx") for name in os.listdir(tmp_path))
+
+
+def test_cli_without_best_val_exports_best(run_dir, tmp_path, capsys):
+  """A run without a validation split has only ``best`` (the reference's best-test epoch)."""
+  copy = str(tmp_path / "no_val")
+  shutil.copytree(run_dir, copy)
+  shutil.rmtree(os.path.join(copy, "checkpoints", "best_val"))
+  out = str(tmp_path / "best.onnx")
+  assert onnx_export.main([copy, out]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  assert report["checkpoint"] == "best" and report["epoch"] == summary["best_test_epoch"]
+  accuracy, _ = _onnx_test_accuracy(out)
+  assert accuracy == pytest.approx(summary["best_test_accuracy"], abs=1e-12)
