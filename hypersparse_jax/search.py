@@ -1,0 +1,459 @@
+"""``hypersparse-search``: hyper-parameter search for ART with optuna, on a validation split.
+
+    hypersparse-search                                    # 12 trials on the digits preset
+    hypersparse-search --trials 30 --dataset cifar10 --data-dir ~/tensorflow_datasets
+    hypersparse-search --storage postgresql://user@host/db --study-name cifar   # many workers
+
+Every ``hypersparse-train`` option is accepted and fixes that setting for all trials; the
+others are searched (TPE sampler) over the default space below, scaled to the dataset's preset,
+or over ``--space FILE.json``. Each trial is an ordinary run directory
+``OUTDIR/trials/trial-NNNN`` (resumable like any run); its value is its best fine-tune
+*validation* accuracy (``--val-fraction``, default 0.1, held out of the training data by seed);
+its test accuracy is only recorded (user attribute ``test_accuracy``).
+
+``--trials N`` is the study's total of finished (complete + pruned) trials: re-running the same
+command runs only the missing ones; with ``--heartbeat`` (on by default) a trial left RUNNING by
+a killed process is marked failed and run again with the same parameters, resuming its run
+directory. Outputs in ``OUTDIR``: ``study.db`` (default storage), ``best.json``,
+``trials.csv``, ``search.png`` (optimisation history and parameter importances).
+
+Space file: a JSON object ``{name: spec}`` where ``spec`` is ``{"low": a, "high": b}`` (float;
+add ``"log": true`` for a log scale, ``"type": "int"`` for integers) or ``{"choices": [...]}``;
+names are the searchable settings in ``SEARCHABLE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from hypersparse_jax import train
+
+__all__ = ["SEARCHABLE", "default_space", "load_space", "main"]
+
+_EXTRA_HINT = "pip install 'hypersparse-jax[search]'"
+
+# name -> kind: settings a space may search (TrainConfig fields; lr_step_1/2 are the two lr steps)
+SEARCHABLE = {
+    "lambda_init": "float", "eta": "float", "lr": "float", "lr_decay": "float",
+    "lr_step_1": "int", "lr_step_2": "int", "momentum": "float", "warmup_epochs": "int",
+    "weight_decay": "float", "window": "int", "sparsity": "float", "batch_size": "int",
+    "max_art_epochs": "int", "epochs": "int", "penalty": "categorical",
+}
+# train options a user fixes that remove these names from the space
+_FIXES = {"lr_steps": ("lr_step_1", "lr_step_2")}
+
+
+class SpaceError(ValueError):
+  """A search-space file or entry that cannot be used."""
+
+
+def default_space(base: train.TrainConfig) -> dict:
+  """The reference's searched settings, ranges around the dataset preset ``base``.
+
+  ``lambda_init`` log-uniform over [preset / 10, preset × 10]; ``eta`` over
+  [1 + (preset − 1) / 4, 1 + 2 (preset − 1)]; ``lr`` log over [preset / 5, preset × 2];
+  ``lr_decay`` [0.05, 0.5]; the two lr steps (integers) over [0.3, 0.6] and [0.6, 0.95] of the
+  fine-tune epochs; ``momentum`` [0.8, 0.95]; ``warmup_epochs`` (integer) [preset / 2,
+  1.5 × preset]; ``weight_decay`` log [1e-5, 1e-3]; ``window`` (integer) [1, 10].
+  """
+  e = base.epochs
+  step1 = (max(1, round(0.3 * e)), max(1, round(0.6 * e)))
+  step2 = (step1[1], max(step1[1], round(0.95 * e)))
+  return {
+      "lambda_init": {"low": base.lambda_init / 10, "high": base.lambda_init * 10, "log": True},
+      "eta": {"low": 1 + (base.eta - 1) / 4, "high": 1 + 2 * (base.eta - 1)},
+      "lr": {"low": base.lr / 5, "high": base.lr * 2, "log": True},
+      "lr_decay": {"low": 0.05, "high": 0.5},
+      "lr_step_1": {"type": "int", "low": step1[0], "high": step1[1]},
+      "lr_step_2": {"type": "int", "low": step2[0], "high": step2[1]},
+      "momentum": {"low": 0.8, "high": 0.95},
+      "warmup_epochs": {"type": "int", "low": max(1, base.warmup_epochs // 2),
+                        "high": max(1, round(1.5 * base.warmup_epochs))},
+      "weight_decay": {"low": 1e-5, "high": 1e-3, "log": True},
+      "window": {"type": "int", "low": 1, "high": 10},
+  }
+
+
+def _check_spec(name: str, spec: Any) -> dict:
+  if name not in SEARCHABLE:
+    raise SpaceError(f"unknown key {name!r} in the search space; searchable: "
+                     f"{', '.join(sorted(SEARCHABLE))}")
+  if not isinstance(spec, dict):
+    raise SpaceError(f"space entry {name!r} must be an object like {{\"low\": 0.1, \"high\": 1}} "
+                     f"or {{\"choices\": [...]}}, got {spec!r}")
+  unknown = set(spec) - {"low", "high", "log", "type", "choices"}
+  if unknown:
+    raise SpaceError(f"space entry {name!r}: unknown field(s) {sorted(unknown)}")
+  if "choices" in spec:
+    if not isinstance(spec["choices"], list) or not spec["choices"]:
+      raise SpaceError(f"space entry {name!r}: empty or non-list choices {spec['choices']!r}")
+    return {"choices": list(spec["choices"])}
+  kind = spec.get("type", "int" if SEARCHABLE[name] == "int" else "float")
+  if kind not in ("int", "float"):
+    raise SpaceError(f"space entry {name!r}: type must be 'int' or 'float', got {kind!r}")
+  if SEARCHABLE[name] == "categorical":
+    raise SpaceError(f"space entry {name!r} needs choices, e.g. {{\"choices\": [\"hypersparse\", "
+                     "\"l1\"]}}")
+  for bound in ("low", "high"):
+    value = spec.get(bound)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise SpaceError(f"space entry {name!r}: {bound} must be a finite number, got {value!r}")
+  low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+  if kind == "int":
+    low, high = math.ceil(low), math.floor(high)
+  if low > high:
+    raise SpaceError(f"space entry {name!r}: empty range [{spec['low']}, {spec['high']}]")
+  if log and low <= 0:
+    raise SpaceError(f"space entry {name!r}: a log range needs low > 0, got {spec['low']}")
+  return {"type": kind, "low": low, "high": high, "log": log}
+
+
+def load_space(path: Optional[str], base: train.TrainConfig, fixed: Sequence[str]) -> dict:
+  """The checked space: ``path``'s JSON (or the default), less the settings the user fixed."""
+  if path is None:
+    raw = default_space(base)
+  else:
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+    except FileNotFoundError:
+      raise SpaceError(f"--space {path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+      raise SpaceError(f"--space {path!r} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+      raise SpaceError(f"--space {path!r} must hold a non-empty JSON object {{name: spec}}")
+  space = {name: _check_spec(name, spec) for name, spec in raw.items()}
+  removed = set()
+  for name in fixed:
+    removed.update(_FIXES.get(name, (name,)))
+  space = {k: v for k, v in space.items() if k not in removed}
+  if not space:
+    raise SpaceError("nothing left to search: every setting of the space is fixed by an option")
+  return space
+
+
+def _suggest(trial, space: dict) -> dict:
+  params = {}
+  for name, spec in space.items():
+    if "choices" in spec:
+      params[name] = trial.suggest_categorical(name, spec["choices"])
+    elif spec["type"] == "int":
+      params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"])
+    else:
+      params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
+  return params
+
+
+def trial_config(base: train.TrainConfig, params: dict) -> train.TrainConfig:
+  """``base`` with a trial's parameters (``lr_step_1/2`` become the sorted ``lr_steps``)."""
+  values = {k: v for k, v in params.items() if k not in ("lr_step_1", "lr_step_2")}
+  steps = list(base.lr_steps)
+  for i, key in enumerate(("lr_step_1", "lr_step_2")):
+    if key in params:
+      while len(steps) <= i:
+        steps.append(steps[-1] if steps else base.epochs)
+      steps[i] = int(params[key])
+  values["lr_steps"] = tuple(sorted(steps))
+  return dataclasses.replace(base, **values)
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+# ------------------------------------------------------------------------------------------------
+
+
+class _BudgetReached(Exception):
+  """Raised in a trial that another worker's trials made surplus (fails it, nothing trained)."""
+
+
+def _finished(study, optuna) -> int:
+  states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+  return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _run_dir(outdir: str, trial, optuna) -> str:
+  # A retried trial (its first attempt was killed) resumes the first attempt's run directory.
+  import warnings
+  frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    number = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+  return os.path.join(outdir, "trials", f"trial-{trial.number if number is None else number:04d}")
+
+
+def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
+  import optuna
+
+  def objective(trial):
+    # Exact total with several workers: a trial whose start would exceed it yields to the
+    # running trials with smaller numbers (it fails, marked 'surplus', nothing trained).
+    running = [t for t in trial.study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if t.number < trial.number]
+    if _finished(trial.study, optuna) + len(running) >= n_trials:
+      trial.set_user_attr("surplus", True)
+      trial.study.stop()
+      raise _BudgetReached()
+    params = _suggest(trial, space)
+    cfg = trial_config(base, params)
+    run_dir = _run_dir(outdir, trial, optuna)
+    trial.set_user_attr("run_dir", os.path.relpath(run_dir, outdir))
+    os.makedirs(run_dir, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    config["lr_steps"] = list(cfg.lr_steps)
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+      train._atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+
+    def on_epoch(record):
+      if record["phase"] != "finetune" or record.get("val_accuracy") is None:
+        return
+      trial.report(record["val_accuracy"], record["phase_epoch"])
+      if trial.should_prune():
+        trial.set_user_attr("pruned_at_finetune_epoch", record["phase_epoch"])
+        raise optuna.TrialPruned()
+
+    start = time.time()
+    trainer = train.Trainer(cfg, run_dir, progress=progress, on_epoch=on_epoch,
+                            log=lambda *a: None)
+    try:
+      summary = trainer.run()
+    finally:
+      trainer.ckpt.close()
+      trial.set_user_attr("seconds", round(time.time() - start, 2))
+    for key in ("test_accuracy", "best_test_accuracy", "sparsity_achieved", "art_epochs",
+                "selected_epoch"):
+      trial.set_user_attr(key, summary.get(key))
+    value = summary["best_val_accuracy"]
+    log(f"trial {trial.number}: val {value:.4f} test {summary['test_accuracy']:.4f} "
+        f"({time.time() - start:.0f}s) {params}")
+    return value
+
+  return objective
+
+
+def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
+  complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+  rows = study.get_trials(deepcopy=False)
+  names = sorted({k for t in rows for k in t.params})
+  attrs = sorted({k for t in rows for k in t.user_attrs})
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(["number", "state", "value", "seconds_wall"] + [f"params_{n}" for n in names]
+                  + [f"user_attrs_{a}" for a in attrs])
+  for t in rows:
+    wall = ((t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start else "")
+    writer.writerow([t.number, t.state.name, "" if t.value is None else t.value, wall]
+                    + [t.params.get(n, "") for n in names]
+                    + [t.user_attrs.get(a, "") for a in attrs])
+  train._atomic_write(os.path.join(outdir, "trials.csv"), buffer.getvalue())
+  if not complete:
+    return None
+  best = study.best_trial
+  result = {"params": best.params, "value": best.value,
+            "test_accuracy": best.user_attrs.get("test_accuracy"), "trial": best.number,
+            "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
+            "finished_trials": _finished(study, optuna),
+            "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in rows)}
+  train._atomic_write(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
+  _plot(study, os.path.join(outdir, "search.png"), len(complete))
+  return result
+
+
+def _plot(study, path: str, num_complete: int) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  import warnings
+  from optuna.visualization import matplotlib as ovm
+
+  images = []
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+    makers = [ovm.plot_optimization_history]
+    if num_complete >= 2 and study.best_trial.params:
+      makers.append(ovm.plot_param_importances)
+    for make in makers:
+      try:
+        ax = make(study)
+      except (ValueError, RuntimeError):  # e.g. importances of a constant objective
+        continue
+      fig = ax.figure
+      fig.set_size_inches(7, 4.5)
+      fig.tight_layout()
+      fig.canvas.draw()
+      images.append(np.asarray(fig.canvas.buffer_rgba()))
+      plt.close(fig)
+  fig, axes = plt.subplots(1, len(images), figsize=(7 * len(images), 4.5), squeeze=False)
+  for ax, image in zip(axes[0], images):
+    ax.imshow(image)
+    ax.axis("off")
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """``hypersparse-train``'s options (each fixes a setting) plus the search's own."""
+  p = argparse.ArgumentParser(
+      prog="hypersparse-search", parents=[train.build_parser()], conflict_handler="resolve",
+      description="Hyper-parameter search for ART + HyperSparse with optuna (TPE). Every "
+                  "hypersparse-train option fixes that setting for all trials; the rest is "
+                  "searched. The objective is the best fine-tune validation accuracy.")
+  p.add_argument("--val-fraction", type=float, default=0.1,
+                 help="part of the training data held out for the objective (default 0.1)")
+  p.add_argument("--outdir", default=None,
+                 help="study folder: study.db, trials/, best.json, trials.csv, search.png "
+                      "(default runs/search-<dataset>-<model>)")
+  p.add_argument("--trials", type=int, default=12,
+                 help="total finished (complete + pruned) trials of the study (default 12)")
+  p.add_argument("--space", default=None, help="search-space JSON file (default: see README)")
+  p.add_argument("--storage", default=None,
+                 help="optuna RDB URL shared by workers (default sqlite:///OUTDIR/study.db)")
+  p.add_argument("--study-name", default="hypersparse")
+  p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                 help="stop hopeless trials on their per-epoch validation accuracy "
+                      "(default median)")
+  p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed")
+  p.add_argument("--heartbeat", type=int, default=30,
+                 help="seconds between a running trial's heartbeats; a trial silent for twice "
+                      "as long (its process was killed) is failed and retried (0: off)")
+  p.add_argument("--plot", action="store_true", help=argparse.SUPPRESS)
+  return p
+
+
+def _given(argv: Sequence[str], parser: argparse.ArgumentParser) -> set:
+  """Destinations of the train options the user wrote on the command line."""
+  own = {"val_fraction", "outdir", "trials", "space", "storage", "study_name", "pruner",
+         "sampler_seed", "heartbeat", "progress", "plot", "retain_host_memory", "devices",
+         "shard_params", "data_dir", "download", "dataset", "seed", "init_from"}
+  flags = {}
+  for action in parser._actions:
+    for s in action.option_strings:
+      flags[s] = action.dest
+  given = set()
+  for arg in argv:
+    dest = flags.get(arg.split("=", 1)[0])
+    if dest is not None and dest not in own:
+      given.add(dest)
+  return given
+
+
+def _storage(url: str, heartbeat: int, optuna):
+  kwargs = {}
+  if heartbeat > 0:
+    kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    import inspect
+    key = ("heartbeat_stale_trial_callback"
+           if "heartbeat_stale_trial_callback" in inspect.signature(
+               optuna.storages.RDBStorage.__init__).parameters else "failed_trial_callback")
+    kwargs[key] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+  return optuna.storages.RDBStorage(url, engine_kwargs=None, **kwargs)
+
+
+def _pruner(name: str, cfg: train.TrainConfig, optuna):
+  if name == "median":
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, cfg.epochs // 4))
+  if name == "hyperband":
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, cfg.epochs),
+                                          reduction_factor=3)
+  return optuna.pruners.NopPruner()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``hypersparse-search``; returns the exit code (2 with a one-line error on bad input)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    try:
+      import warnings
+      import optuna
+      warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    except ImportError as e:
+      raise ImportError(f"hypersparse-search needs optuna ({e}); install it with: "
+                        f"{_EXTRA_HINT}") from e
+    if args.trials < 1:
+      raise ValueError(f"--trials must be >= 1 (the study's total of finished trials), got "
+                       f"{args.trials}")
+    if args.heartbeat < 0:
+      raise ValueError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat}")
+    base = train.config_from_args(args)
+    base.validate()
+    if not base.val_fraction > 0:
+      raise ValueError("--val-fraction must be > 0: the search's objective is the validation "
+                       "accuracy, never the test set")
+    if base.epochs < 1:
+      raise ValueError("--epochs must be >= 1: trials are compared on fine-tune validation "
+                       "accuracy")
+    space = load_space(args.space, base, _given(argv, parser))
+    trial_config(base, {k: (v["choices"][0] if "choices" in v else v["low"])
+                        for k, v in space.items()}).validate()
+    outdir = args.outdir or os.path.join("runs", f"search-{base.dataset}-{base.model}"
+                                         f"{base.depth or ''}")
+    if args.storage is None:
+      os.makedirs(outdir, exist_ok=True)
+      url = "sqlite:///" + os.path.abspath(os.path.join(outdir, "study.db"))
+    else:
+      url = args.storage
+    try:
+      optuna.logging.set_verbosity(optuna.logging.WARNING)
+      storage = _storage(url, args.heartbeat, optuna)
+    except Exception as e:
+      raise ValueError(f"cannot open storage {url!r}: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
+    study = optuna.create_study(storage=storage, study_name=args.study_name,
+                                direction="maximize", sampler=sampler,
+                                pruner=_pruner(args.pruner, base, optuna), load_if_exists=True)
+  except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    print(f"hypersparse-search: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  os.makedirs(outdir, exist_ok=True)
+  before = _finished(study, optuna)
+  if before >= args.trials:
+    print(f"study {args.study_name!r} already has {before} finished trials (--trials "
+          f"{args.trials}): nothing to do")
+  else:
+    if args.retain_host_memory:
+      from hypersparse_jax import host_memory
+      host_memory.retain_freed_memory(warn=False)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    objective = make_objective(base, space, outdir, args.trials, progress=args.progress)
+    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.trials, states)],
+                   catch=(_BudgetReached,), gc_after_trial=True)
+  if before < args.trials or not os.path.exists(os.path.join(outdir, "trials.csv")):
+    best = _write_outputs(study, outdir, optuna)
+  elif os.path.exists(os.path.join(outdir, "best.json")):
+    with open(os.path.join(outdir, "best.json")) as f:
+      best = json.load(f)
+  else:
+    best = None
+  if best is None:
+    print("no trial completed (all pruned or failed): no best.json")
+    return 1
+  print(f"best trial {best['trial']}: validation accuracy {best['value']:.4f}, test accuracy "
+        f"{best['test_accuracy']:.4f}, params {json.dumps(best['params'])}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
