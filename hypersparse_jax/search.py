@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -187,7 +188,9 @@ def _run_dir(outdir: str, trial, optuna) -> str:
   frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    number = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    number = retry.retried_trial_number(frozen)
   return os.path.join(outdir, "trials", f"trial-{trial.number if number is None else number:04d}")
 
 
@@ -207,6 +210,7 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
     cfg = trial_config(base, params)
     run_dir = _run_dir(outdir, trial, optuna)
     trial.set_user_attr("run_dir", os.path.relpath(run_dir, outdir))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     os.makedirs(run_dir, exist_ok=True)
     config = dataclasses.asdict(cfg)
     config["lr_steps"] = list(cfg.lr_steps)
@@ -361,11 +365,11 @@ def _storage(url: str, heartbeat: int, optuna):
   kwargs = {}
   if heartbeat > 0:
     kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
-    import inspect
-    key = ("heartbeat_stale_trial_callback"
-           if "heartbeat_stale_trial_callback" in inspect.signature(
-               optuna.storages.RDBStorage.__init__).parameters else "failed_trial_callback")
-    kwargs[key] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if retry is not None:  # optuna >= 4.9
+      kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
+    else:
+      kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
   return optuna.storages.RDBStorage(url, engine_kwargs=None, **kwargs)
 
 

@@ -1,0 +1,209 @@
+"""Tests of ``hypersparse-search`` (``hypersparse_jax.search``) on the bundled digits.
+
+Trials use a tiny protocol (1 warm-up, at most 2 regularisation, 1 fine-tune epoch) and search
+only ART's window (a host-side setting), so every trial compiles the same steps and JAX's
+persistent compilation cache (a temporary folder) makes all but the first compile cheap.
+Results are checked against the files the trials leave (each trial's ``summary.json``) and the
+optuna study read back from the SQLite file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from hypersparse_jax import search, train  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "1", "--max-art-epochs", "2",
+        "--lambda-init", "1e-3", "--eta", "2", "--no-progress", "--val-fraction", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+              PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.fixture()
+def space_file(tmp_path):
+  path = tmp_path / "space.json"
+  path.write_text(json.dumps({"window": {"type": "int", "low": 1, "high": 3}}))
+  return str(path)
+
+
+def _command(outdir, space, trials, *extra):
+  return [sys.executable, "-m", "hypersparse_jax.search", *TINY, "--space", space, "--trials",
+          str(trials), "--outdir", str(outdir), *extra]
+
+
+def _study(outdir):
+  return optuna.load_study(study_name="hypersparse",
+                           storage=f"sqlite:///{os.path.join(outdir, 'study.db')}")
+
+
+def _finished(study):
+  return [t for t in study.get_trials() if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)]
+
+
+def _summary(outdir, trial):
+  with open(os.path.join(outdir, trial.user_attrs["run_dir"], "summary.json")) as f:
+    return json.load(f)
+
+
+def _assert_outputs_match_study(outdir, study):
+  complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+  assert complete
+  for t in complete:  # the objective is the run's best validation accuracy, never the test set
+    summary = _summary(outdir, t)
+    assert t.value == summary["best_val_accuracy"] and summary["num_val"] > 0
+    assert t.user_attrs["test_accuracy"] == summary["test_accuracy"]
+  with open(os.path.join(outdir, "best.json")) as f:
+    best = json.load(f)
+  top = max(complete, key=lambda t: t.value)
+  assert best["value"] == top.value and best["params"] == top.params
+  assert best["test_accuracy"] == _summary(outdir, top)["test_accuracy"]
+  with open(os.path.join(outdir, "trials.csv")) as f:
+    lines = f.read().splitlines()
+  assert lines[0].startswith("number,state,value") and len(lines) == 1 + len(study.trials)
+  with open(os.path.join(outdir, "search.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _snapshot(outdir):
+  out = {}
+  for name in ("best.json", "trials.csv", "search.png"):
+    path = os.path.join(outdir, name)
+    with open(path, "rb") as f:
+      out[name] = (os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The space
+# ------------------------------------------------------------------------------------------------
+
+
+def test_default_space_scales_with_the_preset_and_drops_fixed_settings():
+  digits = train.TrainConfig()
+  space = search.load_space(None, digits, fixed={"eta", "lr_steps"})
+  assert "eta" not in space and "lr_step_1" not in space and "lr_step_2" not in space
+  assert space["lambda_init"] == {"type": "float", "low": pytest.approx(2e-5),
+                                  "high": pytest.approx(2e-3), "log": True}
+  assert space["window"] == {"type": "int", "low": 1, "high": 10, "log": False}
+  cifar = train.TrainConfig(lambda_init=5e-6, eta=1.05, warmup_epochs=60, epochs=160)
+  space = search.default_space(cifar)
+  assert space["lambda_init"]["low"] == pytest.approx(5e-7)
+  assert space["warmup_epochs"]["low"] == 30 and space["warmup_epochs"]["high"] == 90
+  assert space["lr_step_1"]["high"] <= space["lr_step_2"]["low"] <= space["lr_step_2"]["high"]
+  assert space["lr_step_2"]["high"] < 160
+
+
+def test_trial_config_sorts_the_lr_steps():
+  cfg = search.trial_config(train.TrainConfig(), {"lr_step_1": 12, "lr_step_2": 8, "eta": 1.1})
+  assert cfg.lr_steps == (8, 12) and cfg.eta == 1.1
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line each, nothing written
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("space, extra, needle", [
+    ({"foo": {"low": 1, "high": 2}}, [], "unknown key 'foo'"),
+    ({"lr": {"low": 0.1, "high": 0.01}}, [], "empty range"),
+    ({"window": {"type": "int", "low": 2.2, "high": 2.8}}, [], "empty range"),
+    ({"penalty": {"choices": []}}, [], "empty or non-list choices"),
+    ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, [], "log range"),
+    ({"window": {"low": 1, "high": 3}}, ["--trials", "0"], "--trials must be >= 1"),
+    ({"window": {"low": 1, "high": 3}}, ["--storage", "sqlite:////nonexistent-dir/x/s.db"],
+     "cannot open storage"),
+    ({"window": {"low": 1, "high": 3}}, ["--storage", "postgresql://nobody@127.0.0.1:9/none"],
+     "cannot open storage"),
+    ({"window": {"low": 1, "high": 3}}, ["--val-fraction", "0"], "--val-fraction must be > 0"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, space, extra, needle):
+  space_path = tmp_path / "space.json"
+  space_path.write_text(json.dumps(space))
+  outdir = tmp_path / "study"
+  argv = [*TINY, "--space", str(space_path), "--outdir", str(outdir), *extra]
+  if "--storage" not in extra and "--trials" not in extra and "--val-fraction" not in extra:
+    argv += ["--storage", "sqlite:////nonexistent-dir/never-opened.db"]  # fails later if reached
+  assert search.main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and needle in err[0], err
+  assert not outdir.exists()
+
+
+def test_missing_space_file_errors(tmp_path, capsys):
+  assert search.main([*TINY, "--space", str(tmp_path / "nope.json"),
+                      "--outdir", str(tmp_path / "s")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers, totals, resume
+# ------------------------------------------------------------------------------------------------
+
+
+def test_two_worker_processes_share_one_sqlite_study(tmp_path, env, space_file):
+  outdir = tmp_path / "study"
+  procs = [subprocess.Popen(_command(outdir, space_file, 3, "--pruner", "none"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for _ in range(2)]
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  study = _study(outdir)
+  finished = _finished(study)
+  assert len(finished) == 3  # the study's total, not 3 per worker
+  assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes ran trials
+  assert len({t.user_attrs["run_dir"] for t in finished}) == 3
+  _assert_outputs_match_study(outdir, study)
+
+
+def test_resume_after_sigkill_runs_only_the_missing_trials(tmp_path, env, space_file):
+  outdir = tmp_path / "study"
+  cmd = _command(outdir, space_file, 2, "--heartbeat", "1", "--pruner", "none")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  latest = outdir / "trials" / "trial-0000" / "checkpoints" / "latest"
+  deadline = time.time() + 600
+  while not (latest.exists() and any(s.isdigit() for s in os.listdir(latest))):
+    assert proc.poll() is None and time.time() < deadline, "worker ended before a checkpoint"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (outdir / "trials" / "trial-0000" / "summary.json").exists()
+  time.sleep(3)  # past the grace period (2 heartbeats): the trial is stale
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  states = [t.state for t in study.get_trials()]
+  assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed attempt
+  assert len(_finished(study)) == 2
+  killed = next(t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL)
+  retry = next(t for t in _finished(study) if t.user_attrs["run_dir"] == "trials/trial-0000")
+  assert retry.number != killed.number and retry.params == killed.params
+  # The retry resumed the killed run directory: every epoch logged once, in order.
+  with open(outdir / "trials" / "trial-0000" / "metrics.jsonl") as f:
+    epochs = [json.loads(line)["epoch"] for line in f]
+  assert epochs == list(range(len(epochs))) and epochs
+  _assert_outputs_match_study(outdir, study)
+  # A finished search re-run changes nothing.
+  before, trials_before = _snapshot(outdir), len(study.get_trials())
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0 and "nothing to do" in run.stdout, run.stdout + run.stderr
+  assert _snapshot(outdir) == before and len(_study(outdir).get_trials()) == trials_before
