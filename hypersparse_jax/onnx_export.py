@@ -383,9 +383,10 @@ def load_run_variables(run_dir: str, *, final: bool = False):
     raise ValueError(f"{config_path}: unknown dataset {dataset!r}")
   image_shape = DATASET_IMAGE_SHAPES[dataset]
   if dataset == "tinyimagenet":  # the class count is the folder's: read it from the head
-    head = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-            if str(getattr(path[-1], "key", "")) == "bias"][-1]
-    num_classes = int(np.shape(head)[0])
+    head = params.get("fc") or params.get("classifier")  # ResNet / VGG heads
+    if head is None or "bias" not in head:
+      raise checkpointing.CheckpointError(f"{run_dir!r}: no fc/classifier layer in the checkpoint")
+    num_classes = int(np.shape(head["bias"])[0])
   else:
     num_classes = 10 if dataset in ("digits", "cifar10") else 100
   model = models.create_model(config["model"], num_classes=num_classes, depth=config.get("depth"),
