@@ -333,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--storage", default=None,
                  help="optuna RDB URL shared by workers (default sqlite:///OUTDIR/study.db)")
   p.add_argument("--study-name", default="hypersparse")
-  p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+  p.add_argument("--pruner", default="hyperband", choices=("median", "hyperband", "none"),
                  help="stop hopeless trials on their per-epoch validation accuracy "
-                      "(default median)")
+                      "(default hyperband: see the README's measurement)")
   p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed")
   p.add_argument("--heartbeat", type=int, default=30,
                  help="seconds between a running trial's heartbeats; a trial silent for twice "
