@@ -25,7 +25,6 @@ names are the searchable settings in ``SEARCHABLE``.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
 import io
