@@ -348,3 +348,17 @@ def test_cli_without_best_val_exports_best(run_dir, tmp_path, capsys):
   assert report["checkpoint"] == "best" and report["epoch"] == summary["best_test_epoch"]
   accuracy, _ = _onnx_test_accuracy(out)
   assert accuracy == pytest.approx(summary["best_test_accuracy"], abs=1e-12)
+
+
+def test_plain_convolutions_context_traces_lax_convolution():
+  """Inside conv.plain_convolutions() the CPU specialisation (a custom_vjp) is not traced."""
+  from hypersparse_jax import conv
+  x = jnp.ones((1, 2, 2, 4))  # 2x2 output < 3x3 taps: the specialised path is a matmul on CPU
+  w = jnp.ones((3, 3, 4, 5))
+  call = lambda x, w: conv.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  with conv.plain_convolutions():
+    plain = str(jax.make_jaxpr(call)(x, w))
+  assert "conv_general_dilated" in plain and "custom_vjp" not in plain
+  if jax.default_backend() == "cpu":
+    assert "custom_vjp" in str(jax.make_jaxpr(call)(x, w))  # the context was left
