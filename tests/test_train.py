@@ -12,6 +12,7 @@ equality between an uninterrupted run and one that was SIGKILLed and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,10 +129,15 @@ def assert_trees_equal(a, b):
 
 
 def snapshot(directory):
-  """``{relative path: (mtime_ns, sha256)}`` of every file under ``directory``."""
+  """``{relative path: (mtime_ns, sha256)}`` of every file under ``directory``.
+
+  The run-directory lock file is left out: every run that takes the lock writes its PID there.
+  """
   out = {}
   for root, _, files in os.walk(directory):
     for name in files:
+      if name == ".lock" and root == directory:
+        continue
       path = os.path.join(root, name)
       with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -508,3 +514,132 @@ def test_init_from_reference_pytorch_checkpoint(tmp_path, capsys):
   np.testing.assert_array_equal(init["fc1"]["kernel"], net.fc1.weight.detach().numpy().T)
   np.testing.assert_array_equal(init["fc2"]["bias"], net.fc2.bias.detach().numpy())
   assert np.all(init["fc2"]["kernel"][:10, :] == 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Guarded run directories, early validation, divergence, interruption
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--lr-decay", "-2"], "--lr-decay"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr-steps", "1", "0"], "increasing"),
+    (["--lr-steps", "5"], "--epochs"),
+    (["--seed", "-1"], "--seed"),
+    (["--depth", "3"], "--depth"),
+    (["--shard-params", "--devices", "1"], "--shard-params"),
+], ids=["lr-decay", "momentum", "weight-decay", "lr-inf", "lr-steps-order", "lr-steps-range",
+        "seed", "depth-mlp", "shard-params-1-device"])
+def test_bad_options_are_refused_before_the_first_step(extra, needle, tmp_path, capsys):
+  """Options that used to fail after ART (``--lr-decay -2``), diverge (``--momentum 1.5``) or
+  fail in a later epoch are refused before anything is written."""
+  outdir = str(tmp_path / "out")
+  line = _assert_clean_error(TINY + extra + ["--outdir", outdir], capsys, outdir, needle)
+  assert "=None" not in line and "=True" not in line  # user terms, not Python's
+
+
+def test_epochs_zero_is_refused(tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(tiny(epochs=0) + ["--outdir", outdir], capsys, outdir, "--epochs")
+
+
+def test_outdir_naming_a_file_errors_in_user_terms(tmp_path, capsys):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  for outdir in (str(path), str(path / "sub")):
+    line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="--outdir")
+    assert "Errno" not in line and "not a directory" in line
+  assert path.read_text() == "x"
+
+
+def test_second_run_on_a_live_outdir_is_refused_naming_the_holder(tmp_path, capsys):
+  """A run directory has one owner: a second command exits at once naming the holder's PID,
+  and does not touch the first run's files; after the holder is SIGKILLed the lock is stale."""
+  outdir = str(tmp_path / "live")
+  proc = _start(outdir)
+  try:
+    metrics = os.path.join(outdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+      assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+      time.sleep(0.01)
+    with open(os.path.join(outdir, "config.json")) as f:
+      config_before = f.read()
+    start = time.time()
+    line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="in use")
+    assert time.time() - start < 10  # at once, not after loading data and compiling
+    assert f"PID {proc.pid}" in line
+    with open(os.path.join(outdir, "config.json")) as f:
+      assert f.read() == config_before
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+  from hypersparse_jax import run_dir
+  with run_dir.RunDirLock(outdir):  # the killed holder left a stale lock: free again
+    pass
+
+
+def test_resume_ignores_download_data_dir_of_digits_and_trailing_slash(run_a, tmp_path, capsys):
+  outdir = copy_run(run_a, tmp_path / "again")
+  before = snapshot(outdir)
+  rc = call_main(TINY + ["--outdir", outdir + "/", "--data-dir", "/somewhere/", "--download"])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert "already finished" in out
+  assert snapshot(outdir) == before
+
+
+def test_resume_differences_compares_only_what_changes_the_result():
+  base = dataclasses.asdict(train.TrainConfig(dataset="cifar10", data_dir="/data/tfds"))
+  base["lr_steps"] = list(base["lr_steps"])
+  assert train.resume_differences(base, dict(base, data_dir="/data/tfds/")) == {}
+  assert train.resume_differences(base, dict(base, data_dir="/data/x/../tfds")) == {}
+  assert train.resume_differences(dict(base, download=True), base) == {}
+  assert set(train.resume_differences(base, dict(base, data_dir="/data/other"))) == {"data_dir"}
+  assert set(train.resume_differences(base, dict(base, lr=0.2))) == {"lr"}
+  # lr steps at or past --epochs never fire: same result
+  epochs = base["epochs"]
+  assert train.resume_differences(dict(base, lr_steps=[1, epochs + 5]),
+                                  dict(base, lr_steps=[1])) == {}
+  # A key that an older config.json lacks: accepted only where its old behaviour is known.
+  assert train.resume_differences(base, dict(base, val_fraction=0.0)) == {}
+  assert set(train.resume_differences(base, dict(base, val_fraction=0.1))) == {"val_fraction"}
+  assert train.resume_differences(base, dict(base, art_rule="reference")) == {
+      "art_rule": ("<missing>", "reference")}
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  outdir = str(tmp_path / "diverge")
+  rc = call_main(tiny(lambda_init=1e30) + ["--outdir", outdir])
+  out, err = capsys.readouterr()
+  assert rc == 1
+  assert "Traceback" not in err
+  lines = error_lines(err)
+  assert len(lines) == 1, err
+  assert "epoch 1 (art)" in lines[0] and "non-finite" in lines[0] and "lambda" in lines[0]
+  assert [r["epoch"] for r in read_metrics(outdir)] == [0]  # nothing of the bad epoch
+  assert ckpt_steps(outdir, "latest") == [0]
+  state = read_ckpt(outdir, "latest", 0)["train"]
+  assert all(np.all(np.isfinite(v)) for v in flat(state["params"]).values())
+  assert not os.path.exists(os.path.join(outdir, "summary.json"))
+
+
+def test_ctrl_c_says_where_and_how_to_resume(tmp_path):
+  outdir = str(tmp_path / "interrupted")
+  proc = _start(outdir)
+  metrics = os.path.join(outdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=120)[0].decode(errors="replace")
+  assert proc.returncode == 130, out
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+  last = read_metrics(outdir)[-1]["epoch"]  # interrupted in epoch last + 1, or while saving last
+  assert any(f"interrupted at epoch {e}; run the same command to resume" in out
+             for e in (last, last + 1)), out
