@@ -9,7 +9,13 @@ half-written checkpoint that could be taken for a good one: the previous step is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
+import threading
+import time
+import traceback
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,18 +26,40 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+  """Defers Ctrl-C (SIGINT) to the end of the block: a save is never cut in the middle (orbax's
+  worker threads would report the cut with long tracebacks; the checkpoint is then complete)."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+      raise KeyboardInterrupt
+
+
 class RunCheckpoints:
   """Checkpoint managers of one run directory: ``latest``, ``best`` and ``init``.
 
   Args:
     directory: the run's checkpoint folder (created if missing).
     keep: how many ``latest`` steps to keep (>= 2 keeps a fallback if the newest is damaged).
+    create: False to only read (e.g. ``--init-from`` another run): nothing is created there.
   """
 
-  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+  def __init__(self, directory: str | os.PathLike, keep: int = 2, *, create: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
+    self.error_log = os.path.join(self.directory, "restore-errors.log")
+    self.skipped = []  # steps the last restore_latest could not read
     options = lambda n: ocp.CheckpointManagerOptions(  # noqa: E731
-        max_to_keep=n, create=True, enable_async_checkpointing=False)
+        max_to_keep=n, create=create, enable_async_checkpointing=False,
+        read_only=not create)
     self._managers = {
         "latest": ocp.CheckpointManager(os.path.join(self.directory, "latest"), options=options(keep)),
         "best": ocp.CheckpointManager(os.path.join(self.directory, "best"), options=options(1)),
@@ -44,11 +72,12 @@ class RunCheckpoints:
     A step that already exists (written by a run killed before its next ``latest`` checkpoint,
     then redone after the resume) is replaced.
     """
-    if step in self._managers[kind].all_steps():
-      self._managers[kind].delete(step)
-    self._managers[kind].save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._managers[kind].wait_until_finished()
+    with _interrupt_after():
+      if step in self._managers[kind].all_steps():
+        self._managers[kind].delete(step)
+      self._managers[kind].save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self._managers[kind].wait_until_finished()
 
   def steps(self, kind: str) -> list:
     return sorted(self._managers[kind].all_steps())
@@ -81,16 +110,33 @@ class RunCheckpoints:
 
     ``target_for_meta(meta)`` returns the target pytree that the state must be restored into
     (its structure depends on the phase recorded in ``meta``). Returns None if there is none.
+    Steps that could not be read are listed in :attr:`skipped` (``[(step, one-line reason)]``);
+    their full errors, with everything orbax and its threads printed meanwhile, go to
+    :attr:`error_log` (``restore-errors.log`` in the checkpoint folder) instead of stderr.
     """
-    errors = []
-    for step in reversed(self.steps(kind)):
-      try:
-        meta = self.restore_meta(kind, step)
-        return step, meta, self.restore_state(kind, step, target_for_meta(meta))
-      except CheckpointError as e:
-        errors.append(str(e))
-    if errors:
-      raise CheckpointError("no restorable checkpoint: " + " | ".join(errors))
+    self.skipped = []
+    details = []
+    try:
+      for step in reversed(self.steps(kind)):
+        captured = io.StringIO()
+        try:
+          with contextlib.redirect_stderr(captured):
+            meta = self.restore_meta(kind, step)
+            return step, meta, self.restore_state(kind, step, target_for_meta(meta))
+        except CheckpointError as e:
+          self.skipped.append((step, str(e).splitlines()[0]))
+          details.append(f"--- {kind} step {step}: {e}\n"
+                         + "".join(traceback.format_exception(e.__cause__ or e))
+                         + captured.getvalue())
+    finally:
+      if details:
+        with open(self.error_log, "a") as f:
+          f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} restoring {kind}\n"
+                  + "\n".join(details))
+    if self.skipped:
+      raise CheckpointError(
+          f"no readable {kind} checkpoint in {self.directory} (steps "
+          f"{', '.join(str(s) for s, _ in self.skipped)} unreadable; details in {self.error_log})")
     return None
 
   def close(self):

@@ -34,7 +34,7 @@ import optax
 
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
-from hypersparse_jax import host_memory, run_dir, sharding
+from hypersparse_jax import host_memory, init_source, run_dir, sharding
 from hypersparse_jax.controller import ARTController
 
 PHASES = ("warmup", "art", "finetune")
@@ -379,23 +379,17 @@ class Trainer:
   # ----- pieces -----
 
   def _load_init(self, path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"--init-from {path!r} does not exist")
-    if os.path.isfile(path):  # a PyTorch checkpoint of the reference code
+    source = init_source.identify(path)
+    if source.format == "torch":  # a PyTorch checkpoint of the reference code
       from hypersparse_jax import torch_import
       variables = torch_import.load_torch_checkpoint(path, self.model)
     else:
-      directory = path
-      if os.path.isdir(os.path.join(path, "checkpoints")):
-        directory = os.path.join(path, "checkpoints")
-      if not any(os.path.isdir(os.path.join(directory, k)) for k in ("best", "latest")):
-        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
-      ckpt = checkpointing.RunCheckpoints(directory)
-      kind = "best" if ckpt.steps("best") else "latest"
-      if not ckpt.steps(kind):
-        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
-      step = ckpt.steps(kind)[-1]
-      if kind == "best":  # best holds {params, batch_stats}; latest the whole training state
+      ckpt = checkpointing.RunCheckpoints(source.directory, create=False)
+      kind = source.kind or ("best" if ckpt.steps("best") else "latest")
+      step = source.step if source.step is not None else (ckpt.steps(kind) or [None])[-1]
+      if step is None or step not in ckpt.steps(kind):
+        raise FileNotFoundError(f"--init-from {path!r} holds no readable {kind} checkpoint")
+      if kind != "latest":  # best and init hold {params, batch_stats}; latest the whole state
         restored = ckpt.restore_state(kind, step, {"params": self.params,
                                                    "batch_stats": self.batch_stats})
       else:
@@ -428,6 +422,7 @@ class Trainer:
     meta_c, payloads = controller.state_dict() if controller is not None else (None, {})
     meta = dict(extra, phase=phase, epoch=epoch, controller=meta_c, payloads=sorted(payloads))
     self.ckpt.save("latest", epoch, {"train": state, "controller": payloads}, meta)
+    self.epoch = epoch + 1  # where a resume starts now
 
   def _train_epoch(self, train_step, state, epoch, desc):
     from tqdm.auto import tqdm
@@ -485,6 +480,9 @@ class Trainer:
     os.makedirs(self.outdir, exist_ok=True)
     summary_path = os.path.join(self.outdir, "summary.json")
     resumed = self.ckpt.restore_latest("latest", self._restore_target)
+    for step, _ in self.ckpt.skipped:
+      self.log(f"checkpoint step {step} is unreadable (details in {self.ckpt.error_log}); "
+               f"using step {resumed[0]}")
     if resumed is None:
       self.ckpt.save("init", 0, {"params": self.params, "batch_stats": self.batch_stats},
                      {"what": "initial weights"})

@@ -460,7 +460,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_step(run_a, tmp_path, 
   _corrupt(os.path.join(outdir, "checkpoints", "latest", str(steps[-1])))
   os.remove(os.path.join(outdir, "summary.json"))
   assert call_main(TINY + ["--outdir", outdir]) == 0
-  out = capsys.readouterr().out
+  out, err = capsys.readouterr()
   assert f"from checkpoint {steps[-2]}" in out
   assert read_json(os.path.join(outdir, "summary.json")) == read_json(
       os.path.join(run_a, "summary.json"))
@@ -474,8 +474,11 @@ def test_all_checkpoints_corrupt_errors_cleanly(run_a, tmp_path, capsys):
   for step in ckpt_steps(outdir, "latest"):
     _corrupt(os.path.join(outdir, "checkpoints", "latest", str(step)))
   before = snapshot(outdir)
-  _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="checkpoint")
-  assert snapshot(outdir) == before
+  line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="checkpoint")
+  log = os.path.join("checkpoints", "restore-errors.log")
+  assert log in line
+  after = snapshot(outdir)
+  assert after.pop(log) and after == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,3 +646,95 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path):
   last = read_metrics(outdir)[-1]["epoch"]  # interrupted in epoch last + 1, or while saving last
   assert any(f"interrupted at epoch {e}; run the same command to resume" in out
              for e in (last, last + 1)), out
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. --init-from: what the path is, in one line
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"hello, not a checkpoint\n", "text file"),
+    (b"", "empty"),
+    (bytes(range(256)) * 8, "unknown format"),
+], ids=["text", "empty", "random"])
+@pytest.mark.parametrize("torch_available", [True, False], ids=["torch", "no-torch"])
+def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(content, needle, torch_available,
+                                                                tmp_path, capsys, monkeypatch):
+  if not torch_available:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  path = tmp_path / "weights.pth"
+  path.write_bytes(content)
+  outdir = str(tmp_path / "out")
+  line = _assert_clean_error(TINY + ["--outdir", outdir, "--init-from", str(path)], capsys,
+                             outdir, needle)
+  assert "not a checkpoint" in line and "PyTorch" in line and "needs PyTorch" not in line
+
+
+def test_init_from_sparse_export_says_it_is_an_npz(run_a, tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + ["--outdir", outdir, "--init-from",
+                              os.path.join(run_a, "model_sparse.npz")], capsys, outdir, ".npz")
+
+
+def test_init_from_damaged_torch_zip_errors_cleanly(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  path = str(tmp_path / "ref.pth")
+  torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+  with open(path, "r+b") as f:  # keep the zip directory, damage the pickled data
+    data = bytearray(f.read())
+    start = data.index(b"data.pkl") + len(b"data.pkl")
+    data[start:start + 40] = b"\x00" * 40
+    f.seek(0)
+    f.write(data)
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + ["--outdir", outdir, "--init-from", path], capsys, outdir, "ref.pth")
+
+
+def test_init_from_checkpoint_kind_and_step_folders(run_a, tmp_path, capsys):
+  """``--init-from RUN/checkpoints/best`` and ``.../best/STEP`` load that exact checkpoint."""
+  from hypersparse_jax import init_source
+  best_step = ckpt_steps(run_a, "best")[-1]
+  latest_step = ckpt_steps(run_a, "latest")[0]
+  ckpts = os.path.join(run_a, "checkpoints")
+  assert init_source.identify(os.path.join(ckpts, "best")) == ("orbax", ckpts, "best", None)
+  assert init_source.identify(os.path.join(ckpts, "latest", str(latest_step))) == (
+      "orbax", ckpts, "latest", latest_step)
+  assert init_source.identify(run_a) == ("orbax", ckpts, None, None)
+  # End to end on the step folder of an older `latest` (not what a run dir would give).
+  outdir = str(tmp_path / "from_step")
+  trainer = train.Trainer(train.TrainConfig(
+      model="mlp", init_from=os.path.join(ckpts, "latest", str(latest_step))), outdir,
+      progress=False, log=lambda *_: None)
+  expected = read_ckpt(run_a, "latest", latest_step)["train"]["params"]
+  assert_trees_equal(jax.device_get(trainer.params), expected)
+  trainer = train.Trainer(train.TrainConfig(model="mlp", init_from=os.path.join(ckpts, "best")),
+                          str(tmp_path / "from_best"), progress=False, log=lambda *_: None)
+  assert_trees_equal(jax.device_get(trainer.params), read_ckpt(run_a, "best", best_step)["params"])
+
+
+def test_unreadable_newest_checkpoint_is_one_line_with_details_in_a_log(run_a, tmp_path, capfd):
+  """Array data of the newest step damaged (its metadata intact): orbax's reader threads print
+  ~100 lines of tracebacks; the user sees one line, the details are in the log file."""
+  outdir = copy_run(run_a, tmp_path / "damaged")
+  steps = ckpt_steps(outdir, "latest")
+  state_dir = os.path.join(outdir, "checkpoints", "latest", str(steps[-1]), "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if os.path.basename(root) == "d":  # the chunk files: keep 10 bytes of each
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          head = f.read(10)
+        with open(path, "wb") as f:
+          f.write(head)
+  os.remove(os.path.join(outdir, "summary.json"))
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  out, err = capfd.readouterr()
+  assert "Traceback" not in err and "Traceback" not in out, err[-2000:]
+  log = os.path.join(outdir, "checkpoints", "restore-errors.log")
+  assert [line for line in out.splitlines() if "unreadable" in line] == [
+      f"checkpoint step {steps[-1]} is unreadable (details in {log}); using step {steps[-2]}"]
+  with open(log) as f:
+    assert "Traceback" in f.read()
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
