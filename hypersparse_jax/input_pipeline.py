@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import pathlib
 import queue
@@ -252,6 +253,19 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
 
     if data_dir is not None:
         data_dir = os.fspath(pathlib.Path(data_dir).expanduser())
+    if download and importlib.util.find_spec("tensorflow") is None:
+        # TFDS's CIFAR builder reads the downloaded files with tf.io.gfile: say so before the
+        # download, not after it.
+        try:
+            prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+        except Exception:
+            prepared = False
+        if not prepared:
+            raise ImportError(
+                f"downloading and preparing {name} with TFDS needs TensorFlow, which is not "
+                "installed: pip install 'hypersparse-jax[download]' (or prepare it once where "
+                "TensorFlow is installed and pass its --data-dir)"
+            )
     try:
         # Explicit split names: with split=None TFDS needs the split metadata, which mocks lack.
         train_source, test_source = tfds.data_source(
@@ -279,7 +293,8 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
         raise FileNotFoundError(
             f"No prepared {name} data found at {where or 'the TFDS default data_dir'} "
             f"(data_dir={data_dir!r}); pass --data-dir to an existing TFDS data directory holding "
-            f"{name} in array_record format, or allow download (download=True)"
+            f"{name} in array_record format, or allow download (--download on the command line, "
+            "download=True in Python)"
         ) from err
 
     train_images, train_labels = _read_source(train_source)
