@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -42,6 +43,21 @@ def _interrupt_after():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if received:
       raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _unraisable_to(stream):
+  """Sends "exception ignored" reports (orbax's reader callbacks hitting a closed event loop
+  after a failed restore) to ``stream`` for the duration of the block."""
+  def hook(unraisable):
+    stream.write("".join(traceback.format_exception(
+        unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+
+  previous, sys.unraisablehook = sys.unraisablehook, hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 class RunCheckpoints:
@@ -120,7 +136,7 @@ class RunCheckpoints:
       for step in reversed(self.steps(kind)):
         captured = io.StringIO()
         try:
-          with contextlib.redirect_stderr(captured):
+          with contextlib.redirect_stderr(captured), _unraisable_to(captured):
             meta = self.restore_meta(kind, step)
             return step, meta, self.restore_state(kind, step, target_for_meta(meta))
         except CheckpointError as e:
