@@ -472,8 +472,14 @@ def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] =
     ``floor(sparsity·n)`` weights are exactly zero.
 
   Raises:
-    ValueError: sparsity outside ``[0, 1)``, empty tree, no prunable leaf, NaN/inf weights.
+    ValueError: sparsity outside ``[0, 1)``, empty tree, no prunable leaf, NaN/inf weights
+      (NaN/inf only when the weights are concrete, i.e. outside ``jit``).
     TypeError: non-float prunable leaf, traced sparsity.
+
+  Under ``jit`` the weights cannot be inspected, and NaN/inf are not refused: magnitudes are
+  ordered by their float32 bit patterns, so ``inf`` and then NaN count as larger than every
+  number (NumPy's sort puts NaN last too): ``t`` is NaN when ``floor(sparsity·n)`` reaches into
+  the NaNs, and :func:`magnitude_mask` keeps NaN weights (they are "largest").
 
   Example:
     >>> import jax.numpy as jnp, hypersparse_jax as hs

@@ -19,6 +19,7 @@ with it, sharded like the parameters).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -34,13 +35,37 @@ from hypersparse_jax.masking import Predicate
 PenaltySpec = Union[str, Callable[[Any], jax.Array]]
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def lambda_overflow_epoch(lambda_init: float, eta: float) -> Optional[int]:
+  """The first regularisation epoch ``k`` (0-based) whose ``λ_init · η^k`` exceeds float32's
+  largest value (3.4e38), or None if λ never grows (``η <= 1``).
+
+  E.g. ``lambda_overflow_epoch(5e-6, 2.0) == 146``; with the reference's η = 1.05 it is 2,069.
+  """
+  if eta <= 1:
+    return None
+  k = math.floor((math.log(_F32_MAX) - math.log(lambda_init)) / math.log(eta)) + 1
+  while k > 0 and lambda_init * eta ** (k - 1) > _F32_MAX:  # guard the log rounding
+    k -= 1
+  while lambda_init * eta ** k <= _F32_MAX:
+    k += 1
+  return max(k, 0)
+
+
 def lambda_schedule(lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
                     warmup_epochs: int = 60, staircase: bool = True) -> optax.Schedule:
-  """ART's λ as a function of the step count.
+  """ART's λ as a function of the step count (float32).
 
   ``λ(step) = 0`` for epochs ``e < warmup_epochs``, else ``λ_init · η^(e − warmup_epochs)`` with
   ``e = step // steps_per_epoch`` (staircase: constant within an epoch, as the reference) or
   ``e = step / steps_per_epoch`` (smooth, ``staircase=False``).
+
+  λ saturates at float32's largest value instead of becoming ``inf`` (which would turn the
+  updates into inf/NaN); from :func:`lambda_overflow_epoch` on it stops growing. A training loop
+  should not get there: ``hypersparse-train`` refuses a schedule that would within its
+  ``--max-art-epochs``.
   """
   if steps_per_epoch <= 0 or int(steps_per_epoch) != steps_per_epoch:
     raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
@@ -58,20 +83,30 @@ def lambda_schedule(lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_e
     else:
       epoch = count.astype(jnp.float32) / steps_per_epoch
     exponent = epoch - warmup_epochs
-    lam = lambda_init * jnp.power(jnp.float32(eta), exponent)
+    power = jnp.power(jnp.float32(eta), exponent)
+    # η^k may overflow while λ_init·η^k is still finite: then take it through the logarithms
+    lam = jnp.where(jnp.isfinite(power), lambda_init * power,
+                    jnp.exp(jnp.float32(math.log(lambda_init))
+                            + exponent * jnp.float32(math.log(eta))))
+    lam = jnp.minimum(lam, _F32_MAX)
     return jnp.where(exponent >= 0 if staircase else epoch >= warmup_epochs, lam, 0.0)
 
   return schedule
 
 
 class ARTState(NamedTuple):
-  """State of :func:`art`: step count, last λ, last threshold and its last relative change."""
+  """State of :func:`art`: step count, last λ, last threshold and its last relative change,
+  and the number of regularised steps that met non-finite weights."""
   count: chex.Array      # int32 number of updates so far
   lambda_: chex.Array    # float32 λ used by the last update (0 in warm-up)
   threshold: chex.Array  # float32 global magnitude threshold at the last regularised step
   # float32 t_last / t_before − 1 over the last regularised step (0 before two of them): the
   # next threshold is searched first around t·(1 + change), where momentum usually carries it.
   threshold_change: chex.Array
+  # int32 HyperSparse steps (λ > 0) whose Σ|w| or Σ tanh(s|w|) was NaN/inf, i.e. a prunable
+  # weight was NaN/inf: the regulariser added nothing in those steps (it cannot raise under
+  # jit). Free: it reads the sums the gradient needs anyway. Always 0 for L1/L2/callables.
+  nonfinite_steps: chex.Array
 
 
 def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
@@ -90,13 +125,16 @@ def _penalty_grad_fn(penalty: PenaltySpec, sparsity: float, where):
 
 
 def _add_scaled(updates, grads, lam):
-  return jax.tree.map(lambda u, g: u + (lam * g.astype(jnp.float32)).astype(u.dtype), updates,
-                      grads)
+  """``updates + λ·grads`` in float32, cast back to each update's dtype without overflow."""
+  return jax.tree.map(
+      lambda u, g: penalties.saturating_cast(
+          u.astype(jnp.float32) + lam * g.astype(jnp.float32), u.dtype), updates, grads)
 
 
 def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
         warmup_epochs: int = 60, penalty: PenaltySpec = "hypersparse", staircase: bool = True,
-        where: Optional[Predicate] = None) -> optax.GradientTransformation:
+        where: Optional[Predicate] = None,
+        scale_constant: float = penalties.REFERENCE_SCALE) -> optax.GradientTransformation:
   """ART's regulariser as an optax transformation: ``updates + λ_t · ∇penalty(params)``.
 
   Put it first in the chain so that weight decay and momentum see the regularised gradient, as
@@ -118,11 +156,17 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       ``penalty(params) -> scalar`` whose ``jax.grad`` is used.
     staircase: ``λ`` constant within an epoch (reference) or growing smoothly per step.
     where: prunable-leaf predicate (default: leaves named ``kernel`` with ``ndim >= 2``).
+    scale_constant: HyperSparse's ``c`` in ``s = c / t`` (reference: 0.6585; see
+      :func:`hypersparse_jax.hypersparse_grad`).
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
     :class:`ARTState`. The threshold of the previous step speeds up the exact selection of the
     next (the result does not depend on it). During warm-up no threshold is selected.
+    ``λ · gradient`` is formed in float32 and added to the updates in float32, then cast to the
+    update's dtype saturating at its finite range (float16/bfloat16 updates never become inf
+    through the regulariser). A NaN/inf prunable weight cannot raise under ``jit``: the
+    HyperSparse term is then 0 for that step, counted in ``ARTState.nonfinite_steps``.
 
   Example:
     >>> import jax.numpy as jnp, optax, hypersparse_jax as hs
@@ -139,6 +183,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     2 0.20000000298023224
   """
   sparsity = masking.check_sparsity(sparsity)
+  scale_constant = penalties.check_scale_constant(scale_constant)
   schedule = lambda_schedule(lambda_init, eta, steps_per_epoch=steps_per_epoch,
                              warmup_epochs=warmup_epochs, staircase=staircase)
   grad_fn = _penalty_grad_fn(penalty, sparsity, where)
@@ -147,7 +192,8 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     masking.prunable_leaves(params, where)  # fail early on an unusable tree
     threshold = masking.magnitude_threshold(params, sparsity, where=where)
     return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
-                    jnp.asarray(threshold, jnp.float32), jnp.zeros([], jnp.float32))
+                    jnp.asarray(threshold, jnp.float32), jnp.zeros([], jnp.float32),
+                    jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -159,15 +205,17 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       # a zero factor, no selection). A branch returning whole update trees makes XLA copy them.
       def terms_of(_):
         hint = state.threshold * (1 + state.threshold_change)  # only speeds up the search
-        return penalties.hypersparse_terms(params, sparsity, where=where, threshold_hint=hint)
+        return penalties.hypersparse_terms(params, sparsity, where=where, threshold_hint=hint,
+                                           scale_constant=scale_constant)
 
       def warmup(_):
         zero = jnp.zeros([], jnp.float32)
         return penalties.HyperSparseTerms(state.threshold, zero, zero, zero)
 
       terms = lax.cond(lam > 0, terms_of, warmup, None)
-      grads = penalties.hypersparse_grad_from_terms(params, terms, where=where)
+      grads = penalties.hypersparse_grad_from_terms(params, terms, where=where, float32=True)
       threshold = terms.threshold
+      nonfinite = (lam > 0) & ~(jnp.isfinite(terms.total_a) & jnp.isfinite(terms.total_t))
       new_updates = _add_scaled(updates, grads, lam)
       moved = (lam > 0) & (state.lambda_ > 0) & (state.threshold > 0)
       change = jnp.where(moved, threshold / jnp.where(moved, state.threshold, 1.0) - 1,
@@ -180,7 +228,9 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       new_updates = lax.cond(lam > 0, lambda _: _add_scaled(updates, grad_fn(params), lam),
                              lambda _: updates, None)
       threshold, change = state.threshold, state.threshold_change
-    return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold, change)
+      nonfinite = jnp.zeros([], bool)
+    return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold, change,
+                                 state.nonfinite_steps + nonfinite.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

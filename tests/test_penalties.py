@@ -1,5 +1,6 @@
 """Tests for hypersparse_jax.penalties against float64 NumPy, hand-worked values and finite
-differences (DESIGN §1): g_i = sign(w_i)·s·sech²(s·a_i)·A/T, s = atanh(1/√3)/t."""
+differences (DESIGN §1): g_i = sign(w_i)·s·sech²(s·a_i)·A/T, s = c/t with the reference's
+c = 0.6585 by default (GreenAutoML4FAS/HyperSparse loss/HyperSparse.py) or atanh(1/√3)."""
 
 import functools
 import math
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from hypersparse_jax.penalties import (hypersparse_grad, hypersparse_penalty, l1_grad, l1_penalty,
-                                       l2_grad, l2_penalty)
+from hypersparse_jax import penalties
+from hypersparse_jax.penalties import (EXACT_SCALE, REFERENCE_SCALE, hypersparse_grad,
+                                       hypersparse_penalty, l1_grad, l1_penalty, l2_grad,
+                                       l2_penalty)
 
 ATANH = math.atanh(1.0 / math.sqrt(3.0))
+REF_C = 0.6585  # the literal in the authors' code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,11 +44,11 @@ def ref_threshold(params, kappa, where=None):
   return float(a[min(int(math.floor(kappa * a.size)), a.size - 1)])
 
 
-def ref_hypersparse_grad(params, kappa, where=None):
+def ref_hypersparse_grad(params, kappa, where=None, c=REF_C):
   """Float64 DESIGN §1 formula; returns {path: grad} for prunable leaves (float64)."""
   leaves = _prunable(params, where)
   t = ref_threshold(params, kappa, where)
-  s = ATANH / t
+  s = c / t
   a = [np.abs(_np32(x).astype(np.float64)) for _, x in leaves]
   total_a = sum(np.sum(x) for x in a)
   total_t = sum(np.sum(np.tanh(s * x)) for x in a)
@@ -53,8 +57,8 @@ def ref_hypersparse_grad(params, kappa, where=None):
             * total_a / total_t for (p, x), ax in zip(leaves, a)}
 
 
-def _check_grad(got_tree, params, kappa, rtol, where=None):
-  want = ref_hypersparse_grad(params, kappa, where)
+def _check_grad(got_tree, params, kappa, rtol, where=None, c=REF_C):
+  want = ref_hypersparse_grad(params, kappa, where, c)
   scale = max(np.max(np.abs(g)) for g in want.values())
   for path, g in jax.tree_util.tree_flatten_with_path(got_tree)[0]:
     x = _leaf(params, path)
@@ -141,19 +145,29 @@ def test_counting_path_tree_grad_and_autodiff():
   _check_grad(auto, params, kappa, rtol=2e-5)
 
 
+def test_scale_constants():
+  assert REFERENCE_SCALE == 0.6585 and EXACT_SCALE == pytest.approx(0.6584789484624084, abs=1e-15)
+
+
 def test_hand_worked_tiny_case():
   w = [0.1, -0.2, 0.4, 0.8]
   params = {"kernel": np.float32(w).reshape(2, 2), "bias": np.float32([9.0, -9.0])}
   # κ = 0.5, n = 4: index floor(2) = 2 of the sorted magnitudes [0.1, 0.2, 0.4, 0.8] -> t = 0.4
   t = 0.4
-  s = math.atanh(1 / math.sqrt(3)) / t
   a = [abs(x) for x in w]
   total_a = 1.5
+  # the default is the reference's c = 0.6585: s = 1.64625
+  s = 0.6585 / t
+  total_t = sum(math.tanh(s * x) for x in a)
+  want = [math.copysign(1, x) * s / math.cosh(s * abs(x)) ** 2 * total_a / total_t for x in w]
+  np.testing.assert_allclose(_np32(hypersparse_grad(params, 0.5)["kernel"]).ravel(), want,
+                             rtol=2e-6)
+  s = math.atanh(1 / math.sqrt(3)) / t
   total_t = sum(math.tanh(s * x) for x in a)
   want = [math.copysign(1, x) * s / math.cosh(s * abs(x)) ** 2 * total_a / total_t for x in w]
   # at the threshold s·t = atanh(1/√3), so sech² = 1 − 1/3 = 2/3 exactly
   assert want[2] == pytest.approx(s * (2 / 3) * total_a / total_t, rel=1e-12)
-  got = hypersparse_grad(params, 0.5)
+  got = hypersparse_grad(params, 0.5, scale_constant=EXACT_SCALE)
   np.testing.assert_allclose(_np32(got["kernel"]).ravel(), want, rtol=2e-6)
   assert np.all(_np32(got["bias"]) == 0)
   # sign: the negative weight gets a negative gradient; small weights get more than large ones
@@ -162,12 +176,38 @@ def test_hand_worked_tiny_case():
 
 
 def test_single_weight_is_scale_free():
-  # n = 1: t = |w|, A = |w|, T = tanh(atanh(1/√3)) = 1/√3 -> g = sign(w)·atanh(1/√3)·(2/3)·√3
-  want = ATANH * (2 / 3) * math.sqrt(3)
+  # n = 1: t = |w|, A = |w|, s·a = c -> g = sign(w)·c·sech²(c)/tanh(c); with c = atanh(1/√3):
+  # T = 1/√3, sech² = 2/3 -> g = sign(w)·atanh(1/√3)·(2/3)·√3
+  want_exact = ATANH * (2 / 3) * math.sqrt(3)
+  want_ref = REF_C / math.cosh(REF_C) ** 2 / math.tanh(REF_C)
+  assert want_ref != pytest.approx(want_exact, rel=1e-6)
   for w in (0.3, -7.0, 1e-20, 3e25):
     for kappa in (0.0, 0.5, 0.99):
-      g = float(_np32(hypersparse_grad({"kernel": np.float32([[w]])}, kappa)["kernel"])[0, 0])
-      assert g == pytest.approx(math.copysign(want, w), rel=1e-5)
+      params = {"kernel": np.float32([[w]])}
+      g = float(_np32(hypersparse_grad(params, kappa, scale_constant=EXACT_SCALE)["kernel"])[0, 0])
+      assert g == pytest.approx(math.copysign(want_exact, w), rel=1e-5)
+      g = float(_np32(hypersparse_grad(params, kappa)["kernel"])[0, 0])
+      assert g == pytest.approx(math.copysign(want_ref, w), rel=1e-5)
+
+
+@pytest.mark.parametrize("c", [REF_C, ATANH, 1.0])
+def test_scale_constant_against_numpy_float64(c):
+  # large κ, where c matters most (the issue measured 2e-5 relative between the two constants)
+  params = _tree(np.random.default_rng(77), TREES["conv"])
+  for kappa in (0.9, 0.995):
+    got = hypersparse_grad(params, kappa, scale_constant=c)
+    _check_grad(got, params, kappa, rtol=2e-6, c=c)
+    auto = jax.grad(lambda p: hypersparse_penalty(p, kappa, scale_constant=c))(params)
+    _check_grad(auto, params, kappa, rtol=2e-6, c=c)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.6585, float("nan"), float("inf"), "0.6585", True])
+def test_bad_scale_constant_raises(bad):
+  params = {"kernel": np.ones((2, 2), np.float32)}
+  with pytest.raises((ValueError, TypeError), match="scale_constant"):
+    hypersparse_grad(params, 0.5, scale_constant=bad)
+  with pytest.raises((ValueError, TypeError), match="scale_constant"):
+    hypersparse_penalty(params, 0.5, scale_constant=bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +250,7 @@ def test_finite_differences_of_loss_form():
   w0 = w0.astype(np.float32).astype(np.float64)
   for kappa in (0.3, 0.6, 0.9):
     t = np.sort(np.abs(w0.ravel()))[int(math.floor(kappa * 15))]
-    s = ATANH / t
+    s = REF_C / t
     t0 = np.sum(np.tanh(s * np.abs(w0)))
 
     def loss(w):  # A·T(w)/T0 − A with s and T0 fixed numbers
@@ -299,6 +339,36 @@ def test_mixed_extreme_magnitudes_finite():
   for kappa in (0.5, 0.8):
     g = _np32(hypersparse_grad({"kernel": w}, kappa)["kernel"])
     assert np.all(np.isfinite(g)), (kappa, g)
+
+
+def test_float16_gradient_saturates_instead_of_overflowing():
+  # the issue's case: one 1e-7 weight at κ = 0 -> t = 1e-7, s·A/T ≈ 1.76e5 in float32 > 65504
+  w = np.float16([[1e-7, 0.5], [0.25, -0.75]])
+  params = {"kernel": w}
+  want = ref_hypersparse_grad(params, 0.0)[(jax.tree_util.DictKey("kernel"),)]
+  assert abs(want[0, 0]) > 65504  # float16 would overflow
+  g = hypersparse_grad(params, 0.0)["kernel"]
+  assert g.dtype == jnp.float16
+  assert float(g[0, 0]) == 65504.0  # saturated at float16's largest finite value, not inf
+  np.testing.assert_allclose(_np32(g).ravel()[1:], want.ravel()[1:], rtol=2e-3, atol=1e-3)
+  auto = jax.grad(lambda p: hypersparse_penalty(p, 0.0))(params)["kernel"]
+  assert auto.dtype == jnp.float16 and float(auto[0, 0]) == 65504.0
+  # the exact float32 value stays reachable
+  terms = penalties.hypersparse_terms(params, 0.0)
+  g32 = penalties.hypersparse_grad_from_terms(params, terms, float32=True)["kernel"]
+  assert g32.dtype == jnp.float32
+  np.testing.assert_allclose(float(g32[0, 0]), want[0, 0], rtol=1e-4)
+
+
+def test_saturating_cast():
+  x = jnp.float32([1e6, -1e6, 3.0, np.inf, -np.inf, np.nan])
+  got = _np32(penalties.saturating_cast(x, jnp.float16))
+  np.testing.assert_array_equal(got[:5], [65504.0, -65504.0, 3.0, 65504.0, -65504.0])
+  assert np.isnan(got[5])
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  assert float(penalties.saturating_cast(jnp.float32([3.4e38]), jnp.bfloat16)[0]) == big
+  same = penalties.saturating_cast(x, jnp.float32)  # no narrowing: unchanged
+  np.testing.assert_array_equal(_np32(same)[:5], _np32(x)[:5])
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -519,3 +519,103 @@ def test_check_steps_per_epoch_warns_when_the_loop_makes_other_step_counts():
     assert check_steps_per_epoch(state, 2, floor) == 4
   with pytest.raises(ValueError, match="exactly one art"):
     check_steps_per_epoch(optax.sgd(0.1).init(params), 1, 2)
+
+
+# ----- numerical edges: λ overflow, low-precision updates, non-finite weights ----------------------
+
+
+def test_lambda_overflow_epoch_against_python_floats():
+    from hypersparse_jax.transform import lambda_overflow_epoch
+    f32_max = float(np.finfo(np.float32).max)
+    for lam0, eta in [(5e-6, 2.0), (5e-6, 1.05), (2e-4, 1.25), (1e30, 10.0), (1e-3, 1.5)]:
+        k = lambda_overflow_epoch(lam0, eta)
+        # the first k with λ_init·η^k > float32 max, found by plain iteration
+        want = 0
+        while lam0 * eta ** want <= f32_max:
+            want += 1
+        assert k == want, (lam0, eta, k, want)
+    assert lambda_overflow_epoch(5e-6, 2.0) == 146  # the docstring's figure
+    assert lambda_overflow_epoch(5e-6, 1.0) is None and lambda_overflow_epoch(1.0, 0.5) is None
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_lambda_saturates_instead_of_inf(jit):
+    # η = 2: η^k overflows float32 from k = 128 although λ_init·η^k is still finite up to 145
+    sched = lambda_schedule(5e-6, 2.0, steps_per_epoch=1, warmup_epochs=0)
+    sched = jax.jit(sched) if jit else sched
+    f32_max = float(np.finfo(np.float32).max)
+    for k in (10, 127, 128, 140, 145):
+        np.testing.assert_allclose(float(sched(jnp.int32(k))), 5e-6 * 2.0 ** k, rtol=2e-5)
+    for k in (146, 147, 500):
+        assert float(sched(jnp.int32(k))) == f32_max
+    # the updates stay finite with a saturated λ and a finite gradient of 0 on zero weights
+    params = {"Dense_0": {"kernel": jnp.zeros((2, 2), jnp.float32)}}
+    tx = art(0.5, 5e-6, 2.0, steps_per_epoch=1, warmup_epochs=0, penalty="l1")
+    state = tx.init(params)
+    state = state._replace(count=jnp.int32(300))
+    updates, state = tx.update(params, state, params)
+    assert float(state.lambda_) == f32_max
+    assert np.all(np.isfinite(np.asarray(updates["Dense_0"]["kernel"])))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_updates_scale_lambda_in_float32_and_saturate(dtype):
+    # one 1e-7 weight at κ = 0: the HyperSparse gradient is ~1.8e5 in float32 (over float16's
+    # 65504); with λ = 0.01, λ·g ~ 1.8e3 is representable: it must not pass through inf
+    w = np.array([[1e-7, 0.5], [0.25, -0.75]], np.float32)
+    params = {"Dense_0": {"kernel": jnp.asarray(w, dtype)}}
+    w_cast = np.asarray(params["Dense_0"]["kernel"].astype(jnp.float32), np.float64)
+    g = np_hypersparse_grad({"Dense_0": {"kernel": w_cast}}, 0.0)["Dense_0"]["kernel"]
+    tx = art(0.0, 0.01, 1.0, steps_per_epoch=1, warmup_epochs=0)
+    zero = {"Dense_0": {"kernel": jnp.zeros((2, 2), dtype)}}
+    updates, state = tx.update(zero, tx.init(params), params)
+    got = np.asarray(updates["Dense_0"]["kernel"].astype(jnp.float32), np.float64)
+    assert updates["Dense_0"]["kernel"].dtype == dtype
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, 0.01 * g, rtol=1e-2)
+    # a λ·g beyond the dtype's range saturates at its largest finite value
+    lam = 1e3 if dtype == jnp.float16 else 1e36  # bfloat16 reaches 3.4e38, like float32
+    tx = art(0.0, lam, 1.0, steps_per_epoch=1, warmup_epochs=0)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    big = float(jnp.finfo(dtype).max)
+    assert float(updates["Dense_0"]["kernel"][0, 0].astype(jnp.float32)) == big
+
+
+def test_nonfinite_weights_are_counted_not_raised_under_jit():
+    params = jax.tree.map(jnp.asarray, _params(3))
+    tx = art(0.5, 0.1, 1.0, steps_per_epoch=1, warmup_epochs=1)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    _, state = update(grads, state, params)  # warm-up: nothing is computed or counted
+    assert int(state.nonfinite_steps) == 0
+    _, state = update(grads, state, params)  # finite weights
+    assert int(state.nonfinite_steps) == 0
+    bad = jax.tree.map(lambda x: x, params)
+    bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].at[0, 0].set(jnp.nan)
+    updates, state = update(grads, state, bad)
+    assert int(state.nonfinite_steps) == 1
+    # the regulariser added exactly nothing to the finite weights in that step (documented)
+    for leaf, w in zip(jax.tree.leaves(updates), jax.tree.leaves(bad)):
+        finite = np.isfinite(np.asarray(w))
+        np.testing.assert_array_equal(np.asarray(leaf)[finite], 0.0)
+    bad["Dense_1"]["kernel"] = bad["Dense_1"]["kernel"].at[0, 0].set(jnp.inf)
+    _, state = update(grads, state, bad)
+    assert int(state.nonfinite_steps) == 2
+
+
+def test_scale_constant_reaches_the_update():
+    from hypersparse_jax.penalties import EXACT_SCALE
+    params = jax.tree.map(jnp.asarray, _params(4))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    got = {}
+    for c in (0.6585, EXACT_SCALE):
+        tx = art(0.98, 1.0, 1.0, steps_per_epoch=1, warmup_epochs=0, scale_constant=c)
+        got[c], _ = tx.update(zero, tx.init(params), params)
+    want = np_hypersparse_grad(_params(4), 0.98)  # with the reference's 0.6585
+    _assert_tree_close(got[0.6585], want, rtol=2e-6, atol=1e-7)
+    diff = np.max(np.abs(np.asarray(got[0.6585]["Dense_0"]["kernel"])
+                         - np.asarray(got[EXACT_SCALE]["Dense_0"]["kernel"])))
+    assert diff > 0  # the constant is used, not ignored
+    with pytest.raises(ValueError, match="scale_constant"):
+        art(0.9, steps_per_epoch=1, scale_constant=-1.0)
