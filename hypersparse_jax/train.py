@@ -280,6 +280,18 @@ class MetricsLog:
       os.fsync(f.fileno())
 
 
+def near_zero_fraction(params, sparsity: float, rel: float = 1e-3):
+  """Fraction of prunable weights with ``|w| < rel · t`` (``t``: the threshold at ``sparsity``).
+
+  During ART no weight is exactly zero yet; this shows how far the regulariser has pushed the
+  weights below the pruning boundary towards zero (it approaches ``sparsity``).
+  """
+  t = masking.magnitude_threshold(params, sparsity)
+  leaves = masking.prunable_leaves(params)
+  small = sum(jnp.sum(jnp.abs(x.astype(jnp.float32)) < rel * t) for _, x in leaves)
+  return small / masking.num_prunable(leaves)
+
+
 def _is_terminal(stream) -> bool:
   """Progress bars only on a terminal: in a log file their redraws are noise."""
   try:
@@ -346,6 +358,7 @@ class Trainer:
         optax.sgd(config.lr, momentum=config.momentum))
     self.eval_step = make_eval_step(self.model, self.dataset)
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
+    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
 
@@ -548,6 +561,8 @@ class Trainer:
             extra["stop_reason"], extra["art_best_epoch"] = decision.reason, decision.best_epoch
             next_phase = "finetune"
         record["sparsity"] = masking.sparsity(state["params"])
+        if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
+          record["near_zero"] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
@@ -631,7 +646,8 @@ class Trainer:
              f"loss {r['train_loss']:.4f} train {r['train_accuracy']:.4f} "
              + (f"pruned {pruned:.4f} " if pruned is not None else "")
              + f"test {r['test_accuracy']:.4f} sparsity {r['sparsity']:.4f} "
-             f"({r['time']:.1f}s)")
+             + (f"near-zero {r['near_zero']:.4f} " if r.get("near_zero") is not None else "")
+             + f"({r['time']:.1f}s)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -650,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
   ref = REFERENCE_DEFAULTS
   p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASET_NAMES)
   p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR) or TinyImageNet folder")
-  p.add_argument("--download", action="store_true", help="let TFDS download CIFAR if missing")
+  p.add_argument("--download", action="store_true",
+                 help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
+                      "install 'hypersparse-jax[download]')")
   p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
                  help=f"reference: {ref['model']}; digits: mlp")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
@@ -680,9 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--weight-decay", type=float, default=None, help=f"reference: {ref['weight_decay']}")
   p.add_argument("--momentum", type=float, default=None, help=f"reference: {ref['momentum']}")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--outdir", default=None, help="run directory (default runs/<dataset>-<model>-<sparsity>)")
+  p.add_argument("--outdir", default=None, help="run directory, one run at a time (default "
+                 "runs/<dataset>-<model><depth>-<penalty>-<sparsity>); the same command on it "
+                 "again resumes")
   p.add_argument("--init-from", default=None,
-                 help="start from a hypersparse-jax run/checkpoint dir or a reference .pth(.tar)")
+                 help="start from a hypersparse-jax run dir, its checkpoints/ or checkpoints/best "
+                      "(or .../best/STEP), or a reference PyTorch .pth(.tar)")
   p.add_argument("--devices", type=int, default=None,
                  help="devices for data-parallel training (default: all local devices; 1: no "
                       "mesh); --batch-size must divide by it")

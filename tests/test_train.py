@@ -738,3 +738,47 @@ def test_unreadable_newest_checkpoint_is_one_line_with_details_in_a_log(run_a, t
     assert "Traceback" in f.read()
   assert read_json(os.path.join(outdir, "summary.json")) == read_json(
       os.path.join(run_a, "summary.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. What a log file and the run directory look like
+# ------------------------------------------------------------------------------------------------
+
+
+def test_log_without_terminal_files_with_umask_and_art_progress(tmp_path, capfd):
+  """Progress bars requested but stderr is no terminal (captured): no bar output. The stop
+  message follows the epoch line it refers to; ART epochs show the near-zero fraction; the run's
+  files get the permissions of the umask."""
+  outdir = str(tmp_path / "plain")
+  old_umask = os.umask(0o027)
+  try:
+    assert call_main([a for a in TINY if a != "--no-progress"] + ["--outdir", outdir]) == 0
+  finally:
+    os.umask(old_umask)
+  out, err = capfd.readouterr()
+  assert "\r" not in err and "it/s" not in err, err[-500:]
+  for name in ("config.json", "metrics.jsonl", "summary.json", "model_sparse.npz"):
+    assert os.stat(os.path.join(outdir, name)).st_mode & 0o777 == 0o640, name
+  lines = out.splitlines()
+  art_lines = [i for i, line in enumerate(lines) if " art " in line and line.startswith("epoch")]
+  stop = [i for i, line in enumerate(lines)
+          if "regularisation done" in line or "stop rule not met" in line]
+  assert len(stop) == 1 and stop[0] == art_lines[-1] + 1, out
+  records = read_metrics(outdir)
+  art_records = [r for r in records if r["phase"] == "art"]
+  assert all(("near_zero" in r) == (r["phase"] == "art") for r in records)
+  for i, r in zip(art_lines, art_records):
+    assert f"near-zero {r['near_zero']:.4f}" in lines[i]
+
+
+def test_near_zero_fraction_against_numpy():
+  rng = np.random.default_rng(0)
+  w1 = rng.normal(size=(40, 30)).astype(np.float32)
+  w1[:, :20] *= 1e-6  # two thirds of this kernel pushed towards zero
+  w2 = rng.normal(size=(30, 10)).astype(np.float32)
+  params = {"a": {"kernel": w1, "bias": np.zeros(30, np.float32)}, "b": {"kernel": w2}}
+  a = np.sort(np.abs(np.concatenate([w1.ravel(), w2.ravel()])))
+  t = a[int(np.floor(0.9 * a.size))]
+  want = np.mean(a < 1e-3 * t)
+  assert 0.5 < want < 0.9
+  assert float(train.near_zero_fraction(params, 0.9)) == pytest.approx(want, abs=1e-7)
