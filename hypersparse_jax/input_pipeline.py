@@ -264,7 +264,7 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
             raise ImportError(
                 f"downloading and preparing {name} with TFDS needs TensorFlow, which is not "
                 "installed: pip install 'hypersparse-jax[download]' (or prepare it once where "
-                "TensorFlow is installed and pass its --data-dir)"
+                "TensorFlow is installed, then use data_dir=<that TFDS directory>)"
             )
     try:
         # Explicit split names: with split=None TFDS needs the split metadata, which mocks lack.
@@ -293,8 +293,7 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
         raise FileNotFoundError(
             f"No prepared {name} data found at {where or 'the TFDS default data_dir'} "
             f"(data_dir={data_dir!r}); pass --data-dir to an existing TFDS data directory holding "
-            f"{name} in array_record format, or allow download (--download on the command line, "
-            "download=True in Python)"
+            f"{name} in array_record format, or allow download (download=True)"
         ) from err
 
     train_images, train_labels = _read_source(train_source)

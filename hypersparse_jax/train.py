@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -761,6 +762,17 @@ def _check_resumable(outdir: str, config: dict) -> None:
                      "(saved, requested); use another --outdir")
 
 
+# Library messages name Python arguments; the command line names its options.
+_CLI_TERMS = ((re.compile(r"\bdata_dir="), "--data-dir "), (re.compile(r"\bdownload=True\b"),
+                                                            "--download"))
+
+
+def _in_cli_terms(message: str) -> str:
+  for pattern, option in _CLI_TERMS:
+    message = pattern.sub(option, message)
+  return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input,
   1 when training diverged, 130 when interrupted)."""
@@ -798,7 +810,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
   except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, run_dir.RunDirBusy,
           checkpointing.CheckpointError, ImportError) as e:
-    print(f"hypersparse-train: error: {e}", file=sys.stderr)
+    print(f"hypersparse-train: error: {_in_cli_terms(str(e))}", file=sys.stderr)
     return 2
   finally:
     if lock is not None:

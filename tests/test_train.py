@@ -417,9 +417,11 @@ def test_cifar10_without_data_errors_cleanly(tmp_path, capsys):
   data_dir = tmp_path / "tfds"
   data_dir.mkdir()
   outdir = str(tmp_path / "out")
-  _assert_clean_error(["--dataset", "cifar10", "--model", "mlp", "--data-dir", str(data_dir),
-                       "--no-progress", "--outdir", outdir], capsys, outdir)
+  line = _assert_clean_error(["--dataset", "cifar10", "--model", "mlp", "--data-dir",
+                              str(data_dir), "--no-progress", "--outdir", outdir], capsys, outdir)
   assert os.listdir(data_dir) == []
+  assert "--download" in line and "--data-dir" in line  # the CLI's options, not Python's
+  assert "download=True" not in line and "data_dir=" not in line
 
 
 def test_other_config_in_existing_outdir_errors(run_a, tmp_path, capsys):
