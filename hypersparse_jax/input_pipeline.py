@@ -268,8 +268,11 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
             )
     try:
         # Explicit split names: with split=None TFDS needs the split metadata, which mocks lack.
+        # A download must be prepared as array_record: TFDS's default (tfrecord) is written
+        # fine and then refused by data_source, which needs random access.
         train_source, test_source = tfds.data_source(
-            name, split=["train", "test"], data_dir=data_dir, download=download
+            name, split=["train", "test"], data_dir=data_dir, download=download,
+            download_and_prepare_kwargs={"file_format": "array_record"} if download else None,
         )
     except Exception as err:
         if download:

@@ -509,8 +509,9 @@ class _ReachedTheNetwork(Exception):
 
 
 def test_tfds_cifar10_download_path_gets_as_far_as_the_network(tmp_path, monkeypatch):
-    """The README's ``tfds.data_source('cifar10', download=True)``: everything up to the download
-    itself imports and runs (it used to stop at ``No module named 'importlib_resources'``)."""
+    """``tfds.data_source('cifar10', download=True)`` (the README's former step): everything up
+    to the download itself imports and runs with the declared dependencies (it used to stop at
+    ``No module named 'importlib_resources'``)."""
     import tensorflow_datasets as tfds
 
     urls = []
@@ -544,7 +545,8 @@ def _fake_cifar10_archive(root, rng, n_train=2, n_test=3):
 
 def test_tfds_cifar10_preparation_from_a_download_reads_back(tmp_path, monkeypatch):
     """Download stubbed with a small archive in CIFAR's own binary format: TFDS prepares it (with
-    what the ``download`` extra installs) and ``load_dataset`` reads the same pixels back."""
+    what the ``download`` extra installs) and ``load_dataset`` reads the same pixels back. (TFDS
+    prepares tfrecord by default, which its data_source then refuses: array_record is asked.)"""
     pytest.importorskip("tensorflow")
     import tensorflow_datasets as tfds
 
