@@ -1,8 +1,9 @@
 """Quickstart: warm-up -> ART with HyperSparse -> masked fine-tuning, in your own training loop.
 
 Trains a small Flax MLP on scikit-learn's bundled handwritten digits (no download) to 90 %
-sparsity and prints dense accuracy, pruned test accuracy and the achieved sparsity. Runs in well
-under a minute on 2 CPU cores:
+sparsity and prints dense accuracy, pruned test accuracy (of the final fine-tune epoch: no
+choice made on the test set) and the achieved sparsity. Runs in well under a minute on 2 CPU
+cores:
 
     python examples/quickstart.py [--sparsity 0.9] [--seed 0]
 """
@@ -103,14 +104,16 @@ def main():
   tx = optax.chain(hypersparse.fixed_mask(mask), optax.add_decayed_weights(1e-4),
                    optax.sgd(0.05, momentum=0.9))
   opt_state, step = tx.init(params), make_step(tx)
-  best_test = 0.0
+  test_accs = []
   for e in range(finetune):
     params, opt_state = run_epoch(step, params, opt_state, epoch + 1 + e)
-    best_test = max(best_test, float(accuracy(params, x_test, y_test)))
+    test_accs.append(float(accuracy(params, x_test, y_test)))
 
   print(hypersparse.sparsity_report(params))
   print(f"dense test accuracy (end of ART): {dense_test:.4f}")
-  print(f"pruned test accuracy (best fine-tune epoch): {best_test:.4f}")
+  print(f"pruned test accuracy (final fine-tune epoch): {test_accs[-1]:.4f}")
+  # what the reference reports: the best epoch chosen on the test set itself (optimistic)
+  print(f"  best fine-tune epoch on the test set (reference's convention): {max(test_accs):.4f}")
   print(f"sparsity achieved: {hypersparse.sparsity(params):.4f} (target {args.sparsity})")
   print(f"wall time: {time.time() - start:.1f}s")
 

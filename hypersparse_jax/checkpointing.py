@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: latest (every epoch), best and initial weights.
+"""Orbax checkpoints of a training run: latest (every epoch), best, best_val and initial weights.
 
 Each checkpoint is an orbax step directory holding two items: ``state`` (a pytree of arrays:
 parameters, batch statistics, optimiser state, controller payloads) and ``meta`` (JSON: phase,
@@ -60,8 +60,26 @@ def _unraisable_to(stream):
     sys.unraisablehook = previous
 
 
+class _Managers(dict):
+  """``{kind: CheckpointManager}``, each made (and its folder created) on first use."""
+
+  def __init__(self, directory: str, keep: dict, create: bool = True):
+    super().__init__()
+    self.directory, self.keep, self.create = directory, keep, create
+
+  def __missing__(self, kind):
+    if kind not in self.keep:
+      raise ValueError(f"unknown checkpoint kind {kind!r}; allowed: {sorted(self.keep)}")
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep[kind], create=self.create,
+                                           enable_async_checkpointing=False,
+                                           read_only=not self.create)
+    self[kind] = ocp.CheckpointManager(os.path.join(self.directory, kind), options=options)
+    return self[kind]
+
+
 class RunCheckpoints:
-  """Checkpoint managers of one run directory: ``latest``, ``best`` and ``init``.
+  """Checkpoint managers of one run directory: ``latest``, ``best`` (the reference's: best
+  test accuracy), ``best_val`` (best validation accuracy) and ``init``.
 
   Args:
     directory: the run's checkpoint folder (created if missing).
@@ -69,18 +87,14 @@ class RunCheckpoints:
     create: False to only read (e.g. ``--init-from`` another run): nothing is created there.
   """
 
+  KINDS = ("latest", "best", "best_val", "init")
+
   def __init__(self, directory: str | os.PathLike, keep: int = 2, *, create: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
     self.error_log = os.path.join(self.directory, "restore-errors.log")
     self.skipped = []  # steps the last restore_latest could not read
-    options = lambda n: ocp.CheckpointManagerOptions(  # noqa: E731
-        max_to_keep=n, create=create, enable_async_checkpointing=False,
-        read_only=not create)
-    self._managers = {
-        "latest": ocp.CheckpointManager(os.path.join(self.directory, "latest"), options=options(keep)),
-        "best": ocp.CheckpointManager(os.path.join(self.directory, "best"), options=options(1)),
-        "init": ocp.CheckpointManager(os.path.join(self.directory, "init"), options=options(1)),
-    }
+    self._managers = _Managers(self.directory, {"latest": keep, "best": 1, "best_val": 1,
+                                                "init": 1}, create)
 
   def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
     """Saves ``state`` (pytree) and ``meta`` (JSON-able dict) as ``kind`` at ``step``.
@@ -96,6 +110,9 @@ class RunCheckpoints:
       self._managers[kind].wait_until_finished()
 
   def steps(self, kind: str) -> list:
+    if kind in self._managers.keep and kind not in self._managers and not os.path.isdir(
+        os.path.join(self.directory, kind)):
+      return []  # nothing saved (and no folder created just to look)
     return sorted(self._managers[kind].all_steps())
 
   def restore_meta(self, kind: str, step: Optional[int] = None) -> Optional[dict]:

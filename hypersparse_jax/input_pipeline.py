@@ -37,6 +37,7 @@ __all__ = [
     "DATASET_NAMES",
     "Dataset",
     "load_dataset",
+    "with_validation_split",
     "steps_per_epoch",
     "epoch_permutation",
     "train_batches",
@@ -86,6 +87,9 @@ class Dataset:
       std: per-channel standard deviation in [0, 1] units (length C), all positive.
       crop_padding: zero padding in pixels for the random crop (0 disables cropping).
       flip: whether training augmentation flips horizontally with probability 0.5.
+      val_images: uint8 ``(N_val, H, W, C)`` held out of the training data, or None (see
+        :func:`with_validation_split`).
+      val_labels: int32 ``(N_val,)``, or None.
 
     Raises:
       TypeError: on wrong dtypes.
@@ -102,9 +106,13 @@ class Dataset:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     def __post_init__(self):
-        for split in ("train", "test"):
+        if (self.val_images is None) != (self.val_labels is None):
+            raise ValueError(f"{self.name}: give both val_images and val_labels, or neither")
+        for split in ("train", "test") + (("val",) if self.val_labels is not None else ()):
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
@@ -160,6 +168,11 @@ class Dataset:
         """Number of test examples."""
         return len(self.test_labels)
 
+    @property
+    def num_val(self) -> int:
+        """Number of validation examples (0 without a validation split)."""
+        return 0 if self.val_labels is None else len(self.val_labels)
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -214,6 +227,50 @@ def load_dataset(
             "(automatic download is not supported)"
         )
     return _load_tinyimagenet(pathlib.Path(data_dir).expanduser(), cache=cache)
+
+
+def with_validation_split(dataset: Dataset, fraction: float, *, seed: int) -> Dataset:
+    """Holds ``round(fraction · N_train)`` training examples out as a validation split.
+
+    Which examples is a function of ``seed`` only (a seeded permutation; the chosen examples keep
+    their original order in both parts), so every run and every process with the same seed gets
+    the same split. The validation split is evaluated like the test split (no augmentation);
+    the remaining examples are the training data.
+
+    Args:
+      dataset: a dataset without a validation split.
+      fraction: in ``(0, 1)``; the split must leave at least one example on each side.
+      seed: non-negative seed.
+
+    Returns:
+      A new ``Dataset`` with fewer training examples and ``val_images``/``val_labels`` set.
+
+    Raises:
+      ValueError: on a fraction outside ``(0, 1)``, an empty side, a negative seed, or a dataset
+        that already has a validation split.
+    """
+    if dataset.val_labels is not None:
+        raise ValueError(f"{dataset.name} already has a validation split")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    n = dataset.num_train
+    num_val = int(round(fraction * n))
+    if not 0 < num_val < n:
+        raise ValueError(f"validation fraction {fraction} of {n} training examples leaves "
+                         f"{num_val} for validation and {n - num_val} for training; both need >= 1")
+    # a tag keeps this permutation apart from the epoch orders of the same seed
+    chosen = np.random.default_rng([int(seed), 0x5EED_FA1]).permutation(n)[:num_val]
+    is_val = np.zeros(n, bool)
+    is_val[chosen] = True
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[~is_val],
+        train_labels=dataset.train_labels[~is_val],
+        val_images=dataset.train_images[is_val],
+        val_labels=dataset.train_labels[is_val],
+    )
 
 
 def _load_digits() -> Dataset:

@@ -11,8 +11,20 @@ scikit-learn's bundled digits (no download).
 Run the same command with the same ``--outdir`` again to resume a stopped or killed run from
 its latest checkpoint; it ends exactly as an uninterrupted run would (the data order and the
 random augmentation depend only on ``(seed, epoch, step)``). ``--outdir`` receives
-``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/{latest,best,init}``,
-``model_sparse.npz`` and, with ``--plot``, ``curves.png``.
+``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/{latest,best,init}``
+(``best_val`` too with ``--val-fraction``), ``model_sparse.npz`` and, with ``--plot``,
+``curves.png``.
+
+Decisions follow the authors' code by default: the ART window rule of their ``ART`` class
+(``--art-rule reference``), the pruned copy's accuracy measured on the training data as the
+training loader serves it, i.e. augmented (``--pruned-eval augmented``), HyperSparse's 0.6585.
+
+Which accuracy is reported. The reference reports the best test accuracy over the fine-tune
+epochs, i.e. it selects the epoch on the test set; ``summary.json`` keeps that figure as
+``best_test_accuracy`` (comparable with the paper's tables only). The headline
+``test_accuracy`` does not look at the test set to choose: it is the test accuracy of the
+fine-tune epoch with the best validation accuracy when ``--val-fraction`` holds part of the
+training data out (``selection: "best_val"``), else of the final epoch (``selection: "final"``).
 """
 
 from __future__ import annotations
@@ -36,9 +48,12 @@ import optax
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
 from hypersparse_jax import host_memory, init_source, run_dir, sharding
-from hypersparse_jax.controller import ARTController
+from hypersparse_jax.controller import RULES, ARTController
 
 PHASES = ("warmup", "art", "finetune")
+PRUNED_EVALS = ("augmented", "clean")
+# fold_in tag of the pruned-evaluation augmentation keys (epoch keys use tags 1..epochs)
+_PRUNED_EVAL_TAG = 2**31 - 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +96,9 @@ class TrainConfig:
   momentum: float = 0.9
   seed: int = 0
   init_from: Optional[str] = None
+  val_fraction: float = 0.0        # held out of the training data for selection (0: none)
+  art_rule: str = "reference"      # ARTController rule: 'reference' or 'best_mean'
+  pruned_eval: str = "augmented"   # pruned copy measured on 'augmented' or 'clean' train data
 
   def validate(self):
     """Raises ValueError (one line naming the option, the value and what is allowed) for any
@@ -123,6 +141,19 @@ class TrainConfig:
     if steps and not (steps[0] >= 0 and steps[-1] < self.epochs):
       raise ValueError(f"--lr-steps must lie in [0, --epochs) = [0, {self.epochs}) (fine-tune "
                        f"epochs), got {' '.join(map(str, steps))}")
+    if not 0 <= self.val_fraction < 1:
+      raise ValueError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+    if self.art_rule not in RULES:
+      raise ValueError(f"--art-rule must be one of {', '.join(RULES)}, got {self.art_rule!r}")
+    if self.pruned_eval not in PRUNED_EVALS:
+      raise ValueError(f"--pruned-eval must be one of {', '.join(PRUNED_EVALS)}, "
+                       f"got {self.pruned_eval!r}")
+    overflow = art_lib.lambda_overflow_epoch(self.lambda_init, self.eta)
+    if overflow is not None and overflow < self.max_art_epochs:
+      raise ValueError(
+          f"--lambda-init {self.lambda_init} with --eta {self.eta} exceeds float32 (3.4e38) at "
+          f"regularisation epoch {overflow}, within --max-art-epochs {self.max_art_epochs}; "
+          f"lower --eta or --max-art-epochs")
 
 
 def check_devices(devices: Optional[int], shard_params: bool) -> None:
@@ -140,10 +171,11 @@ def check_devices(devices: Optional[int], shard_params: bool) -> None:
 # values of the run that created it). ``--no-progress``, ``--plot``, ``--devices``,
 # ``--shard-params`` and ``--no-retain-host-memory`` are not in config.json at all.
 RESUME_FREE_KEYS = frozenset({"download"})
-# Keys that config.json files of older versions lack, with the value that those versions
-# behaved as (a missing key is accepted only if the resumed run asks for exactly that value).
-# No validation split existed before ``val_fraction``.
-LEGACY_DEFAULTS = {"val_fraction": 0.0}
+# Keys that config.json files of version 0.1 lack, with the value that version behaved as (a
+# missing key is accepted only if the resumed run asks for exactly that value): it had no
+# validation split, only the best-window-mean rule, and measured the pruned copy on the clean
+# (un-augmented) training images.
+LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": "clean"}
 
 
 def _normalized_path(path):
@@ -177,8 +209,11 @@ def resume_differences(saved: dict, requested: dict) -> dict:
     old = saved_n.get(key, LEGACY_DEFAULTS.get(key, missing))
     new = requested_n.get(key, missing)
     if old != new:
-      diff[key] = ("<missing>" if old is missing else saved.get(key, old),
-                   "<missing>" if new is missing else requested.get(key))
+      if key not in saved and key in LEGACY_DEFAULTS:
+        shown = f"not recorded: {LEGACY_DEFAULTS[key]!r} in the version that wrote it"
+      else:
+        shown = "<missing>" if old is missing else saved.get(key, old)
+      diff[key] = (shown, "<missing>" if new is missing else requested.get(key))
   return diff
 
 
@@ -228,11 +263,20 @@ def make_train_step(model, tx, dataset: input_pipeline.Dataset, *, state_shardin
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(model, dataset: input_pipeline.Dataset):
-  """``(params, batch_stats, batch) -> number of correct predictions`` (eval mode)."""
+def make_eval_step(model, dataset: input_pipeline.Dataset, *, augmented: bool = False):
+  """``(params, batch_stats, batch[, key]) -> number of correct predictions`` (eval mode).
 
-  def step(params, batch_stats, batch):
-    images = input_pipeline.normalize(batch["image"], dataset.mean, dataset.std)
+  With ``augmented=True`` the step takes a PRNG key and applies the training augmentation
+  (random crop, flip) before the eval-mode forward pass: what the reference measures when it
+  runs its test function over the training loader.
+  """
+
+  def step(params, batch_stats, batch, key=None):
+    if augmented:
+      images = input_pipeline.augment(key, batch["image"], mean=dataset.mean, std=dataset.std,
+                                      crop_padding=dataset.crop_padding, flip=dataset.flip)
+    else:
+      images = input_pipeline.normalize(batch["image"], dataset.mean, dataset.std)
     logits = model.apply(_variables(params, batch_stats), images, train=False)
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return jnp.sum(correct.astype(jnp.int32))
@@ -240,11 +284,22 @@ def make_eval_step(model, dataset: input_pipeline.Dataset):
   return jax.jit(step)
 
 
-def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=None) -> float:
-  """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch."""
+def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=None,
+             key=None) -> float:
+  """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch.
+
+  ``key``: for an augmented ``eval_step``; batch ``i`` gets ``fold_in(key, i)``.
+  """
   correct = 0
-  for batch in input_pipeline.eval_batches(images, labels, batch_size):
-    correct += int(eval_step(params, batch_stats, batch if place is None else place(batch)))
+  pending = []
+  for i, batch in enumerate(input_pipeline.eval_batches(images, labels, batch_size)):
+    batch = batch if place is None else place(batch)
+    if key is None:
+      pending.append(eval_step(params, batch_stats, batch))
+    else:
+      pending.append(eval_step(params, batch_stats, batch, jax.random.fold_in(key, i)))
+  for count in jax.device_get(pending):  # one sync at the end, not one per batch
+    correct += int(count)
   return correct / len(labels)
 
 
@@ -317,14 +372,29 @@ def _to_host(tree):
 # ------------------------------------------------------------------------------------------------
 
 
+# Run state kept in the checkpoint metadata beside the arrays (defaults: a fresh run).
+_EXTRA_DEFAULTS = {
+    "best_test_accuracy": None, "best_test_epoch": None, "best_val_accuracy": None,
+    "best_val_epoch": None, "test_at_best_val": None, "final_test_accuracy": None,
+    "final_val_accuracy": None, "final_epoch": None, "art_epochs": 0, "lambda_final": 0.0,
+    "finished": False, "art_best_epoch": None, "stop_reason": None, "ft_start": None}
+
+
 class Trainer:
-  """One ART run: owns the model, data, steps, controller and checkpoints of ``outdir``."""
+  """One ART run: owns the model, data, steps, controller and checkpoints of ``outdir``.
+
+  ``on_epoch(record)``, if given, is called after every epoch's checkpoint is saved, with that
+  epoch's ``metrics.jsonl`` record; an exception it raises (e.g. ``optuna.TrialPruned``) leaves
+  :meth:`run` and the run stays resumable from that checkpoint.
+  """
 
   def __init__(self, config: TrainConfig, outdir: str, *, progress: bool = True,
-               log=print, devices: Optional[int] = None, shard_params: bool = False):
+               log=print, devices: Optional[int] = None, shard_params: bool = False,
+               on_epoch=None):
     config.validate()
     self.cfg, self.outdir, self.progress, self.log = config, outdir, progress, log
     self.epoch = None  # the epoch being trained (for the message of an interrupted run)
+    self.on_epoch = on_epoch
     # devices: None = all local devices, 1 = no mesh (plain single-device arrays).
     self.mesh = None
     if devices is None and len(jax.local_devices()) > 1 or devices is not None and devices > 1:
@@ -336,6 +406,9 @@ class Trainer:
     n = 1 if self.mesh is None else sharding.num_shards(self.mesh)
     self.eval_batch_size = -(-config.eval_batch_size // n) * n  # padding only: same accuracy
     self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.download)
+    if config.val_fraction > 0:
+      self.dataset = input_pipeline.with_validation_split(self.dataset, config.val_fraction,
+                                                          seed=config.seed)
     self.model = models.create_model(
         config.model, num_classes=self.dataset.num_classes, depth=config.depth,
         batch_norm=config.batch_norm)
@@ -358,6 +431,8 @@ class Trainer:
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(config.lr, momentum=config.momentum))
     self.eval_step = make_eval_step(self.model, self.dataset)
+    self.pruned_eval_step = make_eval_step(self.model, self.dataset,
+                                           augmented=config.pruned_eval == "augmented")
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
@@ -487,6 +562,22 @@ class Trainer:
     return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
                     self.dataset.test_labels, self.eval_batch_size, self.place_batch)
 
+  def _val_accuracy(self, params, batch_stats):
+    if self.dataset.val_labels is None:
+      return None
+    return evaluate(self.eval_step, params, batch_stats, self.dataset.val_images,
+                    self.dataset.val_labels, self.eval_batch_size, self.place_batch)
+
+  def _pruned_train_accuracy(self, params, batch_stats, epoch):
+    """The pruned copy's accuracy on the training data, eval mode; augmented as the training
+    loader serves it (a fresh augmentation per epoch, a function of ``(seed, epoch)``), or on
+    the clean images with ``pruned_eval='clean'``."""
+    key = None
+    if self.cfg.pruned_eval == "augmented":
+      key = jax.random.fold_in(jax.random.fold_in(self.key, _PRUNED_EVAL_TAG), epoch)
+    return evaluate(self.pruned_eval_step, params, batch_stats, self.dataset.train_images,
+                    self.dataset.train_labels, self.eval_batch_size, self.place_batch, key)
+
   # ----- the protocol -----
 
   def run(self) -> dict:
@@ -503,10 +594,8 @@ class Trainer:
       phase, epoch = ("warmup" if cfg.warmup_epochs > 0 else "art"), 0
       state = self.place({"params": self.params, "batch_stats": self.batch_stats,
                           "opt_state": self.art_tx.init(self.params)})
-      controller = ARTController(cfg.window, cfg.max_art_epochs)
-      extra = {"best_test_accuracy": None, "best_epoch": None, "art_epochs": 0,
-               "lambda_final": 0.0, "finished": False, "art_best_epoch": None,
-               "stop_reason": None, "ft_start": None}
+      controller = ARTController(cfg.window, cfg.max_art_epochs, cfg.art_rule)
+      extra = dict(_EXTRA_DEFAULTS)
     else:
       step, meta, restored = resumed
       if meta.get("finished") and os.path.exists(summary_path):
@@ -517,9 +606,11 @@ class Trainer:
       state = restored["train"]
       controller = (ARTController.from_state_dict(meta["controller"], restored["controller"])
                     if meta["controller"] is not None else None)
-      extra = {k: meta[k] for k in ("best_test_accuracy", "best_epoch", "art_epochs",
-                                    "lambda_final", "finished", "art_best_epoch", "stop_reason",
-                                    "ft_start")}
+      if controller is not None and controller.rule != cfg.art_rule:
+        raise ValueError(f"{self.outdir} was checkpointed with the {controller.rule!r} window rule "
+                         f"(hypersparse-jax 0.1 knew only that one); resume it with --art-rule "
+                         f"{controller.rule} or start a new --outdir")
+      extra = {k: meta.get(k, v) for k, v in _EXTRA_DEFAULTS.items()}
       self.log(f"resuming {self.outdir} at epoch {epoch} ({phase}) from checkpoint {step}")
     metrics_log = MetricsLog(os.path.join(self.outdir, "metrics.jsonl"), epoch)
 
@@ -528,7 +619,6 @@ class Trainer:
     if phase == "finetune":
       ft_step = self._make_step(self.finetune_tx(state["opt_state"][0].mask), state["params"])
     total_epochs_hint = cfg.warmup_epochs + cfg.epochs
-    test_acc = None
     while True:
       start = time.time()
       self.epoch = epoch
@@ -541,17 +631,16 @@ class Trainer:
         test_acc = self._test_accuracy(state["params"], state["batch_stats"])
         record.update(phase_epoch=epoch if phase == "warmup" else epoch - cfg.warmup_epochs,
                       **{"lambda": lam}, lr=cfg.lr, train_loss=loss, train_accuracy=train_acc,
-                      test_accuracy=test_acc, pruned_train_accuracy=None, window_mean=None,
-                      best_window_mean=None)
+                      test_accuracy=test_acc,
+                      val_accuracy=self._val_accuracy(state["params"], state["batch_stats"]),
+                      pruned_train_accuracy=None, window_mean=None, best_window_mean=None)
         next_phase = phase
         if epoch + 1 >= cfg.warmup_epochs and phase == "warmup":
           next_phase = "art"
         if phase == "art":
           mask = self.mask_fn(state["params"])
           pruned = masking.apply_mask(state["params"], mask)
-          pruned_acc = evaluate(self.eval_step, pruned, state["batch_stats"],
-                                self.dataset.train_images, self.dataset.train_labels,
-                                self.eval_batch_size, self.place_batch)
+          pruned_acc = self._pruned_train_accuracy(pruned, state["batch_stats"], epoch)
           payload = _to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
           decision = controller.update(epoch, pruned_acc, train_acc, payload)
           extra["art_epochs"] = controller.epochs_seen
@@ -583,6 +672,8 @@ class Trainer:
           controller = None
         extra["ft_start"] = ft_start
         self._save(next_phase, epoch, state, controller, extra)
+        if self.on_epoch is not None:
+          self.on_epoch(record)
         phase = next_phase
       else:
         ft_epoch = epoch - ft_start
@@ -591,31 +682,41 @@ class Trainer:
         state, loss, train_acc = self._train_epoch(ft_step, state, epoch, f"finetune {ft_epoch}")
         self._check_finite(state, loss, epoch, phase)
         test_acc = self._test_accuracy(state["params"], state["batch_stats"])
+        val_acc = self._val_accuracy(state["params"], state["batch_stats"])
         lr = cfg.lr * cfg.lr_decay ** sum(ft_epoch >= s for s in cfg.lr_steps)
         record.update(phase_epoch=ft_epoch, **{"lambda": 0.0}, lr=lr, train_loss=loss,
                       train_accuracy=train_acc, pruned_train_accuracy=None, test_accuracy=test_acc,
-                      window_mean=None, best_window_mean=None,
+                      val_accuracy=val_acc, window_mean=None, best_window_mean=None,
                       sparsity=masking.sparsity(state["params"]), time=time.time() - start)
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        # the reference's convention: the fine-tune epoch with the best test accuracy
         if extra["best_test_accuracy"] is None or test_acc > extra["best_test_accuracy"]:
-          extra["best_test_accuracy"], extra["best_epoch"] = test_acc, epoch
-          self.ckpt.save("best", epoch, {"params": state["params"],
-                                         "batch_stats": state["batch_stats"]},
-                         {"test_accuracy": test_acc, "epoch": epoch})
+          extra["best_test_accuracy"], extra["best_test_epoch"] = test_acc, epoch
+          self.ckpt.save("best", epoch, variables, {"test_accuracy": test_acc, "epoch": epoch})
+        # ours: the epoch with the best validation accuracy (test accuracy only reported)
+        if val_acc is not None and (extra["best_val_accuracy"] is None
+                                    or val_acc > extra["best_val_accuracy"]):
+          extra.update(best_val_accuracy=val_acc, best_val_epoch=epoch,
+                       test_at_best_val=test_acc)
+          self.ckpt.save("best_val", epoch, variables,
+                         {"val_accuracy": val_acc, "test_accuracy": test_acc, "epoch": epoch})
+        extra["final_test_accuracy"], extra["final_val_accuracy"] = test_acc, val_acc
+        extra["final_epoch"] = epoch
         metrics_log.append(record)
         self._log_epoch(record)
         if ft_epoch + 1 >= cfg.epochs:
           extra["finished"] = True
         self._save("finetune", epoch, state, None, extra)
+        if self.on_epoch is not None:
+          self.on_epoch(record)
         if extra["finished"]:
           break
       epoch += 1
       if epoch > total_epochs_hint + cfg.max_art_epochs + 1:
         raise RuntimeError("internal error: epoch counter ran past every phase")
-    if cfg.epochs > 0 and test_acc is None:  # killed after the last checkpoint, before summary
-      test_acc = self._test_accuracy(state["params"], state["batch_stats"])
-    return self._finish(state, extra, test_acc if cfg.epochs > 0 else None)
+    return self._finish(state, extra)
 
-  def _finish(self, state, extra, final_test_acc):
+  def _finish(self, state, extra):
     cfg = self.cfg
     params, stats = state["params"], state["batch_stats"]
     mask = state["opt_state"][0].mask
@@ -623,12 +724,25 @@ class Trainer:
     export = sparse_export.export_sparse(variables, mask,
                                          os.path.join(self.outdir, "model_sparse.npz"))
     report = masking.sparsity_report(params)
+    by_val = extra["best_val_epoch"] is not None
     summary = {
         "dataset": cfg.dataset, "model": cfg.model, "depth": cfg.depth,
         "penalty": cfg.penalty, "seed": cfg.seed,
         "sparsity_target": cfg.sparsity, "sparsity_achieved": report.sparsity,
-        "test_accuracy": extra["best_test_accuracy"], "best_epoch": extra["best_epoch"],
-        "final_test_accuracy": final_test_acc, "art_epochs": extra["art_epochs"],
+        # the headline: chosen without looking at the test set
+        "test_accuracy": extra["test_at_best_val"] if by_val else extra["final_test_accuracy"],
+        "selection": "best_val" if by_val else "final",
+        "selected_epoch": extra["best_val_epoch"] if by_val else extra["final_epoch"],
+        "val_accuracy": extra["best_val_accuracy"] if by_val else extra["final_val_accuracy"],
+        "best_val_accuracy": extra["best_val_accuracy"],
+        # the reference's convention (best fine-tune epoch on the test set): its tables' figure
+        "best_test_accuracy": extra["best_test_accuracy"],
+        "best_test_epoch": extra["best_test_epoch"],
+        "final_test_accuracy": extra["final_test_accuracy"],
+        "val_fraction": cfg.val_fraction, "num_train": self.dataset.num_train,
+        "num_val": self.dataset.num_val, "num_test": self.dataset.num_test,
+        "art_rule": cfg.art_rule, "pruned_eval": cfg.pruned_eval,
+        "art_epochs": extra["art_epochs"],
         "art_best_epoch": extra["art_best_epoch"], "stop_reason": extra["stop_reason"],
         "lambda_final": extra["lambda_final"], "num_weights": report.total,
         "num_nonzero_weights": report.kept, "dense_bytes": export["dense_bytes"],
@@ -637,7 +751,7 @@ class Trainer:
     _atomic_write(os.path.join(self.outdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     self.log(str(report))
     self.log("summary: " + json.dumps({k: summary[k] for k in (
-        "test_accuracy", "final_test_accuracy", "sparsity_achieved", "art_epochs",
+        "test_accuracy", "selection", "best_test_accuracy", "sparsity_achieved", "art_epochs",
         "compression_ratio")}))
     return summary
 
@@ -699,6 +813,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--weight-decay", type=float, default=None, help=f"reference: {ref['weight_decay']}")
   p.add_argument("--momentum", type=float, default=None, help=f"reference: {ref['momentum']}")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--val-fraction", type=float, default=0.0,
+                 help="hold this fraction of the training data out (seeded) and report the test "
+                      "accuracy of the fine-tune epoch with the best validation accuracy "
+                      "(default 0: all training data, as the reference; the final epoch is "
+                      "reported)")
+  p.add_argument("--art-rule", default="reference", choices=RULES,
+                 help="ART window rule: 'reference' (the authors' code: the window mean must "
+                      "beat the remembered entry's own pruned accuracy) or 'best_mean' (beat the "
+                      "best window mean so far)")
+  p.add_argument("--pruned-eval", default="augmented", choices=PRUNED_EVALS,
+                 help="data for the pruned copy's accuracy in ART: 'augmented' training batches "
+                      "as the reference's training loader serves them (default) or 'clean' images")
   p.add_argument("--outdir", default=None, help="run directory, one run at a time (default "
                  "runs/<dataset>-<model><depth>-<penalty>-<sparsity>); the same command on it "
                  "again resumes")
@@ -739,7 +865,9 @@ def config_from_args(args) -> TrainConfig:
   else:
     data_dir, download = _normalized_path(args.data_dir), args.download
   return TrainConfig(dataset=args.dataset, data_dir=data_dir, download=download,
-                     seed=args.seed, init_from=_normalized_path(args.init_from), **values)
+                     seed=args.seed, init_from=_normalized_path(args.init_from),
+                     val_fraction=args.val_fraction, art_rule=args.art_rule,
+                     pruned_eval=args.pruned_eval, **values)
 
 
 def default_outdir(cfg: TrainConfig) -> str:

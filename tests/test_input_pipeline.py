@@ -88,6 +88,42 @@ def test_digits_split_is_deterministic():
     np.testing.assert_array_equal(a.test_labels, b.test_labels)
 
 
+def test_validation_split_sizes_membership_and_determinism():
+    full = ip.load_dataset("digits")
+    n = full.num_train
+    split = ip.with_validation_split(full, 0.1, seed=3)
+    assert split.num_val == round(0.1 * n) and split.num_train == n - split.num_val
+    assert full.num_val == 0 and full.val_images is None
+    # the two parts are exactly the original examples, each once, in their original order
+    key = lambda images, labels: [im.tobytes() + bytes([lab]) for im, lab in zip(images, labels)]
+    original = key(full.train_images, full.train_labels)
+    parts = key(split.train_images, split.train_labels) + key(split.val_images, split.val_labels)
+    assert sorted(parts) == sorted(original)
+    positions = {k: i for i, k in enumerate(original)}  # digits has no duplicate images
+    if len(positions) == n:
+        for part in (split.train_images, split.val_images):
+            labels = split.train_labels if part is split.train_images else split.val_labels
+            idx = [positions[k] for k in key(part, labels)]
+            assert idx == sorted(idx)
+    # a function of the seed only
+    again = ip.with_validation_split(full, 0.1, seed=3)
+    np.testing.assert_array_equal(again.val_images, split.val_images)
+    other = ip.with_validation_split(full, 0.1, seed=4)
+    assert not np.array_equal(other.val_images, split.val_images)
+    # test split and constants untouched
+    assert split.test_images is full.test_images and split.mean == full.mean
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1e-5, 0.99999])
+def test_validation_split_errors(fraction):
+    full = ip.load_dataset("digits")
+    with pytest.raises(ValueError, match="fraction|validation"):
+        ip.with_validation_split(full, fraction, seed=0)
+    split = ip.with_validation_split(full, 0.2, seed=0)
+    with pytest.raises(ValueError, match="already"):
+        ip.with_validation_split(split, 0.2, seed=0)
+
+
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="imagenet21k.*digits, cifar10, cifar100, tinyimagenet"):
         ip.load_dataset("imagenet21k")
@@ -96,11 +132,21 @@ def test_unknown_dataset_name():
 # ------------------------------------------------------------------------------------------------
 # CIFAR through TFDS data_source (mocked)
 
-tfds = pytest.importorskip("tensorflow_datasets")
+# tensorflow-datasets is a dependency: a broken install must fail these tests (not skip them),
+# and only these (imported here, not at module level, so the other tests still run).
+
+
+@pytest.fixture(name="tfds")
+def _tfds():
+    import tensorflow_datasets
+
+    return tensorflow_datasets
+
+
 _CIFAR = [("cifar10", 10, (0.4914, 0.4822, 0.4465)), ("cifar100", 100, (0.5071, 0.4867, 0.4408))]
 
 
-def _read_mock_split(name, split):
+def _read_mock_split(tfds, name, split):
     """The mocked examples, read one by one straight from TFDS."""
     source = tfds.data_source(name, split=split, download=False)
     examples = [source[i] for i in range(len(source))]
@@ -108,14 +154,14 @@ def _read_mock_split(name, split):
 
 
 @pytest.mark.parametrize("name,num_classes,mean", _CIFAR)
-def test_cifar_from_mocked_data_source(name, num_classes, mean, tmp_path, monkeypatch):
+def test_cifar_from_mocked_data_source(name, num_classes, mean, tmp_path, monkeypatch, tfds):
     # mock_data patches DatasetBuilder.as_data_source: any result here came through data_source.
     # No metadata files are shipped, so the AUTO policy resolves to USE_CODE.
     monkeypatch.setattr(ip, "_TFDS_READ_CHUNK", 2)  # several chunks, one partial
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.AUTO):
         ds = ip.load_dataset(name, data_dir=tmp_path)
-        want_train = _read_mock_split(name, "train")
-        want_test = _read_mock_split(name, "test")
+        want_train = _read_mock_split(tfds, name, "train")
+        want_test = _read_mock_split(tfds, name, "test")
     assert ds.name == name and ds.num_classes == num_classes
     assert ds.train_images.shape == (5, 32, 32, 3) and ds.train_images.dtype == np.uint8
     assert ds.train_labels.dtype == np.int32 and ds.test_images.shape == (5, 32, 32, 3)
@@ -126,7 +172,7 @@ def test_cifar_from_mocked_data_source(name, num_classes, mean, tmp_path, monkey
     assert ds.mean == mean and ds.crop_padding == 4 and ds.flip is True
 
 
-def test_cifar_batched_reads_are_used(tmp_path, monkeypatch):
+def test_cifar_batched_reads_are_used(tmp_path, monkeypatch, tfds):
     # TFDS 4.9's mock binds __getitems__ without `self` (the loader then falls back to single
     # reads); give it a working batched read and check the loader uses it.
     from tensorflow_datasets.testing import mocking
@@ -141,7 +187,7 @@ def test_cifar_batched_reads_are_used(tmp_path, monkeypatch):
     monkeypatch.setattr(ip, "_TFDS_READ_CHUNK", 3)
     with tfds.testing.mock_data(num_examples=7):
         ds = ip.load_dataset("cifar10", data_dir=tmp_path)
-        want = _read_mock_split("cifar10", "train")
+        want = _read_mock_split(tfds, "cifar10", "train")
     assert [0, 1, 2] in calls and [6] in calls
     np.testing.assert_array_equal(ds.train_images, want[0])
     np.testing.assert_array_equal(ds.train_labels, want[1])

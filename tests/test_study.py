@@ -47,3 +47,10 @@ def test_quick_study(tmp_path):
       assert set(c[key]) == {"mean", "std", "n"}
   table = (out / "study.md").read_text()
   assert "ART + HyperSparse" in table and "| method |" in table
+  # the headline pivot reports the final epoch (no selection on the test set), recomputed here
+  pivot = table.split("Final fine-tune test accuracy")[1]
+  row = next(line for line in pivot.splitlines() if line.startswith("| ART + HyperSparse |"))
+  for s, cell in zip(settings["sparsities"], row.strip("|").split("|")[1:]):
+    finals = [r["final_test_accuracy"] for r in runs
+              if r["method"] == "art_hypersparse" and r["target"] == s]
+    assert cell.strip().startswith(f"{100 * sum(finals) / len(finals):.2f} ±"), (cell, finals)

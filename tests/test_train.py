@@ -34,8 +34,11 @@ TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-ep
         "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
 LAMBDA_INIT, ETA, SPARSITY, WARMUP, FT_EPOCHS = 1e-3, 2.0, 0.9, 1, 2
 SUMMARY_KEYS = ("dataset", "model", "sparsity_target", "sparsity_achieved", "test_accuracy",
-                "final_test_accuracy", "art_epochs", "lambda_final", "num_weights",
-                "num_nonzero_weights", "dense_bytes", "sparse_bytes", "compression_ratio")
+                "selection", "selected_epoch", "val_accuracy", "best_val_accuracy",
+                "best_test_accuracy", "best_test_epoch", "final_test_accuracy", "val_fraction",
+                "num_train", "num_val", "art_rule", "pruned_eval", "art_epochs", "lambda_final",
+                "num_weights", "num_nonzero_weights", "dense_bytes", "sparse_bytes",
+                "compression_ratio")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_ENV = {}
 
@@ -248,8 +251,16 @@ def test_metrics_phases_and_lambda_schedule(run_a):
     assert 0 <= r["pruned_train_accuracy"] <= 1 and r["window_mean"] is not None
 
   ft = [r for r in records if r["phase"] == "finetune"]
-  assert summary["test_accuracy"] == max(r["test_accuracy"] for r in ft)
-  assert summary["final_test_accuracy"] == ft[-1]["test_accuracy"]
+  # without a validation split the headline is the final epoch's; the reference's convention
+  # (best fine-tune epoch on the test set) is kept apart
+  assert summary["selection"] == "final" and summary["selected_epoch"] == ft[-1]["epoch"]
+  assert summary["test_accuracy"] == summary["final_test_accuracy"] == ft[-1]["test_accuracy"]
+  assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in ft)
+  best = max(ft, key=lambda r: r["test_accuracy"])  # first of the maxima
+  assert summary["best_test_epoch"] == best["epoch"] == ckpt_steps(run_a, "best")[-1]
+  assert summary["val_accuracy"] is None and summary["best_val_accuracy"] is None
+  assert summary["num_val"] == 0 and all(r["val_accuracy"] is None for r in records)
+  assert (summary["art_rule"], summary["pruned_eval"]) == ("reference", "augmented")
   assert all(r["sparsity"] == pytest.approx(summary["sparsity_achieved"]) for r in ft)
   assert all(r["sparsity"] == 0 for r in records if r["phase"] == "warmup")
 
@@ -279,17 +290,18 @@ def test_pruned_weights_stay_zero_during_finetune(run_a):
 # ------------------------------------------------------------------------------------------------
 
 
-def _start(outdir):
+def _start(outdir, argv=TINY):
   env = dict(os.environ, **CACHE_ENV)
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.train", *TINY, "--outdir",
+  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.train", *argv, "--outdir",
                            outdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT)
 
 
-def _kill_when(proc, outdir, phase, timeout=240.0):
-  """SIGKILLs ``proc`` as soon as ``metrics.jsonl`` holds a record of ``phase``."""
-  path = os.path.join(outdir, "metrics.jsonl")
+def _kill_when(proc, outdir, phase, timeout=240.0, path="metrics.jsonl"):
+  """SIGKILLs ``proc`` as soon as ``metrics.jsonl`` holds a record of ``phase`` (``phase=None``:
+  as soon as the file ``path`` exists)."""
+  path = os.path.join(outdir, path)
   deadline = time.time() + timeout
   while time.time() < deadline:
     if proc.poll() is not None:
@@ -299,8 +311,8 @@ def _kill_when(proc, outdir, phase, timeout=240.0):
       with open(path) as f:
         text = f.read()
     except FileNotFoundError:
-      text = ""
-    if f'"phase": "{phase}"' in text:
+      text = None
+    if text is not None and (phase is None or f'"phase": "{phase}"' in text):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       out = proc.stdout.read().decode(errors="replace")
@@ -338,6 +350,29 @@ def test_resume_after_sigkill_in_art_and_finetune_is_exact(run_a, tmp_path, caps
   for kind in ("best", "init", "latest"):
     assert ckpt_steps(outdir, kind) == ckpt_steps(run_a, kind)
     assert_trees_equal(read_ckpt(outdir, kind), read_ckpt(run_a, kind))
+
+
+def _assert_same_run(outdir, run_a):
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
+  assert without_time(read_metrics(outdir)) == without_time(read_metrics(run_a))
+  for kind in ("best", "init", "latest"):
+    assert ckpt_steps(outdir, kind) == ckpt_steps(run_a, kind)
+    assert_trees_equal(read_ckpt(outdir, kind), read_ckpt(run_a, kind))
+
+
+def test_resume_after_sigkill_before_first_checkpoint_and_in_warmup(run_a, tmp_path, capsys):
+  outdir = str(tmp_path / "early")
+  # as soon as config.json is written: before any checkpoint or epoch
+  _kill_when(_start(outdir), outdir, None, path="config.json")
+  assert not os.path.exists(os.path.join(outdir, "metrics.jsonl")) or not read_metrics(outdir)
+  # then as soon as the warm-up epoch's record is out (its checkpoint may or may not be)
+  _kill_when(_start(outdir), outdir, "warmup")
+  assert [r["phase"] for r in read_metrics(outdir)] == ["warmup"]
+  assert not os.path.exists(os.path.join(outdir, "summary.json"))
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  capsys.readouterr()
+  _assert_same_run(outdir, run_a)
 
 
 def test_resume_from_state_left_by_kill_while_writing(run_a, tmp_path, capsys):
@@ -610,11 +645,17 @@ def test_resume_differences_compares_only_what_changes_the_result():
   epochs = base["epochs"]
   assert train.resume_differences(dict(base, lr_steps=[1, epochs + 5]),
                                   dict(base, lr_steps=[1])) == {}
-  # A key that an older config.json lacks: accepted only where its old behaviour is known.
-  assert train.resume_differences(base, dict(base, val_fraction=0.0)) == {}
-  assert set(train.resume_differences(base, dict(base, val_fraction=0.1))) == {"val_fraction"}
-  assert train.resume_differences(base, dict(base, art_rule="reference")) == {
-      "art_rule": ("<missing>", "reference")}
+  # A key that a config.json of 0.1 lacks counts as what 0.1 did; an unknown one differs.
+  old = {k: v for k, v in base.items() if k not in ("val_fraction", "art_rule", "pruned_eval")}
+  assert train.resume_differences(old, dict(old, val_fraction=0.0, art_rule="best_mean",
+                                            pruned_eval="clean")) == {}
+  assert set(train.resume_differences(old, dict(old, val_fraction=0.1))) == {"val_fraction"}
+  diff = train.resume_differences(old, dict(old, art_rule="reference"))
+  assert set(diff) == {"art_rule"} and "'best_mean'" in diff["art_rule"][0]
+  assert set(train.resume_differences(old, dict(old, pruned_eval="augmented"))) == {
+      "pruned_eval"}
+  assert train.resume_differences(old, dict(old, future_option=1)) == {
+      "future_option": ("<missing>", 1)}
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -784,3 +825,123 @@ def test_near_zero_fraction_against_numpy():
   want = np.mean(a < 1e-3 * t)
   assert 0.5 < want < 0.9
   assert float(train.near_zero_fraction(params, 0.9)) == pytest.approx(want, abs=1e-7)
+
+
+# 6. Selection on a validation split; the pruned copy measured as the training loader serves it
+# ------------------------------------------------------------------------------------------------
+
+
+def _mlp_logits(params, images, mean, std):
+  """The digits MLP in NumPy (independent of Flax)."""
+  x = (images.astype(np.float32) / 255 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  h = x.reshape(len(x), -1)
+  h = np.maximum(h @ params["fc1"]["kernel"] + params["fc1"]["bias"], 0)
+  h = np.maximum(h @ params["fc2"]["kernel"] + params["fc2"]["bias"], 0)
+  return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+
+
+def test_val_fraction_selects_on_validation_not_test(tmp_path, capsys):
+  outdir = str(tmp_path / "val")
+  assert call_main(tiny(epochs=3) + ["--val-fraction", "0.1", "--outdir", outdir]) == 0
+  capsys.readouterr()
+  summary = read_json(os.path.join(outdir, "summary.json"))
+  records = read_metrics(outdir)
+  full = input_pipeline.load_dataset("digits")
+  assert summary["num_val"] == round(0.1 * full.num_train) == 135
+  assert summary["num_train"] == full.num_train - 135 and summary["val_fraction"] == 0.1
+  assert all(r["val_accuracy"] is not None for r in records)
+  ft = [r for r in records if r["phase"] == "finetune"]
+  chosen = max(ft, key=lambda r: r["val_accuracy"])  # the first epoch with the best val accuracy
+  assert summary["selection"] == "best_val" and summary["selected_epoch"] == chosen["epoch"]
+  assert summary["test_accuracy"] == chosen["test_accuracy"]
+  assert summary["val_accuracy"] == summary["best_val_accuracy"] == chosen["val_accuracy"]
+  assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in ft)
+  assert summary["final_test_accuracy"] == ft[-1]["test_accuracy"]
+  # the best_val checkpoint holds that epoch's weights: NumPy recomputes both accuracies
+  assert ckpt_steps(outdir, "best_val")[-1] == chosen["epoch"]
+  params = read_ckpt(outdir, "best_val")["params"]
+  data = input_pipeline.with_validation_split(full, 0.1, seed=0)
+  val_acc = np.mean(np.argmax(_mlp_logits(params, data.val_images, data.mean, data.std), -1)
+                    == data.val_labels)
+  test_acc = np.mean(np.argmax(_mlp_logits(params, data.test_images, data.mean, data.std), -1)
+                     == data.test_labels)
+  assert val_acc == pytest.approx(chosen["val_accuracy"], abs=1.5 / 135)
+  assert test_acc == pytest.approx(chosen["test_accuracy"], abs=1.5 / full.num_test)
+
+
+@pytest.mark.parametrize("mode", ["augmented", "clean"])
+def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
+  cfg = train.config_from_args(train.build_parser().parse_args(
+      TINY + ["--pruned-eval", mode]))
+  trainer = train.Trainer(cfg, "/nonexistent-unused", progress=False, log=lambda *_: None)
+  data = trainer.dataset
+  assert data.crop_padding == 1 and not data.flip  # digits: 1-px random crop, no flip
+  params = jax.tree.map(np.asarray, trainer.params)
+  epoch = 3
+  got = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
+  # NumPy: the same eval batches; the crop offsets are the ones the pipeline draws for the
+  # documented keys, applied here by NumPy padding and slicing
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1), epoch)
+  size, n, p = trainer.eval_batch_size, data.num_train, data.crop_padding
+  correct = 0
+  for i, start in enumerate(range(0, n, size)):
+    images = data.train_images[start:start + size]
+    labels = data.train_labels[start:start + size]
+    if mode == "augmented":
+      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, i), size,
+                                                      crop_padding=p, flip=False)
+      offsets = np.asarray(offsets)[:len(images)]
+      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+      images = np.stack([im[oy:oy + 8, ox:ox + 8] for im, (oy, ox) in zip(padded, offsets)])
+    logits = _mlp_logits(params, images, data.mean, data.std)
+    correct += int(np.sum(np.argmax(logits, -1) == labels))
+  assert got == pytest.approx(correct / n, abs=2 / n)
+  clean = trainer._val_accuracy  # noqa: F841 (no val split here: None)
+  assert trainer._val_accuracy(trainer.params, trainer.batch_stats) is None
+  if mode == "augmented":  # a fresh augmentation per epoch, the same for the same epoch
+    again = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
+    assert again == got
+    others = {trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, e)
+              for e in range(4, 8)}
+    assert len(others | {got}) > 1
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--val-fraction", "1.0"], "val-fraction"),
+    (["--val-fraction=-0.1"], "val-fraction"),
+    (["--eta", "2", "--max-art-epochs", "200"], "float32"),
+], ids=["val1", "val-neg", "lambda-overflow"])
+def test_fidelity_options_bad_input(extra, needle, tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + extra + ["--outdir", outdir], capsys, outdir, needle)
+
+
+def test_on_epoch_hook_and_resume_with_another_window_rule_is_refused(tmp_path):
+  """``on_epoch`` sees each record after its checkpoint; an exception from it leaves ``run``
+  with the run resumable. Resuming ART state made with one window rule under the other is
+  refused, naming the rule to use (state of 0.1, which had no rule, restores as 'best_mean')."""
+  outdir = str(tmp_path / "rule")
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def stop_in_art(record):
+    seen.append((record["epoch"], record["phase"]))
+    if record["phase"] == "art":
+      raise Stop
+
+  def config(extra):
+    return train.config_from_args(train.build_parser().parse_args(TINY + extra))
+
+  quiet = dict(progress=False, log=lambda *_: None)
+  with pytest.raises(Stop):
+    train.Trainer(config(["--art-rule", "best_mean"]), outdir, on_epoch=stop_in_art,
+                  **quiet).run()
+  assert seen == [(0, "warmup"), (1, "art")]
+  assert ckpt_steps(outdir, "latest")[-1] == 1  # the ART epoch was saved before the hook ran
+  with pytest.raises(ValueError, match="--art-rule best_mean"):
+    train.Trainer(config([]), outdir, **quiet).run()
+  summary = train.Trainer(config(["--art-rule", "best_mean"]), outdir, **quiet).run()
+  assert summary["art_rule"] == "best_mean"
+  assert [r["epoch"] for r in read_metrics(outdir)] == list(range(len(read_metrics(outdir))))
