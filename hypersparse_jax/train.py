@@ -266,15 +266,22 @@ def make_train_step(model, tx, dataset: input_pipeline.Dataset, *, state_shardin
 def make_eval_step(model, dataset: input_pipeline.Dataset, *, augmented: bool = False):
   """``(params, batch_stats, batch[, key]) -> number of correct predictions`` (eval mode).
 
-  With ``augmented=True`` the step takes a PRNG key and applies the training augmentation
-  (random crop, flip) before the eval-mode forward pass: what the reference measures when it
-  runs its test function over the training loader.
+  With ``augmented=True`` the step takes a PRNG key and the index of the batch's first example,
+  and applies the training augmentation (random crop, flip) before the eval-mode forward pass:
+  what the reference measures when it runs its test function over the training loader. Example
+  ``j`` draws its crop and flip from ``fold_in(key, j)``, so the result does not depend on the
+  batch size (nor on the number of devices, which pads it).
   """
 
-  def step(params, batch_stats, batch, key=None):
+  def step(params, batch_stats, batch, key=None, start=None):
     if augmented:
-      images = input_pipeline.augment(key, batch["image"], mean=dataset.mean, std=dataset.std,
-                                      crop_padding=dataset.crop_padding, flip=dataset.flip)
+      index = start + jnp.arange(batch["image"].shape[0], dtype=jnp.int32)
+      draw = lambda j: input_pipeline.sample_augmentation(  # noqa: E731
+          jax.random.fold_in(key, j), 1, crop_padding=dataset.crop_padding, flip=dataset.flip)
+      offsets, flips = jax.vmap(draw)(index)
+      images = input_pipeline.apply_augmentation(
+          batch["image"], offsets[:, 0], flips[:, 0], mean=dataset.mean, std=dataset.std,
+          crop_padding=dataset.crop_padding)
     else:
       images = input_pipeline.normalize(batch["image"], dataset.mean, dataset.std)
     logits = model.apply(_variables(params, batch_stats), images, train=False)
@@ -288,7 +295,7 @@ def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=N
              key=None) -> float:
   """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch.
 
-  ``key``: for an augmented ``eval_step``; batch ``i`` gets ``fold_in(key, i)``.
+  ``key``: for an augmented ``eval_step`` (example ``j`` is augmented with ``fold_in(key, j)``).
   """
   correct = 0
   pending = []
@@ -297,7 +304,7 @@ def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=N
     if key is None:
       pending.append(eval_step(params, batch_stats, batch))
     else:
-      pending.append(eval_step(params, batch_stats, batch, jax.random.fold_in(key, i)))
+      pending.append(eval_step(params, batch_stats, batch, key, jnp.int32(i * batch_size)))
   for count in jax.device_get(pending):  # one sync at the end, not one per batch
     correct += int(count)
   return correct / len(labels)

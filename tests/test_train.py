@@ -879,23 +879,27 @@ def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
   params = jax.tree.map(np.asarray, trainer.params)
   epoch = 3
   got = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
-  # NumPy: the same eval batches; the crop offsets are the ones the pipeline draws for the
-  # documented keys, applied here by NumPy padding and slicing
+  # NumPy: example j is cropped at the offsets the pipeline draws for the documented key
+  # fold_in(epoch key, j), applied here by NumPy padding and slicing
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1), epoch)
-  size, n, p = trainer.eval_batch_size, data.num_train, data.crop_padding
-  correct = 0
-  for i, start in enumerate(range(0, n, size)):
-    images = data.train_images[start:start + size]
-    labels = data.train_labels[start:start + size]
-    if mode == "augmented":
-      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, i), size,
+  n, p = data.num_train, data.crop_padding
+  images = data.train_images
+  if mode == "augmented":
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    crops = []
+    for j in range(n):
+      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, j), 1,
                                                       crop_padding=p, flip=False)
-      offsets = np.asarray(offsets)[:len(images)]
-      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-      images = np.stack([im[oy:oy + 8, ox:ox + 8] for im, (oy, ox) in zip(padded, offsets)])
-    logits = _mlp_logits(params, images, data.mean, data.std)
-    correct += int(np.sum(np.argmax(logits, -1) == labels))
+      oy, ox = (int(v) for v in np.asarray(offsets)[0])
+      crops.append(padded[j, oy:oy + 8, ox:ox + 8])
+    images = np.stack(crops)
+    assert np.mean(np.any(images != data.train_images, axis=(1, 2, 3))) > 0.5  # mostly moved
+  logits = _mlp_logits(params, images, data.mean, data.std)
+  correct = int(np.sum(np.argmax(logits, -1) == data.train_labels))
   assert got == pytest.approx(correct / n, abs=2 / n)
+  # independent of the batch size (and so of the device count, which pads it)
+  trainer.eval_batch_size = 128
+  assert trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch) == got
   clean = trainer._val_accuracy  # noqa: F841 (no val split here: None)
   assert trainer._val_accuracy(trainer.params, trainer.batch_stats) is None
   if mode == "augmented":  # a fresh augmentation per epoch, the same for the same epoch
