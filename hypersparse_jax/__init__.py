@@ -4,7 +4,8 @@ Glandorf, Kaiser, Rosenhahn: "HyperSparse Neural Networks: Shifting Exploration 
 through Adaptive Regularization", ICCV 2023 workshops (arXiv:2308.07163).
 """
 
-from hypersparse_jax.transform import ARTState, FixedMaskState, art, fixed_mask, lambda_schedule
+from hypersparse_jax.transform import (ARTState, FixedMaskState, art, check_steps_per_epoch,
+                                       fixed_mask, lambda_schedule)
 from hypersparse_jax.controller import ARTController, ARTDecision
 from hypersparse_jax.masking import (SparsityReport, apply_mask, default_where, magnitude_mask,
                                      magnitude_threshold, sparsity, sparsity_report)
@@ -23,8 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
     "FixedMaskState", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "VGG", "VGG_CONFIGS",
-    "apply_mask", "art", "create_model", "default_where", "export_onnx", "export_sparse",
-    "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad", "hypersparse_penalty",
-    "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule", "load_sparse",
-    "load_torch_checkpoint", "magnitude_mask", "magnitude_threshold", "sparsity", "sparsity_report"
+    "apply_mask", "art", "check_steps_per_epoch", "create_model", "default_where", "export_onnx",
+    "export_sparse", "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad",
+    "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule",
+    "load_sparse", "load_torch_checkpoint", "magnitude_mask", "magnitude_threshold", "sparsity",
+    "sparsity_report",
 ]

@@ -9,7 +9,14 @@ half-written checkpoint that could be taken for a good one: the previous step is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
+import sys
+import threading
+import time
+import traceback
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,18 +27,52 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+  """Defers Ctrl-C (SIGINT) to the end of the block: a save is never cut in the middle (orbax's
+  worker threads would report the cut with long tracebacks; the checkpoint is then complete)."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+      raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _unraisable_to(stream):
+  """Sends "exception ignored" reports (orbax's reader callbacks hitting a closed event loop
+  after a failed restore) to ``stream`` for the duration of the block."""
+  def hook(unraisable):
+    stream.write("".join(traceback.format_exception(
+        unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+
+  previous, sys.unraisablehook = sys.unraisablehook, hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
 class _Managers(dict):
   """``{kind: CheckpointManager}``, each made (and its folder created) on first use."""
 
-  def __init__(self, directory: str, keep: dict):
+  def __init__(self, directory: str, keep: dict, create: bool = True):
     super().__init__()
-    self.directory, self.keep = directory, keep
+    self.directory, self.keep, self.create = directory, keep, create
 
   def __missing__(self, kind):
     if kind not in self.keep:
       raise ValueError(f"unknown checkpoint kind {kind!r}; allowed: {sorted(self.keep)}")
-    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep[kind], create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep[kind], create=self.create,
+                                           enable_async_checkpointing=False,
+                                           read_only=not self.create)
     self[kind] = ocp.CheckpointManager(os.path.join(self.directory, kind), options=options)
     return self[kind]
 
@@ -43,14 +84,17 @@ class RunCheckpoints:
   Args:
     directory: the run's checkpoint folder (created if missing).
     keep: how many ``latest`` steps to keep (>= 2 keeps a fallback if the newest is damaged).
+    create: False to only read (e.g. ``--init-from`` another run): nothing is created there.
   """
 
   KINDS = ("latest", "best", "best_val", "init")
 
-  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+  def __init__(self, directory: str | os.PathLike, keep: int = 2, *, create: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
+    self.error_log = os.path.join(self.directory, "restore-errors.log")
+    self.skipped = []  # steps the last restore_latest could not read
     self._managers = _Managers(self.directory, {"latest": keep, "best": 1, "best_val": 1,
-                                                "init": 1})
+                                                "init": 1}, create)
 
   def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
     """Saves ``state`` (pytree) and ``meta`` (JSON-able dict) as ``kind`` at ``step``.
@@ -58,11 +102,12 @@ class RunCheckpoints:
     A step that already exists (written by a run killed before its next ``latest`` checkpoint,
     then redone after the resume) is replaced.
     """
-    if step in self._managers[kind].all_steps():
-      self._managers[kind].delete(step)
-    self._managers[kind].save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._managers[kind].wait_until_finished()
+    with _interrupt_after():
+      if step in self._managers[kind].all_steps():
+        self._managers[kind].delete(step)
+      self._managers[kind].save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self._managers[kind].wait_until_finished()
 
   def steps(self, kind: str) -> list:
     if kind in self._managers.keep and kind not in self._managers and not os.path.isdir(
@@ -98,16 +143,33 @@ class RunCheckpoints:
 
     ``target_for_meta(meta)`` returns the target pytree that the state must be restored into
     (its structure depends on the phase recorded in ``meta``). Returns None if there is none.
+    Steps that could not be read are listed in :attr:`skipped` (``[(step, one-line reason)]``);
+    their full errors, with everything orbax and its threads printed meanwhile, go to
+    :attr:`error_log` (``restore-errors.log`` in the checkpoint folder) instead of stderr.
     """
-    errors = []
-    for step in reversed(self.steps(kind)):
-      try:
-        meta = self.restore_meta(kind, step)
-        return step, meta, self.restore_state(kind, step, target_for_meta(meta))
-      except CheckpointError as e:
-        errors.append(str(e))
-    if errors:
-      raise CheckpointError("no restorable checkpoint: " + " | ".join(errors))
+    self.skipped = []
+    details = []
+    try:
+      for step in reversed(self.steps(kind)):
+        captured = io.StringIO()
+        try:
+          with contextlib.redirect_stderr(captured), _unraisable_to(captured):
+            meta = self.restore_meta(kind, step)
+            return step, meta, self.restore_state(kind, step, target_for_meta(meta))
+        except CheckpointError as e:
+          self.skipped.append((step, str(e).splitlines()[0]))
+          details.append(f"--- {kind} step {step}: {e}\n"
+                         + "".join(traceback.format_exception(e.__cause__ or e))
+                         + captured.getvalue())
+    finally:
+      if details:
+        with open(self.error_log, "a") as f:
+          f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} restoring {kind}\n"
+                  + "\n".join(details))
+    if self.skipped:
+      raise CheckpointError(
+          f"no readable {kind} checkpoint in {self.directory} (steps "
+          f"{', '.join(str(s) for s, _ in self.skipped)} unreadable; details in {self.error_log})")
     return None
 
   def close(self):

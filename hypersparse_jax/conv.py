@@ -13,6 +13,10 @@ Measured on XLA:CPU (JAX 0.10, 2 cores, batch 64, 3×3 kernels):
   product as ``patches · w`` takes 12 ms; the input gradient follows (it is the transpose of
   whichever forward ran).
 
+:func:`winograd_conv3x3` (Winograd F(2×2, 3×3), stride 1) is here too but not used by
+:func:`conv_general_dilated`: on XLA:CPU it was slower than the above on the 32×32 stage of a
+CIFAR ResNet and no faster elsewhere (``benchmarks/README.md``).
+
 Pass it to Flax: ``nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)``. Only the CPU
 backend is specialised; on GPU/TPU, for calls it does not specialise (dilation, feature
 groups, negative padding, other layouts), and inside :func:`plain_convolutions` (used while a
@@ -30,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -113,6 +118,61 @@ def _kernel_grad(x, dy, w_shape, strides, padding):
   dw = lax.dot_general(patches, dy.reshape(-1, o).astype(patches.dtype), _CONTRACT_0,
                        preferred_element_type=jnp.float32)
   return dw.reshape(kh, kw, c, o)
+
+
+# Winograd F(2×2, 3×3): y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A per 4×4 input tile d and 2×2 output tile
+# (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The elementwise
+# product summed over input channels is 16 batched matrix products, 2.25× fewer multiplications
+# than the direct convolution; the transforms are additions (Bᵀ, Aᵀ) and a tiny einsum (G).
+_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+
+
+def _winograd_bt(d):
+  """``Bᵀ`` applied to four slices along one tile axis (entries 0, ±1: additions only)."""
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _winograd_at(m):
+  """``Aᵀ`` applied to four slices along one tile axis."""
+  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_conv3x3(x, w):
+  """Stride-1 3×3 convolution with one pixel of zero padding, by Winograd F(2×2, 3×3).
+
+  Same result as ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`` up to float32 rounding (measured: relative
+  deviation ≤ 2e-6 of the largest output, forward and both gradients, on ResNet-32's layers).
+  Written in plain JAX operations, so ``jax.grad`` gives the input and kernel gradients as
+  batched matrix products too.
+
+  Args:
+    x: ``(n, h, w, c)`` input with even ``h`` and ``w``.
+    w: ``(3, 3, c, o)`` kernel.
+
+  Returns:
+    ``(n, h, w, o)``.
+  """
+  n, h, wd, c = x.shape
+  if w.shape[:2] != (3, 3) or h % 2 or wd % 2:
+    raise ValueError(f"winograd_conv3x3 needs a 3x3 kernel and even spatial sizes, got input "
+                     f"{x.shape} and kernel {w.shape}")
+  o = w.shape[-1]
+  th, tw = h // 2, wd // 2
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = [lax.slice_in_dim(xp, a, a + 2 * th - 1, 2, axis=1) for a in range(4)]
+  tiles = []
+  for r in _winograd_bt(rows):
+    tiles.extend(_winograd_bt([lax.slice_in_dim(r, b, b + 2 * tw - 1, 2, axis=2)
+                               for b in range(4)]))
+  v = jnp.stack(tiles).reshape(16, n * th * tw, c)
+  u = jnp.einsum("ai,ijco,bj->abco", _WINOGRAD_G, w, _WINOGRAD_G).reshape(16, c, o)
+  m = lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))),
+                      preferred_element_type=jnp.float32).reshape(4, 4, n, th, tw, o)
+  out_rows = [jnp.stack(_winograd_at([mr[j] for j in range(4)]), axis=3)
+              for mr in _winograd_at([m[i] for i in range(4)])]
+  y = jnp.stack(out_rows, axis=2)  # (n, th, 2, tw, 2, o)
+  return y.reshape(n, h, wd, o).astype(jnp.result_type(x, w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

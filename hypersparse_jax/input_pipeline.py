@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import pathlib
 import queue
@@ -309,10 +310,26 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
 
     if data_dir is not None:
         data_dir = os.fspath(pathlib.Path(data_dir).expanduser())
+    if download and importlib.util.find_spec("tensorflow") is None:
+        # TFDS's CIFAR builder reads the downloaded files with tf.io.gfile: say so before the
+        # download, not after it.
+        try:
+            prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+        except Exception:
+            prepared = False
+        if not prepared:
+            raise ImportError(
+                f"downloading and preparing {name} with TFDS needs TensorFlow, which is not "
+                "installed: pip install 'hypersparse-jax[download]' (or prepare it once where "
+                "TensorFlow is installed, then use data_dir=<that TFDS directory>)"
+            )
     try:
         # Explicit split names: with split=None TFDS needs the split metadata, which mocks lack.
+        # A download must be prepared as array_record: TFDS's default (tfrecord) is written
+        # fine and then refused by data_source, which needs random access.
         train_source, test_source = tfds.data_source(
-            name, split=["train", "test"], data_dir=data_dir, download=download
+            name, split=["train", "test"], data_dir=data_dir, download=download,
+            download_and_prepare_kwargs={"file_format": "array_record"} if download else None,
         )
     except Exception as err:
         if download:

@@ -1,4 +1,4 @@
-"""Global magnitude threshold, pruning masks and sparsity figures.
+"""Prunable-leaf selection, the global magnitude threshold and mask, and sparsity figures.
 
 The *prunable* weights of a parameter pytree are the leaves selected by a ``where`` predicate
 on ``(path, leaf)``; by default every leaf named ``kernel`` with ``ndim >= 2`` (the convolution
@@ -7,18 +7,12 @@ and dense kernels of a Flax model; biases and normalisation parameters are never
 For a sparsity (prune rate) ``κ`` and the ``n`` prunable weights ``w`` taken together, the global
 magnitude threshold is ``t = sort(|w|)[floor(κ·n)]`` (0-based) and the pruning mask keeps
 ``|w| > t``. Both are computed over all layers at once, in float32, whatever the parameter dtype.
-
-The threshold is exact (bit-identical to a sort) but sorts nothing large: it is a selection on
-the bit patterns of ``|w|`` (non-negative float32 values order like their int32 bit patterns).
-A sorted sample (int32 keys sort an order of magnitude faster than floats on XLA:CPU) brackets the
-answer; a few fused passes count, per pass, how many weights lie below several split points and
-narrow the bracket; once it holds few weights they are gathered (per-row min/max/count) and
-sorted. Any failed guess only costs another pass: the loop always ends on the exact value.
+The threshold is exact (bit-identical to a sort) but sorts nothing large: the selection
+algorithm lives in :mod:`hypersparse_jax.threshold`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -27,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Predicate = Callable[[tuple, Any], bool]
+from hypersparse_jax import threshold
+from hypersparse_jax.threshold import rank_of_threshold  # noqa: F401 (part of this module's API)
 
+Predicate = Callable[[tuple, Any], bool]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,324 +130,11 @@ def num_prunable(leaves) -> int:
   return sum(int(np.prod(jnp.shape(x), dtype=np.int64)) for _, x in leaves)
 
 
-def rank_of_threshold(sparsity: float, n: int) -> int:
-  """``floor(sparsity * n)`` (0-based rank of ``t``) in float64, as the reference computes it.
-
-  (So ``0.98 * 100`` gives 98, as a user expects, not 97 from the exact binary value of 0.98.)
-  """
-  return min(int(math.floor(sparsity * n)), n - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact counting that does not overflow
-# ----------------------------------------------------------------------------------------------
-# Counts of a tree of billions of weights do not fit int32, and int64 needs jax x64. A count is
-# kept as two int32 words, value = high * 2**16 + low with 0 <= low < 2**16: each leaf's count
-# (< 2**31) is split before the leaves are summed, so sums stay far from overflow.
-
-_WORD = 1 << 16
-
-
-class Count(NamedTuple):
-  """A non-negative integer ``high * 2**16 + low`` held as two int32 arrays (any shape)."""
-  high: jax.Array
-  low: jax.Array
-
-  @staticmethod
-  def of(value: int) -> "Count":
-    return Count(jnp.int32(value // _WORD), jnp.int32(value % _WORD))
-
-  @staticmethod
-  def sum(parts: Sequence[jax.Array]) -> "Count":
-    """Sum of int32 partial counts (each ``< 2**31``), exactly."""
-    high = sum(p // _WORD for p in parts)
-    low = sum(p % _WORD for p in parts)
-    return Count(high + low // _WORD, low % _WORD)
-
-  def le(self, value: int) -> jax.Array:
-    """``self <= value`` for a Python int ``value``."""
-    vh, vl = value // _WORD, value % _WORD
-    return (self.high < vh) | ((self.high == vh) & (self.low <= vl))
-
-  def gt(self, value: int) -> jax.Array:
-    return ~self.le(value)
-
-  def minus_int(self, value: int) -> jax.Array:
-    """``self - value`` as int32; valid where the difference fits int32."""
-    return (self.high - value // _WORD) * _WORD + (self.low - value % _WORD)
-
-  def minus(self, other: "Count") -> jax.Array:
-    """``self - other`` as int32; valid where the difference fits int32."""
-    return (self.high - other.high) * _WORD + (self.low - other.low)
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact k-th smallest magnitude
-# ----------------------------------------------------------------------------------------------
-
-_ROW = 32           # weights per row in the counting passes (int8 row sums cannot overflow)
-_SPLITS = 8         # split points per counting pass
-_SAMPLE = 16384     # sorted sample size used to bracket the answer (int32 sort: ~1 ms) ...
-_SAMPLE_LARGE = 65536  # ... and from _LARGE weights on, where its ~3 ms buys a narrower bracket
-_LARGE = 1 << 23
-_DIRECT = 32768     # at most this many weights: sort them all (cheap as int32 keys)
-_MAX_BITS = 0x7F800000  # bit pattern of +inf: upper end of any finite magnitude
-
-
-def _magnitude_bits(leaf) -> jax.Array:
-  """int32 bit patterns of ``|leaf|`` in float32 (monotone in the magnitude), flattened."""
-  return lax.bitcast_convert_type(jnp.abs(jnp.asarray(leaf).astype(jnp.float32)),
-                                  jnp.int32).reshape(-1)
-
-
-def _count_below(bits_leaves, splits: jax.Array):
-  """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,)).
-
-  Returns ``(Count, [row_counts])``: also each chunk's per-row counts ``(len // _ROW, K)`` int8
-  (rows of whole ``_ROW``-blocks; a chunk's tail is not in them; None for a chunk shorter than a
-  row). Callers that ignore them cost nothing extra: they are the pass's intermediate anyway.
-  """
-  parts, row_parts = [], []
-  for bits in bits_leaves:
-    size = bits.shape[0]
-    body = size - size % _ROW
-    per_split = jnp.zeros(splits.shape, jnp.int32)
-    row_counts = None
-    if body:
-      rows = bits[:body].reshape(-1, _ROW)
-      # int8 sums over short rows vectorise far better on XLA:CPU than one long bool sum.
-      row_counts = jnp.sum((rows[:, None, :] < splits[None, :, None]).astype(jnp.int8),
-                           axis=2, dtype=jnp.int8)
-      per_split = per_split + jnp.sum(row_counts.astype(jnp.int32), axis=0)
-    if body < size:
-      tail = bits[body:]
-      per_split = per_split + jnp.sum((tail[:, None] < splits[None, :]).astype(jnp.int32), axis=0)
-    parts.append(per_split)
-    row_parts.append(row_counts)
-  return Count.sum(parts), row_parts
-
-
-def _strided_sample(bits_leaves, n: int, m: int) -> jax.Array:
-  """About ``m`` bit patterns taken evenly across all leaves (proportional to leaf size)."""
-  samples = []
-  for bits in bits_leaves:
-    size = bits.shape[0]
-    take = max(1, round(m * size / n))
-    stride = max(1, size // take)
-    samples.append(bits[(stride // 2)::stride][:take])
-  return jnp.concatenate(samples)
-
-
-class _Bracket(NamedTuple):
-  lo: jax.Array         # int32 bit pattern; the answer is >= lo
-  hi: jax.Array         # int32 bit pattern; the answer is <= hi
-  below_lo: Count       # number of weights with bits < lo
-  upto_hi: Count        # number of weights with bits <= hi
-
-
-def _narrow(bits_leaves, k: int, br: _Bracket, splits: jax.Array) -> _Bracket:
-  """One counting pass at sorted ``splits`` inside ``[lo, hi]``; keeps the piece holding rank k."""
-  return _narrow_by_counts(k, br, splits, _count_below(bits_leaves, splits)[0])
-
-
-def _narrow_by_counts(k: int, br: _Bracket, splits: jax.Array, counts: Count) -> _Bracket:
-  # counts[j] = #(bits < splits[j]). The answer b satisfies #(bits < b) <= k < #(bits <= b):
-  # b >= s_j iff #(bits < s_j) <= k.
-  at_or_above = counts.le(k) & (splits > br.lo) & (splits <= br.hi)
-  j_lo = jnp.sum(at_or_above.astype(jnp.int32)) - 1  # last split with count <= k (splits sorted)
-  has_lo = j_lo >= 0
-  new_lo = jnp.where(has_lo, splits[jnp.maximum(j_lo, 0)], br.lo)
-  new_below = Count(jnp.where(has_lo, counts.high[jnp.maximum(j_lo, 0)], br.below_lo.high),
-                    jnp.where(has_lo, counts.low[jnp.maximum(j_lo, 0)], br.below_lo.low))
-  above = counts.gt(k) & (splits > br.lo) & (splits <= br.hi)
-  j_hi = jnp.argmax(above)  # first split with count > k: the answer is < that split
-  has_hi = jnp.any(above)
-  new_hi = jnp.where(has_hi, splits[j_hi] - 1, br.hi)
-  new_upto = Count(jnp.where(has_hi, counts.high[j_hi], br.upto_hi.high),
-                   jnp.where(has_hi, counts.low[j_hi], br.upto_hi.low))
-  return _Bracket(new_lo, new_hi, new_below, new_upto)
-
-
-def _uniform_splits(br: _Bracket) -> jax.Array:
-  width = (br.hi - br.lo).astype(jnp.float32)
-  frac = jnp.arange(1, _SPLITS + 1, dtype=jnp.float32) / (_SPLITS + 1)
-  offs = jnp.floor(width * frac).astype(jnp.int32)
-  return jnp.maximum(br.lo + offs, br.lo + 1)
-
-
-# "Rows" below: every chunk cut into rows of _ROW patterns, the last one short where the chunk
-# has a tail, all chunks' rows numbered in order; a row is read past a chunk's end as a pattern
-# above +inf (never a candidate).
-
-
-def _inside(x, br: _Bracket):
-  return (x >= br.lo) & (x <= br.hi)
-
-
-def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
-  """Rows holding a pattern in ``[lo, hi]``: one pass over the weights."""
-  flags = []
-  for bits in bits_leaves:
-    size = bits.shape[0]
-    body = size - size % _ROW
-    if body:
-      rows = bits[:body].reshape(-1, _ROW)
-      flags.append(jnp.sum(_inside(rows, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0)
-    if body < size:
-      flags.append(jnp.any(_inside(bits[body:], br))[None])
-  return jnp.concatenate(flags)
-
-
-def _row_flags_from_counts(bits_leaves, br: _Bracket, splits, row_counts) -> jax.Array:
-  """The same flags from a counting pass's per-row counts at ``splits``, without a pass.
-
-  Valid when ``lo`` is 0 or one of the splits and ``hi + 1`` is one of them or ``hi`` is
-  ``_MAX_BITS``, as after that pass's :func:`_narrow`. A chunk's tail row is always flagged
-  (at most one extra row per chunk; the gather checks every value).
-  """
-  a = jnp.argmax(splits == br.lo)
-  lo_is_split = jnp.any(splits == br.lo)
-  b = jnp.argmax(splits == br.hi + 1)
-  hi_is_split = jnp.any(splits == br.hi + 1)
-  flags = []
-  for bits, rc in zip(bits_leaves, row_counts):
-    if rc is not None:
-      below_lo = jnp.where(lo_is_split, rc[:, a], jnp.int8(0))
-      upto_hi = jnp.where(hi_is_split, rc[:, b], jnp.int8(_ROW))
-      flags.append(upto_hi > below_lo)
-    if bits.shape[0] % _ROW:
-      flags.append(jnp.ones((1,), bool))
-  return jnp.concatenate(flags)
-
-
-def _true_indices(flags: jax.Array, size: int) -> jax.Array:
-  """``jnp.nonzero(flags, size=size, fill_value=len(flags))[0]`` in two levels.
-
-  XLA:CPU's prefix sum (inside ``nonzero``) is slow on long arrays (7 ms for 625k flags); here
-  it runs over blocks of ``_ROW`` flags, then over the (at most ``size``) blocks holding one.
-  """
-  n = flags.shape[0]
-  num_blocks = -(-n // _ROW)
-  if num_blocks <= size:
-    return jnp.nonzero(flags, size=size, fill_value=n)[0]
-  blocks = jnp.pad(flags, (0, num_blocks * _ROW - n)).reshape(num_blocks, _ROW)
-  picked = jnp.nonzero(jnp.any(blocks, axis=1), size=size, fill_value=num_blocks)[0]
-  sub = blocks.at[picked].get(mode="fill", fill_value=False).reshape(-1)
-  pos = jnp.nonzero(sub, size=size, fill_value=sub.shape[0])[0]
-  block = picked.at[pos // _ROW].get(mode="fill", fill_value=num_blocks)
-  return jnp.where(pos < sub.shape[0], block * _ROW + pos % _ROW, n)
-
-
-def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
-                       capacity: int) -> jax.Array:
-  """The bit patterns in ``[lo, hi]``, sorted, padded with 2³¹−1 to ``capacity`` entries.
-
-  ``row_flags`` marks the rows (see above) that may hold one (at most ``capacity`` rows); only
-  those rows are gathered and searched.
-  """
-  row_idx = _true_indices(row_flags, capacity)
-  picked = jnp.full((capacity, _ROW), _MAX_BITS + 1, jnp.int32)
-  offset = 0
-  for bits in bits_leaves:
-    num_rows = -(-bits.shape[0] // _ROW)
-    local = row_idx - offset
-    valid = (local >= 0) & (local < num_rows)
-    # Elements of the flagged rows, read in place (no padded copy of the chunk).
-    elements = local[:, None] * _ROW + jnp.arange(_ROW, dtype=local.dtype)[None, :]
-    got = bits.at[elements].get(mode="fill", fill_value=_MAX_BITS + 1)
-    picked = jnp.where(valid[:, None], got, picked)
-    offset += num_rows
-  flat = picked.reshape(-1)
-  pos = jnp.nonzero(_inside(flat, br), size=capacity, fill_value=flat.shape[0])[0]
-  return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
-
-
-def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> jax.Array:
-  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude."""
-  if n <= _DIRECT:
-    return jnp.sort(jnp.concatenate(bits_leaves))[k]
-  full = _Bracket(jnp.int32(0), jnp.int32(_MAX_BITS), Count.of(0), Count.of(n))
-  # Split points for the first pass: sample quantiles around the expected rank (sorted), or
-  # a geometric fan around a hint (the previous step's threshold in ART).
-  if hint is None:
-    sample = jnp.sort(_strided_sample(bits_leaves, n, _SAMPLE_LARGE if n >= _LARGE else _SAMPLE))
-    m = sample.shape[0]
-    p = k / n
-    sd = math.sqrt(max(p * (1 - p), 1.0 / m) / m) * m
-    offsets = np.array([-6, -3, -1.5, -0.5, 0.5, 1.5, 3, 6]) * max(sd, 1.0)
-    pos = np.clip(np.round(p * m + offsets).astype(np.int64), 0, m - 1)
-    splits = sample[pos] + jnp.array([0] * (len(pos) // 2) + [1] * (len(pos) - len(pos) // 2),
-                                     jnp.int32)
-  else:
-    rel = jnp.array([-1e-2, -2e-3, -4e-4, -1e-4, 1e-4, 4e-4, 2e-3, 1e-2], jnp.float32)
-    hint_value = lax.bitcast_convert_type(jnp.asarray(hint, jnp.int32), jnp.float32)
-    fan = lax.bitcast_convert_type(jnp.maximum(hint_value * (1 + rel), 0.0), jnp.int32)
-    splits = fan.at[4:].add(1)
-  splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
-  counts, row_counts = _count_below(bits_leaves, splits)
-  first = _narrow_by_counts(k, full, splits, counts)
-
-  # Candidates left for the final gather and sort (rows holding them are gathered whole).
-  capacity = int(min(4096, max(64, (n / _ROW) ** (2 / 3) / 2)))
-
-  def pending(br):
-    return (br.lo < br.hi) & (br.upto_hi.minus(br.below_lo) > capacity)
-
-  br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
-                      first)
-
-  def gathered(br):
-    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them. Their
-    # rows come from the first pass's row counts when that pass alone got here (the usual
-    # case with ART's hint), else from one more pass.
-    rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
-    from_first = (br.lo == first.lo) & (br.hi == first.hi)
-    flags = lax.cond(from_first,
-                     lambda: _row_flags_from_counts(bits_leaves, br, splits, row_counts),
-                     lambda: _row_flags_by_pass(bits_leaves, br))
-    index = jnp.clip(Count.of(k).minus(br.below_lo), 0, rows_capacity - 1)
-    return _gather_candidates(bits_leaves, br, flags, rows_capacity)[index]
-
-  return lax.cond(br.lo == br.hi, lambda: br.lo, lambda: gathered(br))
-
-
-_CHUNK = 1 << 30     # elements per counting chunk: int32 counts of one chunk cannot overflow
-_SEPARATE = 1 << 20  # leaves at least this large are counted in place, not copied
-
-
-def _flat_chunks(leaves, n: int):
-  """Bit patterns of all magnitudes as a few flat int32 arrays ("chunks").
-
-  Small leaves are concatenated into one array padded to whole rows: that keeps the selection's
-  program small (short compile times) whatever the number of leaves, at the price of one copy
-  of those leaves. Large leaves are counted in place, where the copy would cost more than the
-  extra code. Padding holds a bit pattern above +inf, never counted below a split nor gathered.
-  No chunk exceeds ``_CHUNK`` elements.
-  """
-  del n
-  small, chunks = [], []
-  for _, x in leaves:
-    bits = _magnitude_bits(x)
-    (chunks if bits.shape[0] >= _SEPARATE else small).append(bits)
-  if small:
-    pad = (-sum(b.shape[0] for b in small)) % _ROW
-    if pad:
-      small.append(jnp.full((pad,), _MAX_BITS + 1, jnp.int32))
-    chunks.insert(0, jnp.concatenate(small) if len(small) > 1 else small[0])
-  return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
-
-
-@functools.partial(jax.jit, static_argnames=("n", "k"))
-def _kth_magnitude(arrays, hint, *, n: int, k: int) -> jax.Array:
-  # jit-compiled on its own so that eager calls hit the compilation cache (its loops would
-  # otherwise be traced and compiled anew on every call); inside a caller's jit it is inlined.
-  bits = _kth_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint)
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _threshold(leaves, sparsity: float, hint=None) -> jax.Array:
+  """The exact global threshold of validated ``leaves`` (``[(path, leaf)]``); ``hint``: ART's."""
   n = num_prunable(leaves)
-  return _kth_magnitude([x for _, x in leaves], hint, n=n, k=rank_of_threshold(sparsity, n))
+  return threshold.kth_magnitude([x for _, x in leaves], rank_of_threshold(sparsity, n),
+                                 hint=hint)
 
 
 def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] = None) -> jax.Array:
@@ -496,7 +179,8 @@ def _mask_from_threshold(params, t, where):
 
   def leaf_mask(path, x):
     if where(path, x):
-      return _magnitude_bits(x).reshape(jnp.shape(x)) > lax.bitcast_convert_type(t, jnp.int32)
+      return (threshold.magnitude_bits(x).reshape(jnp.shape(x))
+              > lax.bitcast_convert_type(t, jnp.int32))
     return jnp.ones(jnp.shape(x), bool)
 
   return jax.tree_util.tree_map_with_path(leaf_mask, params)

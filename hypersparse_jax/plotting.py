@@ -123,7 +123,8 @@ def _as_float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def make_figure(records: Sequence[dict[str, Any]]) -> Figure:
+def make_figure(records: Sequence[dict[str, Any]], *, title: str | None = None,
+                art_epoch: int | None = None) -> Figure:
     """Draws the training curves of a run (see the module docstring for the panels).
 
     The axes carry labels ``"accuracy"``, ``"lambda"`` and ``"sparsity"`` (``Axes.get_label``)
@@ -134,6 +135,9 @@ def make_figure(records: Sequence[dict[str, Any]]) -> Figure:
 
     Args:
         records: per-epoch records as returned by :func:`read_metrics` (sorted by epoch).
+        title: figure title (e.g. the run directory and its settings).
+        art_epoch: the ART epoch whose pruned model was fine-tuned: a dashed vertical line
+            labelled ``"chosen ART epoch"`` in every panel.
 
     Returns:
         a ``matplotlib.figure.Figure`` attached to an Agg canvas.
@@ -190,7 +194,37 @@ def make_figure(records: Sequence[dict[str, Any]]) -> Figure:
                     transform=ax_acc.get_xaxis_transform(), ha="center", va="bottom",
                     color=_PHASE_COLOURS[phase], fontsize=9)
     ax_acc.set_xlim(spans[0][1], spans[-1][2])
+    if art_epoch is not None:
+        for axes in (ax_acc, ax_lambda, ax_sparsity):
+            axes.axvline(art_epoch, color="tab:red", linestyle="--", linewidth=1,
+                         label="chosen ART epoch" if axes is ax_acc else None)
+        ax_acc.legend(loc="lower right")
+    if title:
+        figure.suptitle(title)
     return figure
+
+
+_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _run_title(outdir: Path) -> tuple[str, int | None]:
+    """``(title, chosen ART epoch)`` from the run's config.json / summary.json where present."""
+    def load(name):
+        try:
+            with open(outdir / name) as f:
+                value = json.load(f)
+            return value if isinstance(value, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    config, summary = load("config.json"), load("summary.json")
+    title = outdir.resolve().name
+    if config:
+        model = f"{config.get('model')}{config.get('depth') or ''}"
+        title += (f": {config.get('dataset')}, {model}, {config.get('penalty')}, "
+                  f"sparsity {config.get('sparsity')}")
+    art_epoch = summary.get("art_best_epoch")
+    return title, art_epoch if isinstance(art_epoch, int) else None
 
 
 def plot_run(outdir: str | Path, out_path: str | Path | None = None) -> Path:
@@ -198,21 +232,29 @@ def plot_run(outdir: str | Path, out_path: str | Path | None = None) -> Path:
 
     Args:
         outdir: the run's output directory, holding ``metrics.jsonl``.
-        out_path: where to write the PNG; default ``OUTDIR/curves.png``. Its directory must
-            exist.
+        out_path: where to write the figure; default ``OUTDIR/curves.png``. Its directory must
+            exist; the format follows the extension (``.png``, ``.pdf`` or ``.svg``). The title
+            names the run (from ``config.json``); the chosen ART epoch (``summary.json``'s
+            ``art_best_epoch``) is marked.
 
     Returns:
         the path of the PNG written.
 
     Raises:
         FileNotFoundError: ``metrics.jsonl`` does not exist in ``outdir``.
-        ValueError: the file is empty or malformed (message names the file and line).
+        ValueError: the file is empty or malformed (message names the file and line), or
+            ``out_path`` has another extension.
         OSError: the PNG cannot be written.
     """
     outdir = Path(outdir)
-    records = read_metrics(outdir / METRICS_FILE)
     out_path = Path(out_path) if out_path is not None else outdir / "curves.png"
-    make_figure(records).savefig(out_path, format="png", dpi=120)
+    if out_path.suffix.lower() not in _FORMATS:
+        raise ValueError(f"cannot write {str(out_path)!r}: its extension must be one of "
+                         f"{', '.join(_FORMATS)} (the format follows the extension)")
+    records = read_metrics(outdir / METRICS_FILE)
+    title, art_epoch = _run_title(outdir)
+    figure = make_figure(records, title=title, art_epoch=art_epoch)
+    figure.savefig(out_path, format=out_path.suffix.lower()[1:], dpi=120)
     return out_path
 
 
@@ -233,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"from OUTDIR/{METRICS_FILE}.")
     parser.add_argument("outdir", help=f"run directory holding {METRICS_FILE}")
     parser.add_argument("--out", default=None,
-                        help="PNG to write (default: OUTDIR/curves.png)")
+                        help="figure to write, .png, .pdf or .svg (default: OUTDIR/curves.png)")
     args = parser.parse_args(argv)
     try:
         written = plot_run(args.outdir, args.out)

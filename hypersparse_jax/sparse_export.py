@@ -59,6 +59,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from hypersparse_jax.run_dir import default_file_mode
+
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "export_sparse", "load_sparse"]
 
 FORMAT_NAME = "hypersparse-jax-sparse"
@@ -248,6 +250,7 @@ def export_sparse(variables: Mapping[str, Any], mask: Any, path: str | os.PathLi
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, default_file_mode())  # the user's umask, not mkstemp's 0600
         with os.fdopen(fd, "wb") as raw_file:
             with zipfile.ZipFile(raw_file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(_MANIFEST, json.dumps(manifest, indent=1))

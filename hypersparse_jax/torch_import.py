@@ -191,6 +191,12 @@ def load_torch_checkpoint(path: str | os.PathLike, model: nn.Module, *,
             "plain containers (loaded with weights_only=True for safety). Re-save only the "
             "model's state_dict, e.g. torch.save({'state_dict': model.state_dict()}, path)."
         ) from e
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # damaged or not torch
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{os.fspath(path)!r} is not a readable PyTorch checkpoint "
+                         f"({type(e).__name__}: {first})") from e
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)!r} holds a {type(checkpoint).__name__}, not a state "
                          "dict or a checkpoint dict with a 'state_dict' entry")

@@ -33,9 +33,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -46,13 +47,17 @@ import optax
 
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
-from hypersparse_jax import host_memory, sharding
+from hypersparse_jax import host_memory, init_source, run_dir, sharding
 from hypersparse_jax.controller import RULES, ARTController
 
 PHASES = ("warmup", "art", "finetune")
 PRUNED_EVALS = ("augmented", "clean")
 # fold_in tag of the pruned-evaluation augmentation keys (epoch keys use tags 1..epochs)
 _PRUNED_EVAL_TAG = 2**31 - 1
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the parameters became non-finite; the last good checkpoint is kept."""
 
 # Reference defaults (CIFAR / TinyImageNet) and the bundled-digits preset.
 REFERENCE_DEFAULTS = dict(
@@ -96,21 +101,46 @@ class TrainConfig:
   pruned_eval: str = "augmented"   # pruned copy measured on 'augmented' or 'clean' train data
 
   def validate(self):
+    """Raises ValueError (one line naming the option, the value and what is allowed) for any
+    option that would fail or diverge later, so that nothing fails after epoch 0 for a reason
+    known at epoch 0."""
     masking.check_sparsity(self.sparsity)
     if self.dataset not in input_pipeline.DATASET_NAMES:
       raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
                        f"{list(input_pipeline.DATASET_NAMES)}")
     if self.penalty not in ("hypersparse", "l1", "l2"):
       raise ValueError(f"unknown penalty {self.penalty!r}; choose hypersparse, l1 or l2")
-    for name in ("batch_size", "eval_batch_size", "max_art_epochs"):
+    if self.model not in models.MODEL_NAMES:
+      raise ValueError(f"unknown model {self.model!r}; choose one of {list(models.MODEL_NAMES)}")
+    if self.model in ("mlp", "cnn") and self.depth is not None:
+      raise ValueError(f"--depth is not used by --model {self.model} (its depth is fixed), "
+                       f"got {self.depth}; leave --depth out")
+    if self.model == "resnet" and not self.batch_norm:
+      raise ValueError("--no-batch-norm is not supported by --model resnet (the CIFAR ResNet "
+                       "always uses BatchNorm); use --model vgg or cnn")
+    for name in ("batch_size", "eval_batch_size", "max_art_epochs", "epochs"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-    for name in ("warmup_epochs", "epochs", "window"):
+    for name in ("warmup_epochs", "window", "seed"):
       if getattr(self, name) < 0:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-    for name in ("lr", "lambda_init", "eta"):
+    for name in ("lr", "lambda_init", "eta", "lr_decay", "weight_decay", "momentum"):
+      if not math.isfinite(getattr(self, name)):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got "
+                         f"{getattr(self, name)}")
+    for name in ("lr", "lambda_init", "eta", "lr_decay"):
       if not getattr(self, name) > 0:
         raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+    if self.weight_decay < 0:
+      raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+    steps = list(self.lr_steps)
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+      raise ValueError(f"--lr-steps must be strictly increasing, got {' '.join(map(str, steps))}")
+    if steps and not (steps[0] >= 0 and steps[-1] < self.epochs):
+      raise ValueError(f"--lr-steps must lie in [0, --epochs) = [0, {self.epochs}) (fine-tune "
+                       f"epochs), got {' '.join(map(str, steps))}")
     if not 0 <= self.val_fraction < 1:
       raise ValueError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
     if self.art_rule not in RULES:
@@ -124,6 +154,67 @@ class TrainConfig:
           f"--lambda-init {self.lambda_init} with --eta {self.eta} exceeds float32 (3.4e38) at "
           f"regularisation epoch {overflow}, within --max-art-epochs {self.max_art_epochs}; "
           f"lower --eta or --max-art-epochs")
+
+
+def check_devices(devices: Optional[int], shard_params: bool) -> None:
+  """Raises ValueError for ``--devices`` / ``--shard-params`` that this machine cannot honour."""
+  available = len(jax.local_devices())
+  if devices is not None and not 1 <= devices <= available:
+    raise ValueError(f"--devices must be in [1, {available}] (local devices here), got {devices}")
+  used = available if devices is None else devices
+  if shard_params and used < 2:
+    raise ValueError(f"--shard-params needs more than one device, but this run uses {used} "
+                     "(see --devices); leave --shard-params out")
+
+
+# Options that do not change a run's result: not compared on resume (config.json keeps the
+# values of the run that created it). ``--no-progress``, ``--plot``, ``--devices``,
+# ``--shard-params`` and ``--no-retain-host-memory`` are not in config.json at all.
+RESUME_FREE_KEYS = frozenset({"download"})
+# Keys that config.json files of version 0.1 lack, with the value that version behaved as (a
+# missing key is accepted only if the resumed run asks for exactly that value): it had no
+# validation split, only the best-window-mean rule, and measured the pruned copy on the clean
+# (un-augmented) training images.
+LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": "clean"}
+
+
+def _normalized_path(path):
+  return None if path is None else os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def resume_differences(saved: dict, requested: dict) -> dict:
+  """``{key: (saved, requested)}`` of the result-changing options that differ.
+
+  Paths are compared normalised (``/p`` = ``/p/`` = ``/q/../p``); ``data_dir`` is ignored for
+  the bundled digits; ``--lr-steps`` at or past ``--epochs`` never fire and are dropped; a key
+  that an older config.json lacks counts as its :data:`LEGACY_DEFAULTS` value, else it differs.
+  """
+  def normalized(config):
+    config = dict(config)
+    for key in ("data_dir", "init_from"):
+      if key in config:
+        config[key] = _normalized_path(config[key])
+    if config.get("dataset") == "digits":
+      config.pop("data_dir", None)
+    if "lr_steps" in config and isinstance(config.get("epochs"), int):
+      config["lr_steps"] = [s for s in config["lr_steps"] if s < config["epochs"]]
+    return config
+
+  missing = object()
+  saved_n, requested_n = normalized(saved), normalized(requested)
+  diff = {}
+  for key in sorted(set(saved_n) | set(requested_n)):
+    if key in RESUME_FREE_KEYS or key == "data_dir" and requested.get("dataset") == "digits":
+      continue
+    old = saved_n.get(key, LEGACY_DEFAULTS.get(key, missing))
+    new = requested_n.get(key, missing)
+    if old != new:
+      if key not in saved and key in LEGACY_DEFAULTS:
+        shown = f"not recorded: {LEGACY_DEFAULTS[key]!r} in the version that wrote it"
+      else:
+        shown = "<missing>" if old is missing else saved.get(key, old)
+      diff[key] = (shown, "<missing>" if new is missing else requested.get(key))
+  return diff
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,15 +266,22 @@ def make_train_step(model, tx, dataset: input_pipeline.Dataset, *, state_shardin
 def make_eval_step(model, dataset: input_pipeline.Dataset, *, augmented: bool = False):
   """``(params, batch_stats, batch[, key]) -> number of correct predictions`` (eval mode).
 
-  With ``augmented=True`` the step takes a PRNG key and applies the training augmentation
-  (random crop, flip) before the eval-mode forward pass: what the reference measures when it
-  runs its test function over the training loader.
+  With ``augmented=True`` the step takes a PRNG key and the index of the batch's first example,
+  and applies the training augmentation (random crop, flip) before the eval-mode forward pass:
+  what the reference measures when it runs its test function over the training loader. Example
+  ``j`` draws its crop and flip from ``fold_in(key, j)``, so the result does not depend on the
+  batch size (nor on the number of devices, which pads it).
   """
 
-  def step(params, batch_stats, batch, key=None):
+  def step(params, batch_stats, batch, key=None, start=None):
     if augmented:
-      images = input_pipeline.augment(key, batch["image"], mean=dataset.mean, std=dataset.std,
-                                      crop_padding=dataset.crop_padding, flip=dataset.flip)
+      index = start + jnp.arange(batch["image"].shape[0], dtype=jnp.int32)
+      draw = lambda j: input_pipeline.sample_augmentation(  # noqa: E731
+          jax.random.fold_in(key, j), 1, crop_padding=dataset.crop_padding, flip=dataset.flip)
+      offsets, flips = jax.vmap(draw)(index)
+      images = input_pipeline.apply_augmentation(
+          batch["image"], offsets[:, 0], flips[:, 0], mean=dataset.mean, std=dataset.std,
+          crop_padding=dataset.crop_padding)
     else:
       images = input_pipeline.normalize(batch["image"], dataset.mean, dataset.std)
     logits = model.apply(_variables(params, batch_stats), images, train=False)
@@ -197,7 +295,7 @@ def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=N
              key=None) -> float:
   """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch.
 
-  ``key``: for an augmented ``eval_step``; batch ``i`` gets ``fold_in(key, i)``.
+  ``key``: for an augmented ``eval_step`` (example ``j`` is augmented with ``fold_in(key, j)``).
   """
   correct = 0
   pending = []
@@ -206,7 +304,7 @@ def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=N
     if key is None:
       pending.append(eval_step(params, batch_stats, batch))
     else:
-      pending.append(eval_step(params, batch_stats, batch, jax.random.fold_in(key, i)))
+      pending.append(eval_step(params, batch_stats, batch, key, jnp.int32(i * batch_size)))
   for count in jax.device_get(pending):  # one sync at the end, not one per batch
     correct += int(count)
   return correct / len(labels)
@@ -218,18 +316,7 @@ def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=N
 
 
 def _atomic_write(path: str, text: str):
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  run_dir.write_text_atomic(path, text)
 
 
 class MetricsLog:
@@ -254,6 +341,33 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
       f.flush()
       os.fsync(f.fileno())
+
+
+def near_zero_fraction(params, sparsity: float, rel: float = 1e-3):
+  """Fraction of prunable weights with ``|w| < rel · t`` (``t``: the threshold at ``sparsity``).
+
+  During ART no weight is exactly zero yet; this shows how far the regulariser has pushed the
+  weights below the pruning boundary towards zero (it approaches ``sparsity``).
+  """
+  t = masking.magnitude_threshold(params, sparsity)
+  leaves = masking.prunable_leaves(params)
+  small = sum(jnp.sum(jnp.abs(x.astype(jnp.float32)) < rel * t) for _, x in leaves)
+  return small / masking.num_prunable(leaves)
+
+
+def _is_terminal(stream) -> bool:
+  """Progress bars only on a terminal: in a log file their redraws are noise."""
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _to_host(tree):
@@ -286,6 +400,7 @@ class Trainer:
                on_epoch=None):
     config.validate()
     self.cfg, self.outdir, self.progress, self.log = config, outdir, progress, log
+    self.epoch = None  # the epoch being trained (for the message of an interrupted run)
     self.on_epoch = on_epoch
     # devices: None = all local devices, 1 = no mesh (plain single-device arrays).
     self.mesh = None
@@ -326,6 +441,7 @@ class Trainer:
     self.pruned_eval_step = make_eval_step(self.model, self.dataset,
                                            augmented=config.pruned_eval == "augmented")
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
+    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
 
@@ -359,23 +475,17 @@ class Trainer:
   # ----- pieces -----
 
   def _load_init(self, path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"--init-from {path!r} does not exist")
-    if os.path.isfile(path):  # a PyTorch checkpoint of the reference code
+    source = init_source.identify(path)
+    if source.format == "torch":  # a PyTorch checkpoint of the reference code
       from hypersparse_jax import torch_import
       variables = torch_import.load_torch_checkpoint(path, self.model)
     else:
-      directory = path
-      if os.path.isdir(os.path.join(path, "checkpoints")):
-        directory = os.path.join(path, "checkpoints")
-      if not any(os.path.isdir(os.path.join(directory, k)) for k in ("best", "latest")):
-        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
-      ckpt = checkpointing.RunCheckpoints(directory)
-      kind = "best" if ckpt.steps("best") else "latest"
-      if not ckpt.steps(kind):
-        raise FileNotFoundError(f"--init-from {path!r} holds no hypersparse-jax checkpoint")
-      step = ckpt.steps(kind)[-1]
-      if kind == "best":  # best holds {params, batch_stats}; latest the whole training state
+      ckpt = checkpointing.RunCheckpoints(source.directory, create=False)
+      kind = source.kind or ("best" if ckpt.steps("best") else "latest")
+      step = source.step if source.step is not None else (ckpt.steps(kind) or [None])[-1]
+      if step is None or step not in ckpt.steps(kind):
+        raise FileNotFoundError(f"--init-from {path!r} holds no readable {kind} checkpoint")
+      if kind != "latest":  # best and init hold {params, batch_stats}; latest the whole state
         restored = ckpt.restore_state(kind, step, {"params": self.params,
                                                    "batch_stats": self.batch_stats})
       else:
@@ -408,6 +518,7 @@ class Trainer:
     meta_c, payloads = controller.state_dict() if controller is not None else (None, {})
     meta = dict(extra, phase=phase, epoch=epoch, controller=meta_c, payloads=sorted(payloads))
     self.ckpt.save("latest", epoch, {"train": state, "controller": payloads}, meta)
+    self.epoch = epoch + 1  # where a resume starts now
 
   def _train_epoch(self, train_step, state, epoch, desc):
     from tqdm.auto import tqdm
@@ -417,7 +528,7 @@ class Trainer:
         transfer=None if self.mesh is None else self.place_batch)
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
     bar = tqdm(batches, total=self.steps_per_epoch, desc=desc, leave=False,
-               disable=not self.progress, dynamic_ncols=True)
+               disable=not (self.progress and _is_terminal(sys.stderr)), dynamic_ncols=True)
     pending = []
     for i, batch in enumerate(bar):
       state, metrics = train_step(state, batch, jax.random.fold_in(epoch_key, i))
@@ -432,6 +543,27 @@ class Trainer:
     bar.close()
     count = max(totals["count"], 1.0)
     return state, totals["loss_sum"] / count, totals["correct"] / count
+
+  def _check_finite(self, state, loss, epoch, phase):
+    """Raises :class:`TrainingDiverged` (before anything of this epoch is saved) if the epoch's
+    loss or the new parameters / batch statistics are not finite."""
+    finite = bool(_all_finite({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    if finite and math.isfinite(loss):
+      return
+    cfg = self.cfg
+    what = "the loss" if not math.isfinite(loss) else "the parameters"
+    if phase == "art":
+      lam = float(state["opt_state"][0].lambda_)
+      cause = (f"lambda {lam:.3g} (lower --lambda-init {cfg.lambda_init:g} or --eta "
+               f"{cfg.eta:g}) or the learning rate (--lr {cfg.lr:g})")
+    else:
+      cause = f"the learning rate (lower --lr {cfg.lr:g}; --momentum {cfg.momentum:g})"
+    kept = self.ckpt.steps("latest")
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch} ({phase}): {what} became non-finite (loss "
+        f"{loss:.4g}); likely cause: {cause}. Nothing of epoch {epoch} was saved; the last good "
+        "checkpoint is " + (f"epoch {kept[-1]}" if kept else "the initial weights") + " in "
+        f"{self.outdir}/checkpoints; start a new --outdir with smaller values")
 
   def _test_accuracy(self, params, batch_stats):
     return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
@@ -460,6 +592,9 @@ class Trainer:
     os.makedirs(self.outdir, exist_ok=True)
     summary_path = os.path.join(self.outdir, "summary.json")
     resumed = self.ckpt.restore_latest("latest", self._restore_target)
+    for step, _ in self.ckpt.skipped:
+      self.log(f"checkpoint step {step} is unreadable (details in {self.ckpt.error_log}); "
+               f"using step {resumed[0]}")
     if resumed is None:
       self.ckpt.save("init", 0, {"params": self.params, "batch_stats": self.batch_stats},
                      {"what": "initial weights"})
@@ -493,10 +628,12 @@ class Trainer:
     total_epochs_hint = cfg.warmup_epochs + cfg.epochs
     while True:
       start = time.time()
+      self.epoch = epoch
       record = {"epoch": epoch, "phase": phase}
       if phase in ("warmup", "art"):
         state, loss, train_acc = self._train_epoch(art_step, state, epoch,
                                                    f"{phase} {epoch}")
+        self._check_finite(state, loss, epoch, phase)
         lam = float(state["opt_state"][0].lambda_)
         test_acc = self._test_accuracy(state["params"], state["batch_stats"])
         record.update(phase_epoch=epoch if phase == "warmup" else epoch - cfg.warmup_epochs,
@@ -518,14 +655,16 @@ class Trainer:
           record.update(pruned_train_accuracy=pruned_acc, window_mean=decision.window_mean,
                         best_window_mean=decision.best_mean)
           if decision.stop:
-            self.log(decision.message)
             extra["stop_reason"], extra["art_best_epoch"] = decision.reason, decision.best_epoch
             next_phase = "finetune"
         record["sparsity"] = masking.sparsity(state["params"])
+        if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
+          record["near_zero"] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
         if next_phase == "finetune":
+          self.log(decision.message)  # after the line of the epoch it refers to
           best = controller.best.payload
           params = self.place(jax.tree.map(jnp.asarray, best["params"]))
           mask = self.mask_fn(params)
@@ -548,6 +687,7 @@ class Trainer:
         if ft_epoch >= cfg.epochs:
           break
         state, loss, train_acc = self._train_epoch(ft_step, state, epoch, f"finetune {ft_epoch}")
+        self._check_finite(state, loss, epoch, phase)
         test_acc = self._test_accuracy(state["params"], state["batch_stats"])
         val_acc = self._val_accuracy(state["params"], state["batch_stats"])
         lr = cfg.lr * cfg.lr_decay ** sum(ft_epoch >= s for s in cfg.lr_steps)
@@ -628,7 +768,8 @@ class Trainer:
              f"loss {r['train_loss']:.4f} train {r['train_accuracy']:.4f} "
              + (f"pruned {pruned:.4f} " if pruned is not None else "")
              + f"test {r['test_accuracy']:.4f} sparsity {r['sparsity']:.4f} "
-             f"({r['time']:.1f}s)")
+             + (f"near-zero {r['near_zero']:.4f} " if r.get("near_zero") is not None else "")
+             + f"({r['time']:.1f}s)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -647,7 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
   ref = REFERENCE_DEFAULTS
   p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASET_NAMES)
   p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR) or TinyImageNet folder")
-  p.add_argument("--download", action="store_true", help="let TFDS download CIFAR if missing")
+  p.add_argument("--download", action="store_true",
+                 help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
+                      "install 'hypersparse-jax[download]')")
   p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
                  help=f"reference: {ref['model']}; digits: mlp")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
@@ -689,9 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--pruned-eval", default="augmented", choices=PRUNED_EVALS,
                  help="data for the pruned copy's accuracy in ART: 'augmented' training batches "
                       "as the reference's training loader serves them (default) or 'clean' images")
-  p.add_argument("--outdir", default=None, help="run directory (default runs/<dataset>-<model>-<sparsity>)")
+  p.add_argument("--outdir", default=None, help="run directory, one run at a time (default "
+                 "runs/<dataset>-<model><depth>-<penalty>-<sparsity>); the same command on it "
+                 "again resumes")
   p.add_argument("--init-from", default=None,
-                 help="start from a hypersparse-jax run/checkpoint dir or a reference .pth(.tar)")
+                 help="start from a hypersparse-jax run dir, its checkpoints/ or checkpoints/best "
+                      "(or .../best/STEP), or a reference PyTorch .pth(.tar)")
   p.add_argument("--devices", type=int, default=None,
                  help="devices for data-parallel training (default: all local devices; 1: no "
                       "mesh); --batch-size must divide by it")
@@ -718,34 +864,70 @@ def config_from_args(args) -> TrainConfig:
     values["depth"] = None
   if args.model == "vgg" and args.depth is None:
     values["depth"] = 19
+  if args.lr_steps is None:  # the preset's steps that fall within --epochs (others never fire)
+    values["lr_steps"] = [s for s in values["lr_steps"] if s < values["epochs"]]
   values["lr_steps"] = tuple(values["lr_steps"])
-  return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                     seed=args.seed, init_from=args.init_from, val_fraction=args.val_fraction,
-                     art_rule=args.art_rule, pruned_eval=args.pruned_eval, **values)
+  if args.dataset == "digits":  # bundled: no data folder, no download
+    data_dir, download = None, False
+  else:
+    data_dir, download = _normalized_path(args.data_dir), args.download
+  return TrainConfig(dataset=args.dataset, data_dir=data_dir, download=download,
+                     seed=args.seed, init_from=_normalized_path(args.init_from),
+                     val_fraction=args.val_fraction, art_rule=args.art_rule,
+                     pruned_eval=args.pruned_eval, **values)
+
+
+def default_outdir(cfg: TrainConfig) -> str:
+  return os.path.join(
+      "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-{cfg.sparsity:g}")
+
+
+def _check_resumable(outdir: str, config: dict) -> None:
+  config_path = os.path.join(outdir, "config.json")
+  if not os.path.exists(config_path):
+    return
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{config_path} is unreadable ({e}); use another --outdir") from None
+  diff = resume_differences(saved, config)
+  if diff:
+    raise ValueError(f"{outdir} holds a run with another configuration {diff} "
+                     "(saved, requested); use another --outdir")
+
+
+# Library messages name Python arguments; the command line names its options.
+_CLI_TERMS = ((re.compile(r"\bdata_dir="), "--data-dir "), (re.compile(r"\bdownload=True\b"),
+                                                            "--download"))
+
+
+def _in_cli_terms(message: str) -> str:
+  for pattern, option in _CLI_TERMS:
+    message = pattern.sub(option, message)
+  return message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input)."""
+  """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input,
+  1 when training diverged, 130 when interrupted)."""
   args = build_parser().parse_args(argv)
   if args.retain_host_memory:
     host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
+  lock, trainer = None, None
   try:
     cfg = config_from_args(args)
-    outdir = args.outdir or os.path.join(
-        "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-{cfg.sparsity:g}")
-    config_path = os.path.join(outdir, "config.json")
+    cfg.validate()
+    check_devices(args.devices, args.shard_params)
+    outdir = args.outdir or default_outdir(cfg)
+    run_dir.check_outdir(outdir)
     config = dataclasses.asdict(cfg)
     config["lr_steps"] = list(cfg.lr_steps)
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        saved = json.load(f)
-      if saved != config:
-        diff = {k: (saved.get(k), config.get(k)) for k in config if saved.get(k) != config.get(k)}
-        raise ValueError(f"{outdir} holds a run with another configuration {diff} "
-                         "(saved, requested); use another --outdir")
+    lock = run_dir.RunDirLock(outdir).acquire()
+    _check_resumable(outdir, config)
     trainer = Trainer(cfg, outdir, progress=args.progress, devices=args.devices,
                       shard_params=args.shard_params)
-    os.makedirs(outdir, exist_ok=True)
+    config_path = os.path.join(outdir, "config.json")
     if not os.path.exists(config_path):
       _atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     trainer.run()
@@ -753,10 +935,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       from hypersparse_jax import plotting
       print(f"curves: {plotting.plot_run(outdir)}")
     return 0
-  except (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-          checkpointing.CheckpointError, ImportError) as e:
+  except KeyboardInterrupt:
+    where = "" if trainer is None or trainer.epoch is None else f" at epoch {trainer.epoch}"
+    print(f"hypersparse-train: interrupted{where}; run the same command to resume",
+          file=sys.stderr)
+    return 130
+  except TrainingDiverged as e:
     print(f"hypersparse-train: error: {e}", file=sys.stderr)
+    return 1
+  except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, run_dir.RunDirBusy,
+          checkpointing.CheckpointError, ImportError) as e:
+    print(f"hypersparse-train: error: {_in_cli_terms(str(e))}", file=sys.stderr)
     return 2
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ with it, sharded like the parameters).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -146,7 +147,10 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     sparsity: target prune rate ``κ`` in ``[0, 1)``; fixes the HyperSparse threshold.
     lambda_init: ``λ`` of the first regularisation epoch (reference: 5e-6).
     eta: growth factor of ``λ`` per epoch (reference: 1.05).
-    steps_per_epoch: optimiser steps per epoch (``ceil(num_train / batch_size)``).
+    steps_per_epoch: optimiser steps one epoch really makes (``ceil(num_train / batch_size)``
+      if the last partial batch is kept, ``floor`` if it is dropped); the epoch, hence λ and
+      the end of the warm-up, is ``count // steps_per_epoch``. A wrong value raises nothing:
+      :func:`check_steps_per_epoch` makes it visible.
     warmup_epochs: epochs of dense training before regularisation starts (reference: 60).
     penalty: ``'hypersparse'`` (default), ``'l1'``, ``'l2'``, or a callable
       ``penalty(params) -> scalar`` whose ``jax.grad`` is used.
@@ -256,3 +260,36 @@ def fixed_mask(mask) -> optax.GradientTransformation:
     return masking.apply_mask(updates, state.mask), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_steps_per_epoch(opt_state, epochs_done: int, steps_per_epoch: int) -> int:
+  """Warns if :func:`art`'s step count does not match ``epochs_done · steps_per_epoch``.
+
+  ``art()`` derives the epoch (hence λ and the end of the warm-up) from its step count divided
+  by ``steps_per_epoch``; if a loop makes another number of optimiser steps per epoch (e.g. it
+  drops the last partial batch while ``steps_per_epoch`` was computed with ``ceil``), λ changes
+  at the wrong steps without any error. Call this once per epoch (a host sync of one integer)
+  with the same ``steps_per_epoch`` as given to ``art()``.
+
+  Args:
+    opt_state: the state of a chain holding one :func:`art` (searched in the pytree).
+    epochs_done: epochs trained with this optimiser state so far.
+    steps_per_epoch: the value passed to ``art()``.
+
+  Returns:
+    The step count of the ``art()`` state.
+  """
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, ARTState))
+            if isinstance(s, ARTState)]
+  if len(states) != 1:
+    raise ValueError(f"opt_state must hold exactly one art() state, found {len(states)}")
+  count = int(states[0].count)
+  expected = int(epochs_done) * int(steps_per_epoch)
+  if count != expected:
+    per_epoch = f"{count / epochs_done:g}" if epochs_done else "?"
+    warnings.warn(
+        f"art() made {count} optimiser steps in {epochs_done} epochs, but steps_per_epoch="
+        f"{steps_per_epoch} expects {expected}: λ and the warm-up end move at the wrong steps. "
+        f"Pass art(steps_per_epoch=...) the steps one epoch really makes ({per_epoch} here).",
+        stacklevel=2)
+  return count

@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from hypersparse_jax import controller, masking, penalties, transform
+from hypersparse_jax import controller, masking, penalties, threshold, transform
 
 
-@pytest.mark.parametrize("module", [masking, penalties, transform, controller],
+@pytest.mark.parametrize("module", [masking, threshold, penalties, transform, controller],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,

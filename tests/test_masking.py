@@ -18,9 +18,10 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypersparse_jax import masking
-from hypersparse_jax.masking import (Count, apply_mask, magnitude_mask, magnitude_threshold,
+from hypersparse_jax import masking, threshold
+from hypersparse_jax.masking import (apply_mask, magnitude_mask, magnitude_threshold,
                                      rank_of_threshold, sparsity, sparsity_report)
+from hypersparse_jax.threshold import Count
 
 KAPPAS = (0.0, 0.5, 0.9, 0.98, 0.995, 0.999)
 
@@ -188,17 +189,17 @@ class ThresholdTest(chex.TestCase):
   def test_counting_path_just_above_direct_limit(self):
     # one call per variant (an eager call compiles the counting loops anew)
     rng = np.random.default_rng(3)
-    n = masking._DIRECT + 1
+    n = threshold._DIRECT + 1
     flat = np.sort(rng.standard_normal(n).astype(np.float32))  # crowded rows: exact recount
     params = {"a": {"kernel": flat[:n - 45].reshape(-1, 4)}, "b": {"kernel": flat[n - 45:].reshape(9, 5)}}
     self._check(params, kappas=(0.98,))
-    below = {"a": {"kernel": flat[:masking._DIRECT].reshape(-1, 8)}}  # n = _DIRECT: direct sort
+    below = {"a": {"kernel": flat[:threshold._DIRECT].reshape(-1, 8)}}  # n = _DIRECT: direct sort
     self._check(below, kappas=(0.5, 0.999))
 
 
 @pytest.mark.parametrize("kappa", [0.5, 0.98])
 def test_counting_path_40k_all_patterns(kappa):
-  assert sum(int(np.prod(s)) for s in SHAPES_40K) > masking._DIRECT
+  assert sum(int(np.prod(s)) for s in SHAPES_40K) > threshold._DIRECT
   fn = _jitted_threshold(kappa)
   rng = np.random.default_rng(int(kappa * 100))
   for pattern in PATTERNS:
@@ -272,7 +273,7 @@ def test_threshold_hints_give_the_same_exact_value():
     want = ref_threshold(params, kappa)
     hints = [_bits(want), _bits(np.nextafter(want, np.float32(1))), _bits(want * 1.001),
              _bits(want * 0.97), _bits(want * 50), _bits(1e-6), jnp.int32(0), _bits(1e30),
-             _bits(np.finfo(np.float32).max), jnp.int32(masking._MAX_BITS), _bits(-1.0),
+             _bits(np.finfo(np.float32).max), jnp.int32(threshold._MAX_BITS), _bits(-1.0),
              jnp.int32(-1)]
     for hint in hints:
       assert_bits_equal(fn(params, hint), want)
@@ -638,10 +639,10 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
       splits = jnp.asarray(np.sort(np.float32(want.view(np.float32)) * np.float32(
           [1 - 8 * rel, 1 - 2 * rel, 1 - rel, 1 - rel / 2, 1 + rel / 2, 1 + rel, 1 + 2 * rel,
            1 + 8 * rel])).view(np.int32))
-      counts, rows = masking._count_below(chunks, splits)
-      full = masking._Bracket(jnp.int32(0), jnp.int32(masking._MAX_BITS),
-                              masking.Count.of(0), masking.Count.of(n))
-      br = masking._narrow_by_counts(k, full, splits, counts)
+      counts, rows = threshold._count_below(chunks, splits)
+      full = threshold._Bracket(jnp.int32(0), jnp.int32(threshold._MAX_BITS),
+                                threshold.Count.of(0), threshold.Count.of(n))
+      br = threshold._narrow_by_counts(k, full, splits, counts)
       lo, hi = int(br.lo), int(br.hi)
       assert lo <= want <= hi
       # NumPy: does each row of _ROW (a chunk's last row short) hold a value in [lo, hi]?
@@ -649,20 +650,20 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
       for c in chunks:
         c = np.asarray(c)
         inside = (c >= lo) & (c <= hi)
-        body = c.size - c.size % masking._ROW
-        row_any = list(inside[:body].reshape(-1, masking._ROW).any(1))
+        body = c.size - c.size % threshold._ROW
+        row_any = list(inside[:body].reshape(-1, threshold._ROW).any(1))
         exact += row_any + ([inside[body:].any()] if body < c.size else [])
         tails_flagged += row_any + ([True] if body < c.size else [])
-      from_counts = np.asarray(masking._row_flags_from_counts(chunks, br, splits, rows))
+      from_counts = np.asarray(threshold._row_flags_from_counts(chunks, br, splits, rows))
       np.testing.assert_array_equal(from_counts, np.array(tails_flagged))
-      by_pass = np.asarray(masking._row_flags_by_pass(chunks, br))
+      by_pass = np.asarray(threshold._row_flags_by_pass(chunks, br))
       np.testing.assert_array_equal(by_pass, np.array(exact))
       # The gather from the flagged rows returns exactly the values in [lo, hi], sorted.
       values = np.concatenate([np.asarray(c) for c in chunks])
       cands = np.sort(values[(values >= lo) & (values <= hi)])
       capacity = max(int(np.sum(tails_flagged)), cands.size)
-      got = np.asarray(masking._gather_candidates(chunks, br, jnp.asarray(tails_flagged),
-                                                  capacity))
+      got = np.asarray(threshold._gather_candidates(chunks, br, jnp.asarray(tails_flagged),
+                                                    capacity))
       np.testing.assert_array_equal(got[:cands.size], cands)
       assert np.all(got[cands.size:] == 2**31 - 1)
 
@@ -674,5 +675,5 @@ def test_true_indices_is_nonzero(n, size, density):
   flags = rng.random(n) < density
   want = np.nonzero(flags)[0][:size]
   want = np.concatenate([want, np.full(size - want.size, n)])
-  got = np.asarray(jax.jit(masking._true_indices, static_argnums=1)(jnp.asarray(flags), size))
+  got = np.asarray(jax.jit(threshold._true_indices, static_argnums=1)(jnp.asarray(flags), size))
   np.testing.assert_array_equal(got, want)

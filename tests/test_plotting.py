@@ -192,3 +192,40 @@ def test_main_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         plotting.main([])
     assert info.value.code == 2
+
+
+def test_out_extension_decides_the_format_and_others_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    _write(run, _records())
+    assert plotting.main([str(run), "--out", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".txt" in err and ".png" in err
+    assert not (tmp_path / "x.txt").exists()
+    assert plotting.main([str(run), "--out", str(tmp_path / "x.pdf")]) == 0
+    assert (tmp_path / "x.pdf").read_bytes().startswith(b"%PDF")
+    assert plotting.main([str(run), "--out", str(tmp_path / "x.svg")]) == 0
+    assert b"<svg" in (tmp_path / "x.svg").read_bytes()[:2000]
+
+
+def test_plot_run_titles_the_run_and_marks_the_chosen_art_epoch(tmp_path, monkeypatch):
+    run = tmp_path / "cifar-run"
+    _write(run, _records())
+    (run / "config.json").write_text(json.dumps(
+        {"dataset": "cifar10", "model": "resnet", "depth": 32, "penalty": "hypersparse",
+         "sparsity": 0.98}))
+    (run / "summary.json").write_text(json.dumps({"art_best_epoch": 6}))
+    drawn = {}
+    real = plotting.make_figure
+
+    def spy(records, **kwargs):
+        drawn["figure"] = real(records, **kwargs)
+        return drawn["figure"]
+
+    monkeypatch.setattr(plotting, "make_figure", spy)
+    plotting.plot_run(run)
+    figure = drawn["figure"]
+    assert figure._suptitle.get_text() == "cifar-run: cifar10, resnet32, hypersparse, sparsity 0.98"
+    for axes in figure.axes:
+        marks = [line for line in axes.get_lines() if line.get_linestyle() == "--"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [6, 6]
+    assert "chosen ART epoch" in _lines_by_label(_axes_by_label(figure)["accuracy"])

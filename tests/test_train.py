@@ -12,6 +12,7 @@ equality between an uninterrupted run and one that was SIGKILLed and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -131,10 +132,15 @@ def assert_trees_equal(a, b):
 
 
 def snapshot(directory):
-  """``{relative path: (mtime_ns, sha256)}`` of every file under ``directory``."""
+  """``{relative path: (mtime_ns, sha256)}`` of every file under ``directory``.
+
+  The run-directory lock file is left out: every run that takes the lock writes its PID there.
+  """
   out = {}
   for root, _, files in os.walk(directory):
     for name in files:
+      if name == ".lock" and root == directory:
+        continue
       path = os.path.join(root, name)
       with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -446,9 +452,11 @@ def test_cifar10_without_data_errors_cleanly(tmp_path, capsys):
   data_dir = tmp_path / "tfds"
   data_dir.mkdir()
   outdir = str(tmp_path / "out")
-  _assert_clean_error(["--dataset", "cifar10", "--model", "mlp", "--data-dir", str(data_dir),
-                       "--no-progress", "--outdir", outdir], capsys, outdir)
+  line = _assert_clean_error(["--dataset", "cifar10", "--model", "mlp", "--data-dir",
+                              str(data_dir), "--no-progress", "--outdir", outdir], capsys, outdir)
   assert os.listdir(data_dir) == []
+  assert "--download" in line and "--data-dir" in line  # the CLI's options, not Python's
+  assert "download=True" not in line and "data_dir=" not in line
 
 
 def test_other_config_in_existing_outdir_errors(run_a, tmp_path, capsys):
@@ -489,7 +497,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_step(run_a, tmp_path, 
   _corrupt(os.path.join(outdir, "checkpoints", "latest", str(steps[-1])))
   os.remove(os.path.join(outdir, "summary.json"))
   assert call_main(TINY + ["--outdir", outdir]) == 0
-  out = capsys.readouterr().out
+  out, err = capsys.readouterr()
   assert f"from checkpoint {steps[-2]}" in out
   assert read_json(os.path.join(outdir, "summary.json")) == read_json(
       os.path.join(run_a, "summary.json"))
@@ -503,8 +511,11 @@ def test_all_checkpoints_corrupt_errors_cleanly(run_a, tmp_path, capsys):
   for step in ckpt_steps(outdir, "latest"):
     _corrupt(os.path.join(outdir, "checkpoints", "latest", str(step)))
   before = snapshot(outdir)
-  _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="checkpoint")
-  assert snapshot(outdir) == before
+  line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="checkpoint")
+  log = os.path.join("checkpoints", "restore-errors.log")
+  assert log in line
+  after = snapshot(outdir)
+  assert after.pop(log) and after == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,6 +557,276 @@ def test_init_from_reference_pytorch_checkpoint(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
+# 6. Guarded run directories, early validation, divergence, interruption
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--lr-decay", "-2"], "--lr-decay"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr-steps", "1", "0"], "increasing"),
+    (["--lr-steps", "5"], "--epochs"),
+    (["--seed", "-1"], "--seed"),
+    (["--depth", "3"], "--depth"),
+    (["--shard-params", "--devices", "1"], "--shard-params"),
+], ids=["lr-decay", "momentum", "weight-decay", "lr-inf", "lr-steps-order", "lr-steps-range",
+        "seed", "depth-mlp", "shard-params-1-device"])
+def test_bad_options_are_refused_before_the_first_step(extra, needle, tmp_path, capsys):
+  """Options that used to fail after ART (``--lr-decay -2``), diverge (``--momentum 1.5``) or
+  fail in a later epoch are refused before anything is written."""
+  outdir = str(tmp_path / "out")
+  line = _assert_clean_error(TINY + extra + ["--outdir", outdir], capsys, outdir, needle)
+  assert "=None" not in line and "=True" not in line  # user terms, not Python's
+
+
+def test_epochs_zero_is_refused(tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(tiny(epochs=0) + ["--outdir", outdir], capsys, outdir, "--epochs")
+
+
+def test_outdir_naming_a_file_errors_in_user_terms(tmp_path, capsys):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  for outdir in (str(path), str(path / "sub")):
+    line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="--outdir")
+    assert "Errno" not in line and "not a directory" in line
+  assert path.read_text() == "x"
+
+
+def test_second_run_on_a_live_outdir_is_refused_naming_the_holder(tmp_path, capsys):
+  """A run directory has one owner: a second command exits at once naming the holder's PID,
+  and does not touch the first run's files; after the holder is SIGKILLed the lock is stale."""
+  outdir = str(tmp_path / "live")
+  proc = _start(outdir)
+  try:
+    metrics = os.path.join(outdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+      assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+      time.sleep(0.01)
+    with open(os.path.join(outdir, "config.json")) as f:
+      config_before = f.read()
+    start = time.time()
+    line = _assert_clean_error(TINY + ["--outdir", outdir], capsys, must_contain="in use")
+    assert time.time() - start < 10  # at once, not after loading data and compiling
+    assert f"PID {proc.pid}" in line
+    with open(os.path.join(outdir, "config.json")) as f:
+      assert f.read() == config_before
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+  from hypersparse_jax import run_dir
+  with run_dir.RunDirLock(outdir):  # the killed holder left a stale lock: free again
+    pass
+
+
+def test_resume_ignores_download_data_dir_of_digits_and_trailing_slash(run_a, tmp_path, capsys):
+  outdir = copy_run(run_a, tmp_path / "again")
+  before = snapshot(outdir)
+  rc = call_main(TINY + ["--outdir", outdir + "/", "--data-dir", "/somewhere/", "--download"])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert "already finished" in out
+  assert snapshot(outdir) == before
+
+
+def test_resume_differences_compares_only_what_changes_the_result():
+  base = dataclasses.asdict(train.TrainConfig(dataset="cifar10", data_dir="/data/tfds"))
+  base["lr_steps"] = list(base["lr_steps"])
+  assert train.resume_differences(base, dict(base, data_dir="/data/tfds/")) == {}
+  assert train.resume_differences(base, dict(base, data_dir="/data/x/../tfds")) == {}
+  assert train.resume_differences(dict(base, download=True), base) == {}
+  assert set(train.resume_differences(base, dict(base, data_dir="/data/other"))) == {"data_dir"}
+  assert set(train.resume_differences(base, dict(base, lr=0.2))) == {"lr"}
+  # lr steps at or past --epochs never fire: same result
+  epochs = base["epochs"]
+  assert train.resume_differences(dict(base, lr_steps=[1, epochs + 5]),
+                                  dict(base, lr_steps=[1])) == {}
+  # A key that a config.json of 0.1 lacks counts as what 0.1 did; an unknown one differs.
+  old = {k: v for k, v in base.items() if k not in ("val_fraction", "art_rule", "pruned_eval")}
+  assert train.resume_differences(old, dict(old, val_fraction=0.0, art_rule="best_mean",
+                                            pruned_eval="clean")) == {}
+  assert set(train.resume_differences(old, dict(old, val_fraction=0.1))) == {"val_fraction"}
+  diff = train.resume_differences(old, dict(old, art_rule="reference"))
+  assert set(diff) == {"art_rule"} and "'best_mean'" in diff["art_rule"][0]
+  assert set(train.resume_differences(old, dict(old, pruned_eval="augmented"))) == {
+      "pruned_eval"}
+  assert train.resume_differences(old, dict(old, future_option=1)) == {
+      "future_option": ("<missing>", 1)}
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  outdir = str(tmp_path / "diverge")
+  rc = call_main(tiny(lambda_init=1e30) + ["--outdir", outdir])
+  out, err = capsys.readouterr()
+  assert rc == 1
+  assert "Traceback" not in err
+  lines = error_lines(err)
+  assert len(lines) == 1, err
+  assert "epoch 1 (art)" in lines[0] and "non-finite" in lines[0] and "lambda" in lines[0]
+  assert [r["epoch"] for r in read_metrics(outdir)] == [0]  # nothing of the bad epoch
+  assert ckpt_steps(outdir, "latest") == [0]
+  state = read_ckpt(outdir, "latest", 0)["train"]
+  assert all(np.all(np.isfinite(v)) for v in flat(state["params"]).values())
+  assert not os.path.exists(os.path.join(outdir, "summary.json"))
+
+
+def test_ctrl_c_says_where_and_how_to_resume(tmp_path):
+  outdir = str(tmp_path / "interrupted")
+  proc = _start(outdir)
+  metrics = os.path.join(outdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=120)[0].decode(errors="replace")
+  assert proc.returncode == 130, out
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+  last = read_metrics(outdir)[-1]["epoch"]  # interrupted in epoch last + 1, or while saving last
+  assert any(f"interrupted at epoch {e}; run the same command to resume" in out
+             for e in (last, last + 1)), out
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. --init-from: what the path is, in one line
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"hello, not a checkpoint\n", "text file"),
+    (b"", "empty"),
+    (bytes(range(256)) * 8, "unknown format"),
+], ids=["text", "empty", "random"])
+@pytest.mark.parametrize("torch_available", [True, False], ids=["torch", "no-torch"])
+def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(content, needle, torch_available,
+                                                                tmp_path, capsys, monkeypatch):
+  if not torch_available:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  path = tmp_path / "weights.pth"
+  path.write_bytes(content)
+  outdir = str(tmp_path / "out")
+  line = _assert_clean_error(TINY + ["--outdir", outdir, "--init-from", str(path)], capsys,
+                             outdir, needle)
+  assert "not a checkpoint" in line and "PyTorch" in line and "needs PyTorch" not in line
+
+
+def test_init_from_sparse_export_says_it_is_an_npz(run_a, tmp_path, capsys):
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + ["--outdir", outdir, "--init-from",
+                              os.path.join(run_a, "model_sparse.npz")], capsys, outdir, ".npz")
+
+
+def test_init_from_damaged_torch_zip_errors_cleanly(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  path = str(tmp_path / "ref.pth")
+  torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+  with open(path, "r+b") as f:  # keep the zip directory, damage the pickled data
+    data = bytearray(f.read())
+    start = data.index(b"data.pkl") + len(b"data.pkl")
+    data[start:start + 40] = b"\x00" * 40
+    f.seek(0)
+    f.write(data)
+  outdir = str(tmp_path / "out")
+  _assert_clean_error(TINY + ["--outdir", outdir, "--init-from", path], capsys, outdir, "ref.pth")
+
+
+def test_init_from_checkpoint_kind_and_step_folders(run_a, tmp_path, capsys):
+  """``--init-from RUN/checkpoints/best`` and ``.../best/STEP`` load that exact checkpoint."""
+  from hypersparse_jax import init_source
+  best_step = ckpt_steps(run_a, "best")[-1]
+  latest_step = ckpt_steps(run_a, "latest")[0]
+  ckpts = os.path.join(run_a, "checkpoints")
+  assert init_source.identify(os.path.join(ckpts, "best")) == ("orbax", ckpts, "best", None)
+  assert init_source.identify(os.path.join(ckpts, "latest", str(latest_step))) == (
+      "orbax", ckpts, "latest", latest_step)
+  assert init_source.identify(run_a) == ("orbax", ckpts, None, None)
+  # End to end on the step folder of an older `latest` (not what a run dir would give).
+  outdir = str(tmp_path / "from_step")
+  trainer = train.Trainer(train.TrainConfig(
+      model="mlp", init_from=os.path.join(ckpts, "latest", str(latest_step))), outdir,
+      progress=False, log=lambda *_: None)
+  expected = read_ckpt(run_a, "latest", latest_step)["train"]["params"]
+  assert_trees_equal(jax.device_get(trainer.params), expected)
+  trainer = train.Trainer(train.TrainConfig(model="mlp", init_from=os.path.join(ckpts, "best")),
+                          str(tmp_path / "from_best"), progress=False, log=lambda *_: None)
+  assert_trees_equal(jax.device_get(trainer.params), read_ckpt(run_a, "best", best_step)["params"])
+
+
+def test_unreadable_newest_checkpoint_is_one_line_with_details_in_a_log(run_a, tmp_path, capfd):
+  """Array data of the newest step damaged (its metadata intact): orbax's reader threads print
+  ~100 lines of tracebacks; the user sees one line, the details are in the log file."""
+  outdir = copy_run(run_a, tmp_path / "damaged")
+  steps = ckpt_steps(outdir, "latest")
+  state_dir = os.path.join(outdir, "checkpoints", "latest", str(steps[-1]), "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if os.path.basename(root) == "d":  # the chunk files: keep 10 bytes of each
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          head = f.read(10)
+        with open(path, "wb") as f:
+          f.write(head)
+  os.remove(os.path.join(outdir, "summary.json"))
+  assert call_main(TINY + ["--outdir", outdir]) == 0
+  out, err = capfd.readouterr()
+  assert "Traceback" not in err and "Traceback" not in out, err[-2000:]
+  log = os.path.join(outdir, "checkpoints", "restore-errors.log")
+  assert [line for line in out.splitlines() if line.startswith("checkpoint step")] == [
+      f"checkpoint step {steps[-1]} is unreadable (details in {log}); using step {steps[-2]}"]
+  with open(log) as f:
+    assert "Traceback" in f.read()
+  assert read_json(os.path.join(outdir, "summary.json")) == read_json(
+      os.path.join(run_a, "summary.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. What a log file and the run directory look like
+# ------------------------------------------------------------------------------------------------
+
+
+def test_log_without_terminal_files_with_umask_and_art_progress(tmp_path, capfd):
+  """Progress bars requested but stderr is no terminal (captured): no bar output. The stop
+  message follows the epoch line it refers to; ART epochs show the near-zero fraction; the run's
+  files get the permissions of the umask."""
+  outdir = str(tmp_path / "plain")
+  old_umask = os.umask(0o027)
+  try:
+    assert call_main([a for a in TINY if a != "--no-progress"] + ["--outdir", outdir]) == 0
+  finally:
+    os.umask(old_umask)
+  out, err = capfd.readouterr()
+  assert "\r" not in err and "it/s" not in err, err[-500:]
+  for name in ("config.json", "metrics.jsonl", "summary.json", "model_sparse.npz"):
+    assert os.stat(os.path.join(outdir, name)).st_mode & 0o777 == 0o640, name
+  lines = out.splitlines()
+  art_lines = [i for i, line in enumerate(lines) if " art " in line and line.startswith("epoch")]
+  stop = [i for i, line in enumerate(lines)
+          if "regularisation done" in line or "stop rule not met" in line]
+  assert len(stop) == 1 and stop[0] == art_lines[-1] + 1, out
+  records = read_metrics(outdir)
+  art_records = [r for r in records if r["phase"] == "art"]
+  assert all(("near_zero" in r) == (r["phase"] == "art") for r in records)
+  for i, r in zip(art_lines, art_records):
+    assert f"near-zero {r['near_zero']:.4f}" in lines[i]
+
+
+def test_near_zero_fraction_against_numpy():
+  rng = np.random.default_rng(0)
+  w1 = rng.normal(size=(40, 30)).astype(np.float32)
+  w1[:, :20] *= 1e-6  # two thirds of this kernel pushed towards zero
+  w2 = rng.normal(size=(30, 10)).astype(np.float32)
+  params = {"a": {"kernel": w1, "bias": np.zeros(30, np.float32)}, "b": {"kernel": w2}}
+  a = np.sort(np.abs(np.concatenate([w1.ravel(), w2.ravel()])))
+  t = a[int(np.floor(0.9 * a.size))]
+  want = np.mean(a < 1e-3 * t)
+  assert 0.5 < want < 0.9
+  assert float(train.near_zero_fraction(params, 0.9)) == pytest.approx(want, abs=1e-7)
+
+
 # 6. Selection on a validation split; the pruned copy measured as the training loader serves it
 # ------------------------------------------------------------------------------------------------
 
@@ -598,23 +879,27 @@ def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
   params = jax.tree.map(np.asarray, trainer.params)
   epoch = 3
   got = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
-  # NumPy: the same eval batches; the crop offsets are the ones the pipeline draws for the
-  # documented keys, applied here by NumPy padding and slicing
+  # NumPy: example j is cropped at the offsets the pipeline draws for the documented key
+  # fold_in(epoch key, j), applied here by NumPy padding and slicing
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1), epoch)
-  size, n, p = trainer.eval_batch_size, data.num_train, data.crop_padding
-  correct = 0
-  for i, start in enumerate(range(0, n, size)):
-    images = data.train_images[start:start + size]
-    labels = data.train_labels[start:start + size]
-    if mode == "augmented":
-      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, i), size,
+  n, p = data.num_train, data.crop_padding
+  images = data.train_images
+  if mode == "augmented":
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    crops = []
+    for j in range(n):
+      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, j), 1,
                                                       crop_padding=p, flip=False)
-      offsets = np.asarray(offsets)[:len(images)]
-      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-      images = np.stack([im[oy:oy + 8, ox:ox + 8] for im, (oy, ox) in zip(padded, offsets)])
-    logits = _mlp_logits(params, images, data.mean, data.std)
-    correct += int(np.sum(np.argmax(logits, -1) == labels))
+      oy, ox = (int(v) for v in np.asarray(offsets)[0])
+      crops.append(padded[j, oy:oy + 8, ox:ox + 8])
+    images = np.stack(crops)
+    assert np.mean(np.any(images != data.train_images, axis=(1, 2, 3))) > 0.5  # mostly moved
+  logits = _mlp_logits(params, images, data.mean, data.std)
+  correct = int(np.sum(np.argmax(logits, -1) == data.train_labels))
   assert got == pytest.approx(correct / n, abs=2 / n)
+  # independent of the batch size (and so of the device count, which pads it)
+  trainer.eval_batch_size = 128
+  assert trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch) == got
   clean = trainer._val_accuracy  # noqa: F841 (no val split here: None)
   assert trainer._val_accuracy(trainer.params, trainer.batch_stats) is None
   if mode == "augmented":  # a fresh augmentation per epoch, the same for the same epoch

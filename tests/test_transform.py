@@ -499,6 +499,28 @@ def test_end_to_end_hypersparse_shrinks_small_weights():
     assert acc_art >= acc_plain, (acc_art, acc_plain)
 
 
+def test_check_steps_per_epoch_warns_when_the_loop_makes_other_step_counts():
+  """A loop that drops the last partial batch (floor) with art(steps_per_epoch=ceil): the
+  λ epochs drift silently; check_steps_per_epoch makes it visible."""
+  import warnings
+  from hypersparse_jax import check_steps_per_epoch
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  num_train, batch = 10, 4
+  ceil, floor = -(-num_train // batch), num_train // batch  # 3 and 2
+  tx = optax.chain(optax.add_decayed_weights(1e-4),
+                   art(0.5, steps_per_epoch=ceil, warmup_epochs=1), optax.sgd(0.1))
+  state = tx.init(params)
+  for _ in range(2 * floor):  # two epochs of the dropping loop
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  with pytest.warns(UserWarning, match=r"made 4 optimiser steps in 2 epochs.*expects 6"):
+    assert check_steps_per_epoch(state, 2, ceil) == 4
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert check_steps_per_epoch(state, 2, floor) == 4
+  with pytest.raises(ValueError, match="exactly one art"):
+    check_steps_per_epoch(optax.sgd(0.1).init(params), 1, 2)
+
+
 # ----- numerical edges: λ overflow, low-precision updates, non-finite weights ----------------------
 
 
