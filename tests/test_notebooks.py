@@ -7,9 +7,10 @@ import pathlib
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+# nbformat, nbclient and ipykernel come with the test extra: a broken install fails here
+import ipykernel  # noqa: F401,E402
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 MIN_PNG_BYTES = 5_000

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("jax2onnx")
+# the [onnx] extra is part of the test extra: a broken install fails here, it is not skipped
+import jax2onnx  # noqa: F401,E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
 import orbax.checkpoint as ocp  # noqa: E402
 from onnx import numpy_helper  # noqa: E402

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-optuna = pytest.importorskip("optuna")
+import optuna  # the [search] extra is part of the test extra  # noqa: E402
 
 from hypersparse_jax import search, train  # noqa: E402
 
@@ -207,3 +207,31 @@ def test_resume_after_sigkill_runs_only_the_missing_trials(tmp_path, env, space_
   run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0 and "nothing to do" in run.stdout, run.stdout + run.stderr
   assert _snapshot(outdir) == before and len(_study(outdir).get_trials()) == trials_before
+
+
+def test_storage_creation_race_is_retried(tmp_path, monkeypatch):
+  """Two workers on a new database race to create its tables; the loser's "already exists"
+  (as sqlite reported it in a CI run of the two-worker test) is retried, other errors are not."""
+  real = optuna.storages.RDBStorage
+  calls = []
+
+  def racing(url, **kwargs):
+    calls.append(url)
+    if len(calls) < 3:
+      raise RuntimeError("(sqlite3.OperationalError) table studies already exists")
+    return real(url, **kwargs)
+
+  monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+  url = "sqlite:///" + str(tmp_path / "s.db")
+  storage = search._storage(url, 0, optuna)
+  assert len(calls) == 3 and isinstance(storage, real)
+
+  def broken(url, **kwargs):
+    calls.append(url)
+    raise RuntimeError("unable to open database file")
+
+  calls.clear()
+  monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+  with pytest.raises(RuntimeError, match="unable to open"):
+    search._storage(url, 0, optuna)
+  assert len(calls) == 1

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # installed by the README's test command  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

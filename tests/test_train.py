@@ -540,7 +540,7 @@ def test_init_from_earlier_run_loads_its_best_weights(run_a, tmp_path, capsys):
 
 def test_init_from_reference_pytorch_checkpoint(tmp_path, capsys):
   """``--init-from file.pth.tar`` (the reference's format) starts from exactly those weights."""
-  torch = pytest.importorskip("torch")
+  import torch  # installed by the README's test command
   from hypersparse_jax import torch_models
   net = torch_models.TorchDigitsMLP()
   with torch.no_grad():
@@ -721,7 +721,7 @@ def test_init_from_sparse_export_says_it_is_an_npz(run_a, tmp_path, capsys):
 
 
 def test_init_from_damaged_torch_zip_errors_cleanly(tmp_path, capsys):
-  torch = pytest.importorskip("torch")
+  import torch  # installed by the README's test command
   path = str(tmp_path / "ref.pth")
   torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
   with open(path, "r+b") as f:  # keep the zip directory, damage the pickled data
@@ -900,7 +900,6 @@ def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
   # independent of the batch size (and so of the device count, which pads it)
   trainer.eval_batch_size = 128
   assert trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch) == got
-  clean = trainer._val_accuracy  # noqa: F841 (no val split here: None)
   assert trainer._val_accuracy(trainer.params, trainer.batch_stats) is None
   if mode == "augmented":  # a fresh augmentation per epoch, the same for the same epoch
     again = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
