@@ -37,11 +37,12 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from hypersparse_jax.run_dir import write_bytes_atomic
 
 __all__ = ["DATASET_IMAGE_SHAPES", "OnnxExportError", "export_onnx", "load_run_variables", "main"]
 
@@ -274,20 +275,11 @@ def export_onnx(model, variables: Mapping[str, Any], path: str | os.PathLike, *,
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+  """Written whole or not at all, with the user's umask (see :mod:`hypersparse_jax.run_dir`)."""
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"cannot write {path}: folder {directory} does not exist")
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".onnx")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_bytes_atomic(path, data)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -194,6 +194,17 @@ def test_verify_reports_the_onnxruntime_error_and_fixed_batch(exported, tmp_path
   assert {p.key: p.value for p in proto.metadata_props}["note"] == "fixed batch"
 
 
+def test_file_gets_the_users_umask(exported, tmp_path):
+  model, variables, _, _ = exported["mlp"]
+  old = os.umask(0o027)
+  try:
+    hypersparse_jax.export_onnx(model, variables, str(tmp_path / "m.onnx"),
+                                input_shape=(None, 8, 8, 1))
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "m.onnx").st_mode & 0o777 == 0o640  # not mkstemp's 0600
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------------
