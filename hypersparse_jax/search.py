@@ -34,6 +34,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from typing import Any, Optional, Sequence
 
 from hypersparse_jax import train
@@ -193,6 +194,17 @@ def _run_dir(outdir: str, trial, optuna) -> str:
   return os.path.join(outdir, "trials", f"trial-{trial.number if number is None else number:04d}")
 
 
+def _give_up(trial, reason: str, error: Exception, params: dict, log, optuna):
+  """Ends a trial whose sampled settings cannot be trained (``reason``: 'diverged' or
+  'infeasible') as *pruned*, with the one-line cause in the user attribute ``reason``: it
+  counts towards ``--trials`` (so a space full of bad settings cannot loop for ever), carries
+  no value, and the search goes on."""
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  trial.set_user_attr(reason, message)
+  log(f"trial {trial.number}: {reason}: {message} {params}")
+  raise optuna.TrialPruned(f"{reason}: {message}")
+
+
 def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
   import optuna
 
@@ -226,10 +238,15 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
         raise optuna.TrialPruned()
 
     start = time.time()
-    trainer = train.Trainer(cfg, run_dir, progress=progress, on_epoch=on_epoch,
-                            log=lambda *a: None)
+    try:
+      trainer = train.Trainer(cfg, run_dir, progress=progress, on_epoch=on_epoch,
+                              log=lambda *a: None)
+    except ValueError as e:  # a sampled combination the trainer refuses (e.g. λ overflow)
+      _give_up(trial, "infeasible", e, params, log, optuna)
     try:
       summary = trainer.run()
+    except train.TrainingDiverged as e:
+      _give_up(trial, "diverged", e, params, log, optuna)
     finally:
       trainer.ckpt.close()
       trial.set_user_attr("seconds", round(time.time() - start, 2))
@@ -449,8 +466,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       host_memory.retain_freed_memory(warn=False)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     objective = make_objective(base, space, outdir, args.trials, progress=args.progress)
-    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.trials, states)],
-                   catch=(_BudgetReached,), gc_after_trial=True)
+    try:
+      study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.trials, states)],
+                     catch=(_BudgetReached,), gc_after_trial=True)
+    except Exception as e:  # a bug or the environment (disk full, ...), not a bad trial
+      log_path = os.path.join(outdir, "errors.log")
+      with open(log_path, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}:{os.getpid()}\n"
+                + traceback.format_exc() + "\n")
+      _write_outputs(study, outdir, optuna)
+      first = str(e).splitlines()[0] if str(e) else ""
+      print(f"hypersparse-search: error: a trial failed: {type(e).__name__}: {first} "
+            f"(traceback in {log_path}); the failed trial does not count towards --trials: "
+            "the same command continues the search", file=sys.stderr)
+      return 1
   if before < args.trials or not os.path.exists(os.path.join(outdir, "trials.csv")):
     best = _write_outputs(study, outdir, optuna)
   elif os.path.exists(os.path.join(outdir, "best.json")):

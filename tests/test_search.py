@@ -235,3 +235,55 @@ def test_storage_creation_race_is_retried(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="unable to open"):
     search._storage(url, 0, optuna)
   assert len(calls) == 1
+
+
+def test_diverging_trials_are_pruned_with_their_cause_and_the_search_goes_on(tmp_path, env):
+  """Every sampled learning rate is far too large: each trial diverges in its first warm-up
+  epoch; both trials still run (the first does not end the search), each ends pruned with the
+  trainer's one-line cause, and with no completed trial there is no best.json (exit 1)."""
+  space = tmp_path / "space.json"
+  space.write_text(json.dumps({"lr": {"low": 1e6, "high": 1e7, "log": True}}))
+  outdir = tmp_path / "study"
+  run = subprocess.run(_command(outdir, str(space), 2, "--pruner", "none"), env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 1 and "no trial completed" in run.stdout, run.stdout + run.stderr
+  trials = _study(outdir).get_trials()
+  assert len(trials) == 2
+  for t in trials:
+    assert t.state == optuna.trial.TrialState.PRUNED and t.value is None
+    assert t.user_attrs["diverged"].startswith("training diverged at epoch 0 (warmup)")
+    assert f"--lr {t.params['lr']:g}" in t.user_attrs["diverged"]
+  with open(outdir / "trials.csv") as f:
+    header = f.readline().strip().split(",")
+  assert "user_attrs_diverged" in header and not (outdir / "best.json").exists()
+
+
+def test_an_unexpected_trial_error_is_one_line_with_the_traceback_kept(tmp_path, monkeypatch,
+                                                                      capsys, space_file):
+  """An error that is not a property of the sampled settings (a bug, a full disk) ends the
+  search with one line naming the log file; the traceback goes to OUTDIR/errors.log, trials.csv
+  is written, and the trial is FAIL (so it does not count towards --trials)."""
+
+  class Exploding:
+    def __init__(self, cfg, run_dir, **kwargs):
+      self.ckpt = type("Ckpt", (), {"close": lambda self: None})()
+
+    def run(self):
+      raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(train, "Trainer", Exploding)
+  outdir = tmp_path / "study"
+  code = search.main([*TINY, "--space", space_file, "--trials", "2", "--outdir", str(outdir),
+                      "--no-retain-host-memory"])
+  err = capsys.readouterr().err
+  assert code == 1
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "OSError" in lines[0] and "No space left on device" in lines[0]
+  assert str(outdir / "errors.log") in lines[0]
+  log = (outdir / "errors.log").read_text()
+  assert "Traceback (most recent call last)" in log
+  assert "in run\n    raise OSError" in log
+  trials = _study(outdir).get_trials()
+  assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+  with open(outdir / "trials.csv") as f:
+    assert f.read().splitlines()[1].split(",")[1] == "FAIL"
