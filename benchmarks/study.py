@@ -391,18 +391,8 @@ def write_text_markdown(path, report):
         f"| {LABELS[c['method']]} | {c['target'] * 100:g} % | {_pm(c['test_bits_per_byte'], 1, 3)}"
         f" | {_pm(c['test_accuracy'])} | {_pm(c['sparsity'], 100, 3)} | "
         f"{_pm(c['art_epochs'], 1, 1)} | {_pm(c['time'], 1, 1)} |")
-  sps = s["sparsities"]
-  lines += ["", "Test bits per byte, mean ± std:", "",
-            "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
-            "|---|" + "---|" * len(sps)]
-  by = {(c["method"], c["target"]): c for c in report["cells"]}
-  for m in s["methods"]:
-    if m == "dense":
-      c = by.get(("dense", 0.0))
-      row = [_pm(c["test_bits_per_byte"], 1, 3) if c else "–"] * len(sps)
-    else:
-      row = [_pm(by[(m, x)]["test_bits_per_byte"], 1, 3) if (m, x) in by else "–" for x in sps]
-    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  lines += _pivot(report, s["methods"], "Test bits per byte",
+                  lambda c: _pm(c["test_bits_per_byte"], 1, 3))
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -430,20 +420,27 @@ def write_markdown(path, report):
         f"{_pm(c['best_test_accuracy'])} | {_pm(c['sparsity'], 100, 3)} | "
         f"{_pm(c['art_epochs'], 1, 1)} | {_pm(c['time'], 1, 1)} |")
   # Compact pivot: final accuracy per method (rows) and sparsity (columns).
-  sps = s["sparsities"]
-  lines += ["", "Final fine-tune test accuracy (%), mean ± std:", "",
-            "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
-            "|---|" + "---|" * len(sps)]
-  by = {(c["method"], c["target"]): c for c in report["cells"]}
-  for m in METHODS:
-    if m == "dense":
-      c = by.get(("dense", 0.0))
-      row = [_pm(c["final_test_accuracy"]) if c else "–"] * len(sps)
-    else:
-      row = [_pm(by[(m, x)]["final_test_accuracy"]) if (m, x) in by else "–" for x in sps]
-    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  lines += _pivot(report, METHODS, "Final fine-tune test accuracy (%)",
+                  lambda c: _pm(c["final_test_accuracy"]))
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _pivot(report, methods, title, cell):
+  """Markdown lines of a methods (rows) x sparsities (columns) table of ``cell(stats)``."""
+  sps = report["settings"]["sparsities"]
+  lines = ["", f"{title}, mean ± std:", "",
+           "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
+           "|---|" + "---|" * len(sps)]
+  by = {(c["method"], c["target"]): c for c in report["cells"]}
+  for m in methods:
+    if m == "dense":
+      c = by.get(("dense", 0.0))
+      row = [cell(c) if c else "–"] * len(sps)
+    else:
+      row = [cell(by[(m, x)]) if (m, x) in by else "–" for x in sps]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  return lines
 
 
 def write_plot(path, report):
