@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hypersparse_jax import sharding
+
 __all__ = [
     "TEXT_DATASETS",
     "VOCAB_SIZE",
@@ -273,11 +275,11 @@ def window_batches(windows: np.ndarray, batch_size: int) -> Iterator[dict[str, n
 # ------------------------------------------------------------------------------------------------
 
 
-def _next_byte_terms(model, params, tokens, mask):
+def _next_byte_terms(model, params, tokens, mask, train):
   """Per-window sums of cross-entropy (nats) and correct predictions, and the per-window
   weight (``mask``); the model reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``."""
   inputs, targets = tokens[:, :-1].astype(jnp.int32), tokens[:, 1:].astype(jnp.int32)
-  logits = model.apply({"params": params}, inputs, train=True).astype(jnp.float32)
+  logits = model.apply({"params": params}, inputs, train=train).astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   weights = mask.astype(jnp.float32)
@@ -288,7 +290,6 @@ def make_train_step(model, tx, *, state_shardings=None):
   """``(state, batch, key) -> (state, metrics)`` for next-byte prediction; the metrics are sums
   over the batch's scored bytes (``count``): ``loss_sum`` (nats) and ``correct``. The key is
   unused (no dropout, no augmentation); it keeps the image step's signature."""
-  from hypersparse_jax import sharding
 
   def step(state, batch, key):
     del key
@@ -296,7 +297,7 @@ def make_train_step(model, tx, *, state_shardings=None):
     per_window = tokens.shape[1] - 1
 
     def loss_fn(params):
-      nll, correct, weights = _next_byte_terms(model, params, tokens, mask)
+      nll, correct, weights = _next_byte_terms(model, params, tokens, mask, True)
       count = jnp.maximum(jnp.sum(weights), 1.0) * per_window
       return jnp.sum(nll) / count, (nll, correct, weights)
 
@@ -318,7 +319,7 @@ def make_eval_step(model):
 
   def step(params, batch_stats, batch):
     del batch_stats
-    nll, correct, _ = _next_byte_terms(model, params, batch["tokens"], batch["mask"])
+    nll, correct, _ = _next_byte_terms(model, params, batch["tokens"], batch["mask"], False)
     return jnp.sum(correct), jnp.sum(nll)
 
   return jax.jit(step)

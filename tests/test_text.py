@@ -358,6 +358,7 @@ def test_two_forced_host_devices_match_one_device(run_a, corpus, tmp_path):
     (["--dataset", "pysource", "--d-model", "30", "--heads", "4"], "divisible by --heads"),
     (["--dataset", "pysource", "--context", "0"], "--context must be an integer >= 1"),
     (["--dataset", "pysource", "--val-fraction", "0.1"], "own validation split"),
+    (["--dataset", "pysource", "--depth", "3"], "--depth is not used by --model transformer"),
     (["--optimizer", "rmsprop"], "invalid choice"),
 ])
 def test_bad_text_options_are_refused(extra, needle, tmp_path, capsys):
