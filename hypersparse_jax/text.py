@@ -12,8 +12,8 @@ folder can be given instead (``root``; the tests use a small generated one).
 when ``0.05 <= u < 0.10``, else to *train*, where ``u`` is the first 8 bytes of
 ``sha256(relative posix path)`` read as a big-endian integer divided by 2**64. About 90/5/5 % of
 the files and, as files differ in size, roughly that of the bytes. Each split is the
-concatenation of its files in sorted path order (a file's own last newline separates it from
-the next). :attr:`TextData.info` (written to ``summary.json``) records the Python version, the
+concatenation of its files in sorted path order, joined as they are (no separator; source
+files normally end with a newline). :attr:`TextData.info` (written to ``summary.json``) records the Python version, the
 file and byte counts and a SHA-256 of each split's bytes, since the corpus differs between
 Python versions.
 
