@@ -369,3 +369,21 @@ def test_bad_text_options_are_refused(extra, needle, tmp_path, capsys):
   assert code == 2
   err = capsys.readouterr().err
   assert needle in err, err
+
+
+def test_prune_embeddings_adds_the_token_embedding_to_what_art_prunes(corpus, tmp_path):
+  def trainer(*extra):
+    cfg = train.config_from_args(train.build_parser().parse_args(
+        TINY + ["--data-dir", str(corpus), *extra]))
+    return train.Trainer(cfg, str(tmp_path / "-".join(extra or ("plain",))), progress=False)
+
+  plain, with_embed = trainer(), trainer("--prune-embeddings")
+  names = lambda t: {masking.path_name(p) for p, _ in masking.prunable_leaves(t.params, t.where)}
+  assert names(with_embed) == names(plain) | {"token_embed/embedding"}
+  assert with_embed.num_weights == plain.num_weights + 256 * 32
+  mask = with_embed.mask_fn(with_embed.params)  # the global threshold now covers the embedding
+  report = masking.sparsity_report(with_embed.params, mask, where=with_embed.where)
+  assert "token_embed/embedding" in {l.name for l in report.layers}
+  assert report.total == with_embed.num_weights
+  # |w| <= t = sort(|w|)[floor(κ·n)] is pruned: floor(κ·n) + 1 weights without ties
+  assert report.total - report.kept == int(0.9 * report.total) + 1
