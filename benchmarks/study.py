@@ -3,6 +3,13 @@
     python benchmarks/study.py                      # bundled digits, 5 sparsities x 3 seeds
     python benchmarks/study.py --quick --out /tmp/s # one seed, two sparsities, a few epochs
     python benchmarks/study.py --data-dir ~/tensorflow_datasets   # CIFAR-10 (reference protocol)
+    python benchmarks/study.py --dataset pysource --out benchmarks/results/study_pysource
+                                                    # byte-level transformer on stdlib code
+
+On ``pysource`` (a small byte-level transformer, AdamW; see ``PYSOURCE_STUDY``) the methods are
+ART + HyperSparse, ART + L1, one-shot, GMP and dense at 90 / 95 / 98 % with 2 seeds, and the
+figure is test bits per byte of the final model on the whole test split (lower is better),
+with next-byte accuracy beside it.
 
 Methods, per target sparsity κ and seed (all share the initial weights of the seed):
 
@@ -43,6 +50,7 @@ import numpy as np
 
 ART_METHODS = ("art_hypersparse", "art_l1", "art_l2")
 METHODS = ART_METHODS + ("oneshot", "gmp", "dense")
+TEXT_ART_METHODS = ("art_hypersparse", "art_l1")
 LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2": "ART + L2",
           "oneshot": "one-shot magnitude + FT", "gmp": "gradual magnitude (GMP)",
           "dense": "dense baseline"}
@@ -54,13 +62,35 @@ SEEDS = (0, 1, 2)
 DIGITS_STUDY = dict(warmup_epochs=8, epochs=12, lr_steps=(6, 9), max_art_epochs=30)
 DIGITS_QUICK = dict(warmup_epochs=2, epochs=2, lr_steps=(1,), max_art_epochs=3)
 QUICK_SPARSITIES = (0.9, 0.98)
+# pysource: a smaller transformer and fewer, shorter epochs than the CLI preset, so that
+# 3 sparsities x 2 seeds x 5 methods fit in about an hour on 2 CPU cores.
+PYSOURCE_SPARSITIES = (0.9, 0.95, 0.98)
+PYSOURCE_SEEDS = (0, 1)
+PYSOURCE_STUDY = dict(layers=2, d_model=64, heads=4, context=64, batch_size=32,
+                      steps_per_epoch=100, warmup_epochs=5, epochs=4, lr_steps=(2, 3),
+                      max_art_epochs=6, eval_windows=256)
+PYSOURCE_QUICK = dict(layers=1, d_model=32, heads=2, context=32, batch_size=16,
+                      steps_per_epoch=10, warmup_epochs=1, epochs=1, lr_steps=(),
+                      max_art_epochs=2, eval_windows=32)
+
+
+def art_methods(args):
+  return TEXT_ART_METHODS if args.dataset == "pysource" else ART_METHODS
+
+
+def methods(args_or_dataset):
+  dataset = getattr(args_or_dataset, "dataset", args_or_dataset)
+  arts = TEXT_ART_METHODS if dataset == "pysource" else ART_METHODS
+  return arts + ("oneshot", "gmp", "dense")
 
 
 def make_config(args, sparsity, penalty, seed):
   from hypersparse_jax import train
-  preset = dict(train.DIGITS_PRESET if args.dataset == "digits" else train.REFERENCE_DEFAULTS)
+  preset = dict(train.PRESETS.get(args.dataset, train.REFERENCE_DEFAULTS))
   if args.dataset == "digits":
     preset.update(DIGITS_QUICK if args.quick else DIGITS_STUDY)
+  if args.dataset == "pysource":
+    preset.update(PYSOURCE_QUICK if args.quick else PYSOURCE_STUDY)
   for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs"):
     if getattr(args, name, None) is not None:
       preset[name] = getattr(args, name)
@@ -88,40 +118,53 @@ class Baselines:
     from hypersparse_jax import input_pipeline, masking, models, train, transform
     self.jax, self.jnp, self.optax = jax, jnp, optax
     self.masking, self.train, self.ip = masking, train, input_pipeline
-    self.cfg = cfg
-    self.dataset = input_pipeline.load_dataset(cfg.dataset, cfg.data_dir)
-    self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
-                                     depth=cfg.depth, batch_norm=cfg.batch_norm)
-    self.spe = input_pipeline.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
-    self.eval_step = train.make_eval_step(self.model, self.dataset)
+    from hypersparse_jax import text
+    self.cfg, self.text = cfg, (text if cfg.is_text else None)
+    if cfg.is_text:
+      self.dataset = text.load_pysource(cfg.data_dir, context=cfg.context,
+                                        max_eval_windows=cfg.eval_windows)
+      self.model = models.create_model(
+          cfg.model, num_classes=text.VOCAB_SIZE,
+          transformer={k: getattr(cfg, k) for k in train.TRANSFORMER_KEYS})
+      self.spe = cfg.steps_per_epoch
+      self.eval_step = text.make_eval_step(self.model)
+      make_step = lambda model, tx, _: text.make_train_step(model, tx)  # noqa: E731
+      example = jnp.zeros((1, cfg.context), jnp.int32)
+    else:
+      self.dataset = input_pipeline.load_dataset(cfg.dataset, cfg.data_dir)
+      self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
+                                       depth=cfg.depth, batch_norm=cfg.batch_norm)
+      self.spe = input_pipeline.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
+      self.eval_step = train.make_eval_step(self.model, self.dataset)
+      make_step = train.make_train_step
+      example = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
     spe, W = self.spe, cfg.warmup_epochs
     # Dense: constant lr for the warm-up, then the fine-tune decays (so the dense run's state
     # after W epochs is exactly ART's warm-up state, and GMP can start from it).
     dense_sched = optax.piecewise_constant_schedule(
         cfg.lr, {(W + s) * spe: cfg.lr_decay for s in cfg.lr_steps})
-    self.dense_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                                optax.sgd(dense_sched, momentum=cfg.momentum))
-    self.dense_step = train.make_train_step(self.model, self.dense_tx, self.dataset)
-    self.ramp_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                               optax.sgd(cfg.lr, momentum=cfg.momentum))
-    self.ramp_step = train.make_train_step(self.model, self.ramp_tx, self.dataset)
+    self.dense_tx = train.make_optimizer(cfg, dense_sched)
+    self.dense_step = make_step(self.model, self.dense_tx, self.dataset)
+    self.ramp_tx = train.make_optimizer(cfg, cfg.lr)
+    self.ramp_step = make_step(self.model, self.ramp_tx, self.dataset)
     # Masked fine-tuning exactly as ART's (Trainer.finetune_tx): the mask lives in the optimiser
     # state, so one compiled step serves every mask.
     self.ft_tx = lambda mask: optax.chain(
-        transform.fixed_mask(mask), optax.add_decayed_weights(cfg.weight_decay),
-        optax.sgd(optax.piecewise_constant_schedule(
-            cfg.lr, {s * spe: cfg.lr_decay for s in cfg.lr_steps}), momentum=cfg.momentum))
+        transform.fixed_mask(mask), train.make_optimizer(cfg, optax.piecewise_constant_schedule(
+            cfg.lr, {s * spe: cfg.lr_decay for s in cfg.lr_steps})))
     init = jax.jit(functools.partial(self.model.init, train=False))
     self.key = jax.random.PRNGKey(cfg.seed)  # as Trainer: same initial weights as ART
-    variables = init(jax.random.fold_in(self.key, 0),
-                     jnp.zeros((1,) + self.dataset.image_shape, jnp.float32))
+    variables = init(jax.random.fold_in(self.key, 0), example)
     self.init_params = variables["params"]
     self.init_stats = variables.get("batch_stats", {})
     ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool), self.init_params)
-    self.ft_step = train.make_train_step(self.model, self.ft_tx(ones), self.dataset)
+    self.ft_step = make_step(self.model, self.ft_tx(ones), self.dataset)
     self.apply_mask = jax.jit(masking.apply_mask)
 
   def test_accuracy(self, state):
+    if self.text is not None:  # per-epoch monitoring windows (as Trainer's metrics.jsonl)
+      return self.text.evaluate(self.eval_step, state["params"], self.dataset.eval_windows("test"),
+                                self.cfg.eval_batch_size)["accuracy"]
     return self.train.evaluate(self.eval_step, state["params"], state["batch_stats"],
                                self.dataset.test_images, self.dataset.test_labels,
                                self.cfg.eval_batch_size)
@@ -129,8 +172,12 @@ class Baselines:
   def run_epoch(self, step, state, epoch, after_step=None):
     cfg, jax = self.cfg, self.jax
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
-    for i, batch in enumerate(self.ip.train_batches(self.dataset, cfg.batch_size,
-                                                    seed=cfg.seed, epoch=epoch)):
+    if self.text is not None:
+      batches = self.text.train_batches(self.dataset, cfg.batch_size, self.spe, seed=cfg.seed,
+                                        epoch=epoch)
+    else:
+      batches = self.ip.train_batches(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+    for i, batch in enumerate(batches):
       state, _ = step(state, batch, jax.random.fold_in(epoch_key, i))
       if after_step is not None:
         state = after_step(state, i)
@@ -154,8 +201,18 @@ class Baselines:
       warm = jax.tree.map(lambda x: x.copy(), state)
     result = dict(best_test_accuracy=max(accs), final_test_accuracy=accs[-1],
                   sparsity=self.masking.sparsity(state["params"]), art_epochs=None,
-                  epochs=cfg.warmup_epochs + cfg.epochs, time=time.time() - start)
+                  epochs=cfg.warmup_epochs + cfg.epochs, **self.text_final(state),
+                  time=time.time() - start)
     return result, warm, state
+
+  def text_final(self, state):
+    """pysource: the final model on the whole test split, as ``summary.json`` of an ART run."""
+    if self.text is None:
+      return {}
+    r = self.text.evaluate(self.eval_step, state["params"],
+                           self.text.fixed_windows(self.dataset.test, self.cfg.context),
+                           self.cfg.eval_batch_size)
+    return {"test_bits_per_byte": r["bits_per_byte"], "test_accuracy": r["accuracy"]}
 
   def finetune(self, params, batch_stats, mask, first_epoch):
     """ART's masked fine-tuning from ``apply_mask(params, mask)``; returns (state, accuracies)."""
@@ -173,7 +230,7 @@ class Baselines:
   def _result(self, state, accs, start, ramp_epochs, epochs):
     return dict(best_test_accuracy=max(accs), final_test_accuracy=accs[-1],
                 sparsity=self.masking.sparsity(state["params"]), art_epochs=ramp_epochs,
-                epochs=epochs, time=time.time() - start)
+                epochs=epochs, **self.text_final(state), time=time.time() - start)
 
   def oneshot(self, dense_state, sparsity):
     """Prune the trained dense model to ``sparsity`` in one shot, then fine-tune."""
@@ -234,17 +291,21 @@ def _art_run(args, sparsity, penalty, seed):
     summary = train.Trainer(cfg, outdir, progress=False, log=lambda *_: None).run()
   finally:
     shutil.rmtree(outdir, ignore_errors=True)
+  extra = {}
+  if cfg.is_text:
+    extra = {k: summary[k] for k in ("test_bits_per_byte", "test_accuracy",
+                                     "dense_test_bits_per_byte")}
   return dict(best_test_accuracy=summary["best_test_accuracy"],
               final_test_accuracy=summary["final_test_accuracy"],
               sparsity=summary["sparsity_achieved"], art_epochs=summary["art_epochs"],
-              stop_reason=summary["stop_reason"], time=time.time() - start)
+              stop_reason=summary["stop_reason"], **extra, time=time.time() - start)
 
 
 def cell_task(args, sparsity, seed):
   """All methods for one (sparsity, seed): ART x 3 penalties, then one-shot and GMP."""
   import jax
   results = {}
-  for method in ART_METHODS:
+  for method in art_methods(args):
     results[method] = _art_run(args, sparsity, method[len("art_"):], seed)
     _log(args, f"  kappa={sparsity} seed={seed} {method}: {_fmt(results[method])}")
   base = Baselines(make_config(args, sparsity, "hypersparse", seed))
@@ -259,14 +320,15 @@ def cell_task(args, sparsity, seed):
 
 
 def dense_task(args, seed):
-  base = Baselines(make_config(args, SPARSITIES[0], "hypersparse", seed))
+  base = Baselines(make_config(args, 0.9, "hypersparse", seed))
   result, _, _ = base.dense()
   _log(args, f"  seed={seed} dense: {_fmt(result)}")
   return seed, result
 
 
 def _fmt(r):
-  return (f"final {r['final_test_accuracy']:.4f} best {r['best_test_accuracy']:.4f} "
+  bits = f"bits/byte {r['test_bits_per_byte']:.4f} " if "test_bits_per_byte" in r else ""
+  return (f"{bits}final {r['final_test_accuracy']:.4f} best {r['best_test_accuracy']:.4f} "
           f"sparsity {r['sparsity']:.5f} art_epochs {r['art_epochs']} ({r['time']:.1f}s)")
 
 
@@ -297,9 +359,9 @@ def aggregate(runs, sparsities):
       if not rs:
         continue
       cells.append({"method": method, "target": s, "seeds": [r["seed"] for r in rs],
-                    **{k: _stats([r[k] for r in rs]) for k in
+                    **{k: _stats([r.get(k) for r in rs]) for k in
                        ("best_test_accuracy", "final_test_accuracy", "sparsity", "art_epochs",
-                        "time")}})
+                        "time", "test_bits_per_byte", "test_accuracy")}})
   return cells
 
 
@@ -309,7 +371,35 @@ def _pm(stat, scale=100.0, digits=2):
   return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+def write_text_markdown(path, report):
+  """pysource: test bits per byte (whole test split, final model) and next-byte accuracy."""
+  s = report["settings"]
+  lines = [f"# Sparsity study on {s['dataset']} (byte-level transformer: {s['layers']} layers, "
+           f"d_model {s['d_model']}, {s['heads']} heads, context {s['context']})", "",
+           f"Seeds {s['seeds']}; {s['optimizer']} lr {s['lr']}, batch {s['batch_size']}, "
+           f"{s['steps_per_epoch']} steps per epoch; warm-up {s['warmup_epochs']} epochs, ART "
+           f"regularisation at most {s['max_art_epochs']} epochs (λ_init {s['lambda_init']}, "
+           f"η {s['eta']}), fine-tune {s['epochs']} epochs (lr × {s['lr_decay']} at "
+           f"{s['lr_steps']}). GMP: cubic schedule over as many epochs as ART + HyperSparse "
+           f"regularised. Figures: the final model on the whole test split (no selection), "
+           f"mean ± std over seeds; bits per byte, lower is better. Total wall time "
+           f"{report['wall_time']:.0f} s.", "",
+           "| method | target κ | test bits/byte | next-byte accuracy (%) | achieved sparsity | "
+           "ART / ramp epochs | time (s) |", "|---|---|---|---|---|---|---|"]
+  for c in report["cells"]:
+    lines.append(
+        f"| {LABELS[c['method']]} | {c['target'] * 100:g} % | {_pm(c['test_bits_per_byte'], 1, 3)}"
+        f" | {_pm(c['test_accuracy'])} | {_pm(c['sparsity'], 100, 3)} | "
+        f"{_pm(c['art_epochs'], 1, 1)} | {_pm(c['time'], 1, 1)} |")
+  lines += _pivot(report, s["methods"], "Test bits per byte",
+                  lambda c: _pm(c["test_bits_per_byte"], 1, 3))
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 def write_markdown(path, report):
+  if report["settings"]["dataset"] == "pysource":
+    return write_text_markdown(path, report)
   s = report["settings"]
   lines = [f"# Sparsity study on {s['dataset']} ({s['model']})", "",
            f"Seeds {s['seeds']}; warm-up {s['warmup_epochs']} epochs, ART regularisation at "
@@ -330,20 +420,27 @@ def write_markdown(path, report):
         f"{_pm(c['best_test_accuracy'])} | {_pm(c['sparsity'], 100, 3)} | "
         f"{_pm(c['art_epochs'], 1, 1)} | {_pm(c['time'], 1, 1)} |")
   # Compact pivot: final accuracy per method (rows) and sparsity (columns).
-  sps = s["sparsities"]
-  lines += ["", "Final fine-tune test accuracy (%), mean ± std:", "",
-            "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
-            "|---|" + "---|" * len(sps)]
-  by = {(c["method"], c["target"]): c for c in report["cells"]}
-  for m in METHODS:
-    if m == "dense":
-      c = by.get(("dense", 0.0))
-      row = [_pm(c["final_test_accuracy"]) if c else "–"] * len(sps)
-    else:
-      row = [_pm(by[(m, x)]["final_test_accuracy"]) if (m, x) in by else "–" for x in sps]
-    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  lines += _pivot(report, METHODS, "Final fine-tune test accuracy (%)",
+                  lambda c: _pm(c["final_test_accuracy"]))
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _pivot(report, methods, title, cell):
+  """Markdown lines of a methods (rows) x sparsities (columns) table of ``cell(stats)``."""
+  sps = report["settings"]["sparsities"]
+  lines = ["", f"{title}, mean ± std:", "",
+           "| method | " + " | ".join(f"{x * 100:g} %" for x in sps) + " |",
+           "|---|" + "---|" * len(sps)]
+  by = {(c["method"], c["target"]): c for c in report["cells"]}
+  for m in methods:
+    if m == "dense":
+      c = by.get(("dense", 0.0))
+      row = [cell(c) if c else "–"] * len(sps)
+    else:
+      row = [cell(by[(m, x)]) if (m, x) in by else "–" for x in sps]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  return lines
 
 
 def write_plot(path, report):
@@ -351,24 +448,28 @@ def write_plot(path, report):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   sps = report["settings"]["sparsities"]
+  key, scale = "final_test_accuracy", 100
+  if report["settings"]["dataset"] == "pysource":
+    key, scale = "test_bits_per_byte", 1
   fig, ax = plt.subplots(figsize=(7, 4.5))
   by = {(c["method"], c["target"]): c for c in report["cells"]}
   xs = np.arange(len(sps))
-  for m in METHODS:
+  for m in report["settings"]["methods"]:
     if m == "dense":
       c = by.get(("dense", 0.0))
       if c:
-        mu, sd = c["final_test_accuracy"]["mean"] * 100, c["final_test_accuracy"]["std"] * 100
+        mu, sd = c[key]["mean"] * scale, c[key]["std"] * scale
         ax.axhline(mu, color="k", ls="--", lw=1, label=LABELS[m])
         ax.axhspan(mu - sd, mu + sd, color="k", alpha=0.08)
       continue
-    pts = [(i, by[(m, x)]["final_test_accuracy"]) for i, x in enumerate(sps) if (m, x) in by]
+    pts = [(i, by[(m, x)][key]) for i, x in enumerate(sps) if (m, x) in by]
     if pts:
-      ax.errorbar([p[0] for p in pts], [p[1]["mean"] * 100 for p in pts],
-                  yerr=[p[1]["std"] * 100 for p in pts], marker="o", capsize=3, label=LABELS[m])
+      ax.errorbar([p[0] for p in pts], [p[1]["mean"] * scale for p in pts],
+                  yerr=[p[1]["std"] * scale for p in pts], marker="o", capsize=3, label=LABELS[m])
   ax.set_xticks(xs, [f"{x * 100:g}" for x in sps])
   ax.set_xlabel("sparsity κ (%)")
-  ax.set_ylabel("final fine-tune test accuracy (%)")
+  ax.set_ylabel("test bits per byte (lower is better)" if scale == 1
+                else "final fine-tune test accuracy (%)")
   ax.set_title(f"{report['settings']['dataset']} / {report['settings']['model']}: "
                f"{len(report['settings']['seeds'])} seed(s), mean ± std")
   ax.grid(alpha=0.3)
@@ -387,7 +488,10 @@ def build_parser():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--out", default=os.path.join("benchmarks", "results", "study"))
-  p.add_argument("--data-dir", default=None, help="TFDS data dir: run on CIFAR-10 instead")
+  p.add_argument("--data-dir", default=None, help="TFDS data dir: run on CIFAR-10 instead "
+                 "(with --dataset pysource: a folder of *.py files instead of the stdlib)")
+  p.add_argument("--dataset", default=None, choices=("digits", "cifar10", "pysource"),
+                 help="default: cifar10 with --data-dir, else digits")
   p.add_argument("--quick", action="store_true", help="one seed, two sparsities, few epochs")
   p.add_argument("--sparsities", type=float, nargs="*", default=None)
   p.add_argument("--seeds", type=int, nargs="*", default=None)
@@ -407,18 +511,25 @@ def build_parser():
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
-  args.dataset = "cifar10" if args.data_dir else "digits"
-  sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES))
-  seeds = tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else SEEDS))
+  if args.dataset is None:
+    args.dataset = "cifar10" if args.data_dir else "digits"
+  text = args.dataset == "pysource"
+  sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else
+                                         PYSOURCE_SPARSITIES if text else SPARSITIES))
+  seeds = tuple(args.seeds if args.seeds is not None else (
+      (0,) if args.quick else PYSOURCE_SEEDS if text else SEEDS))
   os.makedirs(args.out, exist_ok=True)
   cfg = make_config(args, sparsities[0], "hypersparse", seeds[0])
   from hypersparse_jax import input_pipeline
-  spe = input_pipeline.steps_per_epoch(
-      input_pipeline.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
+  if text:
+    spe = cfg.steps_per_epoch
+  else:
+    spe = input_pipeline.steps_per_epoch(
+        input_pipeline.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
   settings = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("sparsity", "penalty", "seed", "init_from", "download")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
-                  methods=list(METHODS), quick=args.quick, steps_per_epoch=spe,
+                  methods=list(methods(args)), quick=args.quick, steps_per_epoch=spe,
                   gmp_every=args.gmp_every or spe, workers=args.workers)
   print(f"study: {json.dumps(settings)}", flush=True)
 
@@ -440,7 +551,8 @@ def main(argv=None):
         for method, r in results.items():
           runs.append(dict(method=method, target=s, seed=seed, **r))
       report = {"settings": settings, "wall_time": time.time() - start,
-                "complete": len(runs) == len(seeds) * (1 + 5 * len(sparsities)),
+                "complete": len(runs) == len(seeds) * (
+                    1 + (len(methods(args)) - 1) * len(sparsities)),
                 "cells": aggregate(runs, sparsities), "runs": runs}
       _write(args.out, report)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)

@@ -8,6 +8,9 @@ Flax; epsilon 1e-5) and keeps its statistics in the ``batch_stats`` collection, 
 Prunable weights are the leaves named ``kernel`` (conv and dense, ``ndim >= 2``); biases and
 BatchNorm parameters are named ``bias`` / ``scale``.
 
+:class:`TransformerLM` (a byte-level decoder-only language model) takes ``(N, L)`` integer
+tokens instead and returns ``(N, L, vocab)`` logits; see its docstring for what is prunable.
+
 Submodule names mirror the module names of the authors' PyTorch reference models, with ``.``
 written as ``_`` (``layer1.0.conv1`` is ``layer1_0/conv1``, ``features.3`` is ``features_3``).
 :mod:`hypersparse_jax.torch_import` relies on this to load PyTorch checkpoints.
@@ -29,6 +32,8 @@ __all__ = [
     "VGG",
     "DigitsMLP",
     "DigitsCNN",
+    "TransformerLM",
+    "transformer_where",
     "VGG_CONFIGS",
     "MODEL_NAMES",
     "create_model",
@@ -399,11 +404,135 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
-MODEL_NAMES = ("resnet", "vgg", "mlp", "cnn")
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm decoder block: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``.
+
+    Submodules: ``ln_attn``, ``attention`` (Flax multi-head attention: ``query``, ``key``,
+    ``value`` kernels ``(d_model, heads, d_model / heads)``, ``out`` kernel
+    ``(heads, d_model / heads, d_model)``), ``ln_mlp``, ``mlp_in`` (``d_model -> mlp_ratio ·
+    d_model``, GELU) and ``mlp_out``.
+    """
+
+    heads: int
+    mlp_ratio: int = 4
+    residual_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+        d = x.shape[-1]
+        init = nn.initializers.normal(stddev=0.02)
+        # projections into the residual stream start smaller (GPT-2's 1/sqrt(2·layers))
+        out_init = nn.initializers.normal(stddev=0.02 * self.residual_scale)
+        h = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, qkv_features=d, out_features=d, kernel_init=init,
+            out_kernel_init=out_init, bias_init=_zeros, dtype=self.dtype, deterministic=True,
+            name="attention")(h, mask=mask)
+        x = x + h
+        h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+        h = nn.gelu(nn.Dense(self.mlp_ratio * d, kernel_init=init, bias_init=_zeros,
+                             dtype=self.dtype, name="mlp_in")(h))
+        h = nn.Dense(d, kernel_init=out_init, bias_init=_zeros, dtype=self.dtype,
+                     name="mlp_out")(h)
+        return x + h
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only transformer language model (byte-level by default).
+
+    Token embedding (``token_embed/embedding``, ``(vocab, d_model)``) plus learned positions
+    (``pos_embed``, ``(context, d_model)``), ``layers`` pre-LayerNorm blocks with causal
+    multi-head self-attention and a GELU MLP (:class:`TransformerBlock`, named ``block_0``,
+    ``block_1``, ...), a final LayerNorm (``ln_final``) and an output layer tied to the token
+    embedding (logits ``= h · embeddingᵀ``). Weights N(0, 0.02), the attention output and
+    ``mlp_out`` N(0, 0.02 / sqrt(2·layers)), biases 0. No dropout.
+
+    Prunable by the library's default ``where`` (leaves named ``kernel`` with ``ndim >= 2``):
+    exactly the attention query / key / value / output kernels (3-D in Flax) and the two MLP
+    kernels of every block. The embeddings (token and position; the token embedding is also the
+    output layer), LayerNorm scales and biases are not; :func:`transformer_where` with
+    ``prune_embeddings=True`` adds the token embedding.
+
+    Attributes:
+      vocab_size: number of tokens (256 for bytes).
+      context: longest input sequence (rows of ``pos_embed``).
+      layers: number of blocks.
+      d_model: width of the residual stream.
+      heads: attention heads; must divide ``d_model``.
+      mlp_ratio: MLP hidden width / ``d_model``.
+      dtype: computation dtype.
+
+    Raises:
+      ValueError: at construction, on a non-positive size or ``d_model`` not divisible by
+        ``heads``.
+    """
+
+    vocab_size: int = 256
+    context: int = 128
+    layers: int = 2
+    d_model: int = 128
+    heads: int = 4
+    mlp_ratio: int = 4
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context", "layers", "d_model", "heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads "
+                             f"({self.heads})")
+        super().__post_init__()
+
+    @property
+    def default_input_shape(self) -> tuple[int, int]:
+        return (1, self.context)
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Return next-token logits ``(N, L, vocab_size)`` for integer tokens ``(N, L)``,
+        ``L <= context``; position ``i`` sees tokens ``0 … i`` only. ``train`` is accepted for
+        a uniform interface (no dropout)."""
+        del train
+        if tokens.ndim != 2 or tokens.shape[1] > self.context:
+            raise ValueError(f"tokens must be (N, L) with L <= context {self.context}, got "
+                             f"shape {tokens.shape}")
+        init = nn.initializers.normal(stddev=0.02)
+        embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=init, dtype=self.dtype,
+                         name="token_embed")
+        positions = self.param("pos_embed", init, (self.context, self.d_model))
+        x = embed(tokens.astype(jnp.int32)) + positions[:tokens.shape[1]].astype(self.dtype)
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.layers):
+            x = TransformerBlock(self.heads, self.mlp_ratio, 1 / (2 * self.layers) ** 0.5,
+                                 self.dtype, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+        return embed.attend(x)
+
+
+def transformer_where(prune_embeddings: bool = False):
+    """The prunable-leaf predicate of :class:`TransformerLM`: None (the library default: the
+    attention and MLP kernels) or, with ``prune_embeddings``, those plus the token embedding
+    ``token_embed/embedding`` (which is also the output layer)."""
+    if not prune_embeddings:
+        return None
+    from hypersparse_jax import masking
+
+    def where(path, leaf):
+        return masking.default_where(path, leaf) or masking.path_name(path).endswith(
+            "token_embed/embedding")
+
+    return where
+
+
+MODEL_NAMES = ("resnet", "vgg", "mlp", "cnn", "transformer")
 
 
 def create_model(name: str, *, num_classes: int, depth: int | None = None,
-                 batch_norm: bool = True, dtype: Dtype = jnp.float32) -> nn.Module:
+                 batch_norm: bool = True, dtype: Dtype = jnp.float32,
+                 transformer: dict | None = None) -> nn.Module:
     """Create a model by name.
 
     Args:
@@ -415,6 +544,9 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
       batch_norm: BatchNorm for ``'vgg'`` and ``'cnn'`` (ResNet always has it, the MLP never;
         False is refused for ``'resnet'`` and ignored for ``'mlp'``).
       dtype: computation dtype.
+      transformer: for ``'transformer'`` (:class:`TransformerLM`, ``num_classes`` is its
+        vocabulary): ``{'layers', 'd_model', 'heads', 'context'}`` (missing keys: the class
+        defaults).
 
     Returns:
       An unbound Flax module; call ``model.init(rng, x, train=False)``.
@@ -429,8 +561,12 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
     if key in ("resnet", "vgg") and depth is None:
         allowed = "6n+2, e.g. 20, 32, 56" if key == "resnet" else f"one of {sorted(VGG_CONFIGS)}"
         raise ValueError(f"model {key!r} needs a depth ({allowed})")
-    if key in ("mlp", "cnn") and depth is not None:
+    if key in ("mlp", "cnn", "transformer") and depth is not None:
         raise ValueError(f"model {key!r} has a fixed depth; pass depth=None, got {depth!r}")
+    if key == "transformer":
+        return TransformerLM(vocab_size=num_classes, dtype=dtype, **(transformer or {}))
+    if transformer is not None:
+        raise ValueError(f"transformer settings are for model 'transformer', not {key!r}")
     if key == "resnet":
         if not batch_norm:
             raise ValueError("the CIFAR ResNet always uses BatchNorm; batch_norm=False is "

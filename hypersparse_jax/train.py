@@ -2,11 +2,23 @@
 
     hypersparse-train                                   # preset: bundled digits, 90 % sparsity
     hypersparse-train --dataset cifar10 --data-dir ~/tensorflow_datasets --sparsity 0.98
+    hypersparse-train --dataset pysource                # byte-level transformer LM, stdlib code
 
 Defaults for CIFAR-10/100 and TinyImageNet are the reference's (ResNet-32, batch 64, SGD lr 0.1,
 momentum 0.9, weight decay 1e-4, 60 warm-up epochs, λ_init 5e-6, η 1.05, window b = 1,
 160 fine-tune epochs with lr × 0.1 at 80 and 120). With no arguments it runs a small preset on
 scikit-learn's bundled digits (no download).
+
+``--dataset pysource`` trains a byte-level decoder-only transformer (``--model transformer``,
+``--layers --d-model --heads --context``) on the Python standard library's source code
+(:mod:`hypersparse_jax.text`), with AdamW (``--optimizer adamw``; ``--momentum`` is Adam's β1).
+An epoch there is ``--steps-per-epoch`` batches of random training windows. Prunable: the
+attention and MLP kernels (``--prune-embeddings`` adds the token embedding). Accuracy means
+next-byte accuracy; ``summary.json`` adds ``test_bits_per_byte`` and
+``dense_test_bits_per_byte`` (the dense model at the end of warm-up). There is no augmentation
+for text, so ``--pruned-eval augmented`` and ``clean`` both measure the pruned copy on the same
+fixed training windows (:data:`hypersparse_jax.text.PRUNED_EVAL_WINDOWS` at evenly spaced
+offsets of the train split).
 
 Run the same command with the same ``--outdir`` again to resume a stopped or killed run from
 its latest checkpoint; it ends exactly as an uninterrupted run would (the data order and the
@@ -48,10 +60,15 @@ import optax
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
 from hypersparse_jax import host_memory, init_source, run_dir, sharding
+from hypersparse_jax import text as text_lib
 from hypersparse_jax.controller import RULES, ARTController
 
 PHASES = ("warmup", "art", "finetune")
 PRUNED_EVALS = ("augmented", "clean")
+OPTIMIZERS = ("sgd", "adamw")
+ADAM_B2 = 0.99
+TRANSFORMER_KEYS = ("layers", "d_model", "heads", "context")
+DATASETS = input_pipeline.DATASET_NAMES + text_lib.TEXT_DATASETS
 # fold_in tag of the pruned-evaluation augmentation keys (epoch keys use tags 1..epochs)
 _PRUNED_EVAL_TAG = 2**31 - 1
 
@@ -64,10 +81,18 @@ REFERENCE_DEFAULTS = dict(
     model="resnet", depth=32, batch_norm=True, sparsity=0.9, penalty="hypersparse",
     lambda_init=5e-6, eta=1.05, window=1, warmup_epochs=60, epochs=160, max_art_epochs=300,
     batch_size=64, lr=0.1, lr_decay=0.1, lr_steps=(80, 120), weight_decay=1e-4, momentum=0.9,
-    eval_batch_size=500)
+    eval_batch_size=500, layers=None, d_model=None, heads=None, context=None, optimizer="sgd",
+    prune_embeddings=False, steps_per_epoch=None, eval_windows=None)
 DIGITS_PRESET = dict(
     REFERENCE_DEFAULTS, model="mlp", depth=None, lambda_init=2e-4, eta=1.25, warmup_epochs=10,
     epochs=20, max_art_epochs=40, lr=0.05, lr_steps=(10, 15), eval_batch_size=450)
+# Byte-level transformer on the stdlib's source: sized for < 15 min on 2 CPU cores.
+PYSOURCE_PRESET = dict(
+    REFERENCE_DEFAULTS, model="transformer", depth=None, layers=2, d_model=128, heads=4,
+    context=128, optimizer="adamw", lr=3e-3, momentum=0.9, weight_decay=0.01, batch_size=32,
+    steps_per_epoch=100, eval_windows=256, eval_batch_size=128, lambda_init=2e-3, eta=2.0,
+    warmup_epochs=6, epochs=4, max_art_epochs=6, lr_steps=(2, 3))
+PRESETS = {"digits": DIGITS_PRESET, "pysource": PYSOURCE_PRESET}
 
 
 @dataclasses.dataclass
@@ -99,20 +124,65 @@ class TrainConfig:
   val_fraction: float = 0.0        # held out of the training data for selection (0: none)
   art_rule: str = "reference"      # ARTController rule: 'reference' or 'best_mean'
   pruned_eval: str = "augmented"   # pruned copy measured on 'augmented' or 'clean' train data
+  # --model transformer / --dataset pysource only (None elsewhere)
+  layers: Optional[int] = None
+  d_model: Optional[int] = None
+  heads: Optional[int] = None
+  context: Optional[int] = None
+  optimizer: str = "sgd"           # 'sgd' (momentum) or 'adamw' (momentum = β1)
+  prune_embeddings: bool = False   # transformer: also prune the token embedding
+  steps_per_epoch: Optional[int] = None  # text: batches per epoch (images: the data's size)
+  eval_windows: Optional[int] = None     # text: cap on validation / test windows
+
+  @property
+  def is_text(self) -> bool:
+    return self.dataset in text_lib.TEXT_DATASETS
+
+  def _validate_text(self):
+    """The options of ``--dataset pysource`` / ``--model transformer``."""
+    if self.is_text != (self.model == "transformer"):
+      raise ValueError(f"--model transformer goes with --dataset pysource (a language model "
+                       f"needs text, and text needs it), got --model {self.model} with "
+                       f"--dataset {self.dataset}")
+    text_only = TRANSFORMER_KEYS + ("steps_per_epoch", "eval_windows")
+    if not self.is_text:
+      for name in text_only:
+        if getattr(self, name) is not None:
+          raise ValueError(f"--{name.replace('_', '-')} is for --dataset pysource / --model "
+                           f"transformer, got {getattr(self, name)} with --dataset {self.dataset}")
+      if self.prune_embeddings:
+        raise ValueError("--prune-embeddings is for --model transformer")
+      return
+    for name in text_only:
+      value = getattr(self, name)
+      if name == "eval_windows" and value is None:
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    if self.d_model % self.heads:
+      raise ValueError(f"--d-model ({self.d_model}) must be divisible by --heads ({self.heads})")
+    if self.val_fraction:
+      raise ValueError(f"--val-fraction is not used by --dataset {self.dataset} (it has its own "
+                       f"validation split), got {self.val_fraction}")
+    if self.init_from:
+      raise ValueError("--init-from is not supported with --dataset pysource yet")
 
   def validate(self):
     """Raises ValueError (one line naming the option, the value and what is allowed) for any
     option that would fail or diverge later, so that nothing fails after epoch 0 for a reason
     known at epoch 0."""
     masking.check_sparsity(self.sparsity)
-    if self.dataset not in input_pipeline.DATASET_NAMES:
-      raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
-                       f"{list(input_pipeline.DATASET_NAMES)}")
+    if self.dataset not in DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
     if self.penalty not in ("hypersparse", "l1", "l2"):
       raise ValueError(f"unknown penalty {self.penalty!r}; choose hypersparse, l1 or l2")
     if self.model not in models.MODEL_NAMES:
       raise ValueError(f"unknown model {self.model!r}; choose one of {list(models.MODEL_NAMES)}")
-    if self.model in ("mlp", "cnn") and self.depth is not None:
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                       f"got {self.optimizer!r}")
+    self._validate_text()
+    if self.model in ("mlp", "cnn", "transformer") and self.depth is not None:
       raise ValueError(f"--depth is not used by --model {self.model} (its depth is fixed), "
                        f"got {self.depth}; leave --depth out")
     if self.model == "resnet" and not self.batch_norm:
@@ -175,7 +245,11 @@ RESUME_FREE_KEYS = frozenset({"download"})
 # missing key is accepted only if the resumed run asks for exactly that value): it had no
 # validation split, only the best-window-mean rule, and measured the pruned copy on the clean
 # (un-augmented) training images.
-LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": "clean"}
+LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": "clean",
+                   # options added with the transformer (0.1 knew image models only)
+                   "layers": None, "d_model": None, "heads": None, "context": None,
+                   "optimizer": "sgd", "prune_embeddings": False, "steps_per_epoch": None,
+                   "eval_windows": None}
 
 
 def _normalized_path(path):
@@ -215,6 +289,17 @@ def resume_differences(saved: dict, requested: dict) -> dict:
         shown = "<missing>" if old is missing else saved.get(key, old)
       diff[key] = (shown, "<missing>" if new is missing else requested.get(key))
   return diff
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate) -> optax.GradientTransformation:
+  """The optimiser after ``art()`` / ``fixed_mask()`` in the chain: SGD with momentum after
+  coupled weight decay (the reference's), or AdamW (β1 = ``cfg.momentum``, β2 = 0.99,
+  decoupled weight decay ``cfg.weight_decay``) for ``--optimizer adamw``."""
+  if cfg.optimizer == "adamw":
+    return optax.adamw(learning_rate, b1=cfg.momentum, b2=ADAM_B2,
+                       weight_decay=cfg.weight_decay)
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(learning_rate, momentum=cfg.momentum))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,14 +428,14 @@ class MetricsLog:
       os.fsync(f.fileno())
 
 
-def near_zero_fraction(params, sparsity: float, rel: float = 1e-3):
+def near_zero_fraction(params, sparsity: float, rel: float = 1e-3, *, where=None):
   """Fraction of prunable weights with ``|w| < rel · t`` (``t``: the threshold at ``sparsity``).
 
   During ART no weight is exactly zero yet; this shows how far the regulariser has pushed the
   weights below the pruning boundary towards zero (it approaches ``sparsity``).
   """
-  t = masking.magnitude_threshold(params, sparsity)
-  leaves = masking.prunable_leaves(params)
+  t = masking.magnitude_threshold(params, sparsity, where=where)
+  leaves = masking.prunable_leaves(params, where)
   small = sum(jnp.sum(jnp.abs(x.astype(jnp.float32)) < rel * t) for _, x in leaves)
   return small / masking.num_prunable(leaves)
 
@@ -384,7 +469,9 @@ _EXTRA_DEFAULTS = {
     "best_test_accuracy": None, "best_test_epoch": None, "best_val_accuracy": None,
     "best_val_epoch": None, "test_at_best_val": None, "final_test_accuracy": None,
     "final_val_accuracy": None, "final_epoch": None, "art_epochs": 0, "lambda_final": 0.0,
-    "finished": False, "art_best_epoch": None, "stop_reason": None, "ft_start": None}
+    "finished": False, "art_best_epoch": None, "stop_reason": None, "ft_start": None,
+    "dense_test_accuracy": None, "dense_test_bits_per_byte": None,
+    "test_bits_at_best_val": None, "final_test_bits_per_byte": None}
 
 
 class Trainer:
@@ -412,38 +499,70 @@ class Trainer:
     self.fsdp = bool(shard_params) and self.mesh is not None
     n = 1 if self.mesh is None else sharding.num_shards(self.mesh)
     self.eval_batch_size = -(-config.eval_batch_size // n) * n  # padding only: same accuracy
-    self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.download)
-    if config.val_fraction > 0:
-      self.dataset = input_pipeline.with_validation_split(self.dataset, config.val_fraction,
-                                                          seed=config.seed)
-    self.model = models.create_model(
-        config.model, num_classes=self.dataset.num_classes, depth=config.depth,
-        batch_norm=config.batch_norm)
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(self.dataset.num_train,
-                                                          config.batch_size)
+    # prunable leaves: the library default (kernels), or with the transformer's embedding
+    self.where = models.transformer_where(config.prune_embeddings)
+    self.bits_per_byte = {}  # text: the latest evaluation's bits per byte, by split
+    if config.is_text:
+      self._init_text_data(config)
+    else:
+      self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir,
+                                                 config.download)
+      if config.val_fraction > 0:
+        self.dataset = input_pipeline.with_validation_split(self.dataset, config.val_fraction,
+                                                            seed=config.seed)
+      self.model = models.create_model(
+          config.model, num_classes=self.dataset.num_classes, depth=config.depth,
+          batch_norm=config.batch_norm)
+      self.steps_per_epoch = input_pipeline.steps_per_epoch(self.dataset.num_train,
+                                                            config.batch_size)
+      example = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
     self.key = jax.random.PRNGKey(config.seed)
-    shape = (1,) + self.dataset.image_shape
+    if config.is_text:
+      example = jnp.zeros((1, config.context), jnp.int32)
     variables = jax.jit(functools.partial(self.model.init, train=False))(
-        jax.random.fold_in(self.key, 0), jnp.zeros(shape, jnp.float32))
+        jax.random.fold_in(self.key, 0), example)
     self.params = variables["params"]
     self.batch_stats = variables.get("batch_stats", {})
     if config.init_from:
       self.params, self.batch_stats = self._load_init(config.init_from)
-    masking.prunable_leaves(self.params)
-    self.num_weights = masking.num_prunable(masking.prunable_leaves(self.params))
+    masking.prunable_leaves(self.params, self.where)
+    self.num_weights = masking.num_prunable(masking.prunable_leaves(self.params, self.where))
     self.art_tx = optax.chain(
         art_lib.art(config.sparsity, config.lambda_init, config.eta,
                     steps_per_epoch=self.steps_per_epoch, warmup_epochs=config.warmup_epochs,
-                    penalty=config.penalty),
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(config.lr, momentum=config.momentum))
-    self.eval_step = make_eval_step(self.model, self.dataset)
-    self.pruned_eval_step = make_eval_step(self.model, self.dataset,
-                                           augmented=config.pruned_eval == "augmented")
-    self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
-    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity))
+                    penalty=config.penalty, where=self.where),
+        make_optimizer(config, config.lr))
+    if config.is_text:
+      self.eval_step = self.pruned_eval_step = text_lib.make_eval_step(self.model)
+    else:
+      self.eval_step = make_eval_step(self.model, self.dataset)
+      self.pruned_eval_step = make_eval_step(self.model, self.dataset,
+                                             augmented=config.pruned_eval == "augmented")
+    where = self.where
+    self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity, where=where))
+    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
+
+  def _init_text_data(self, cfg):
+    """``--dataset pysource``: the corpus, its fixed windows and the transformer."""
+    self.dataset = text_lib.load_pysource(cfg.data_dir, context=cfg.context,
+                                          max_eval_windows=cfg.eval_windows)
+    # per-epoch monitoring on --eval-windows windows; the headline figures on every window
+    self.text_windows = {"val": self.dataset.eval_windows("val"),
+                         "test": self.dataset.eval_windows("test"),
+                         "pruned": self.dataset.pruned_eval_windows(),
+                         "test_full": text_lib.fixed_windows(self.dataset.test, cfg.context)}
+    self.model = models.create_model(
+        cfg.model, num_classes=text_lib.VOCAB_SIZE,
+        transformer={k: getattr(cfg, k) for k in TRANSFORMER_KEYS})
+    self.steps_per_epoch = cfg.steps_per_epoch
+
+  def _text_eval(self, split, params):
+    result = text_lib.evaluate(self.eval_step, params, self.text_windows[split],
+                               self.eval_batch_size, self.place_batch)
+    self.bits_per_byte[split] = result["bits_per_byte"]
+    return result["accuracy"]
 
   # ----- placement on the mesh (identity without one) -----
 
@@ -470,6 +589,8 @@ class Trainer:
   def _make_step(self, tx, params):
     state = {"params": params, "batch_stats": self.batch_stats,
              "opt_state": jax.eval_shape(tx.init, params)}  # shapes fix the shardings
+    if self.cfg.is_text:
+      return text_lib.make_train_step(self.model, tx, state_shardings=self.shardings(state))
     return make_train_step(self.model, tx, self.dataset, state_shardings=self.shardings(state))
 
   # ----- pieces -----
@@ -498,8 +619,7 @@ class Trainer:
     cfg = self.cfg
     boundaries = {int(s) * self.steps_per_epoch: cfg.lr_decay for s in cfg.lr_steps}
     schedule = optax.piecewise_constant_schedule(cfg.lr, boundaries)
-    return optax.chain(art_lib.fixed_mask(mask), optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(schedule, momentum=cfg.momentum))
+    return optax.chain(art_lib.fixed_mask(mask), make_optimizer(cfg, schedule))
 
   def _template(self, meta):
     """The pytree a checkpoint with ``meta`` restores into."""
@@ -523,9 +643,14 @@ class Trainer:
   def _train_epoch(self, train_step, state, epoch, desc):
     from tqdm.auto import tqdm
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    batches = input_pipeline.prefetch(input_pipeline.train_batches(
-        self.dataset, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch),
-        transfer=None if self.mesh is None else self.place_batch)
+    if self.cfg.is_text:
+      source = text_lib.train_batches(self.dataset, self.cfg.batch_size, self.steps_per_epoch,
+                                      seed=self.cfg.seed, epoch=epoch)
+    else:
+      source = input_pipeline.train_batches(self.dataset, self.cfg.batch_size,
+                                            seed=self.cfg.seed, epoch=epoch)
+    batches = input_pipeline.prefetch(
+        source, transfer=None if self.mesh is None else self.place_batch)
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
     bar = tqdm(batches, total=self.steps_per_epoch, desc=desc, leave=False,
                disable=not (self.progress and _is_terminal(sys.stderr)), dynamic_ncols=True)
@@ -566,10 +691,14 @@ class Trainer:
         f"{self.outdir}/checkpoints; start a new --outdir with smaller values")
 
   def _test_accuracy(self, params, batch_stats):
+    if self.cfg.is_text:
+      return self._text_eval("test", params)
     return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
                     self.dataset.test_labels, self.eval_batch_size, self.place_batch)
 
   def _val_accuracy(self, params, batch_stats):
+    if self.cfg.is_text:
+      return self._text_eval("val", params)
     if self.dataset.val_labels is None:
       return None
     return evaluate(self.eval_step, params, batch_stats, self.dataset.val_images,
@@ -578,7 +707,11 @@ class Trainer:
   def _pruned_train_accuracy(self, params, batch_stats, epoch):
     """The pruned copy's accuracy on the training data, eval mode; augmented as the training
     loader serves it (a fresh augmentation per epoch, a function of ``(seed, epoch)``), or on
-    the clean images with ``pruned_eval='clean'``."""
+    the clean images with ``pruned_eval='clean'``. Text: next-byte accuracy on the fixed
+    training windows of :meth:`hypersparse_jax.text.TextData.pruned_eval_windows` (no
+    augmentation: both settings measure the same)."""
+    if self.cfg.is_text:
+      return self._text_eval("pruned", params)
     key = None
     if self.cfg.pruned_eval == "augmented":
       key = jax.random.fold_in(jax.random.fold_in(self.key, _PRUNED_EVAL_TAG), epoch)
@@ -640,10 +773,16 @@ class Trainer:
                       **{"lambda": lam}, lr=cfg.lr, train_loss=loss, train_accuracy=train_acc,
                       test_accuracy=test_acc,
                       val_accuracy=self._val_accuracy(state["params"], state["batch_stats"]),
-                      pruned_train_accuracy=None, window_mean=None, best_window_mean=None)
+                      pruned_train_accuracy=None, window_mean=None, best_window_mean=None,
+                      **self._bits_record())
         next_phase = phase
         if epoch + 1 >= cfg.warmup_epochs and phase == "warmup":
           next_phase = "art"
+          # the dense model at the end of warm-up: the reference point of the pruned result
+          extra["dense_test_accuracy"] = test_acc
+          if cfg.is_text:  # on the whole test split, not the monitoring windows
+            extra["dense_test_accuracy"] = self._text_eval("test_full", state["params"])
+            extra["dense_test_bits_per_byte"] = self.bits_per_byte["test_full"]
         if phase == "art":
           mask = self.mask_fn(state["params"])
           pruned = masking.apply_mask(state["params"], mask)
@@ -657,7 +796,7 @@ class Trainer:
           if decision.stop:
             extra["stop_reason"], extra["art_best_epoch"] = decision.reason, decision.best_epoch
             next_phase = "finetune"
-        record["sparsity"] = masking.sparsity(state["params"])
+        record["sparsity"] = masking.sparsity(state["params"], where=self.where)
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
           record["near_zero"] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
@@ -675,7 +814,7 @@ class Trainer:
                               "opt_state": tx.init(params)})
           ft_step = self._make_step(tx, params)
           ft_start = epoch + 1
-          self.log(str(masking.sparsity_report(params, mask)))
+          self.log(str(masking.sparsity_report(params, mask, where=self.where)))
           controller = None
         extra["ft_start"] = ft_start
         self._save(next_phase, epoch, state, controller, extra)
@@ -694,7 +833,8 @@ class Trainer:
         record.update(phase_epoch=ft_epoch, **{"lambda": 0.0}, lr=lr, train_loss=loss,
                       train_accuracy=train_acc, pruned_train_accuracy=None, test_accuracy=test_acc,
                       val_accuracy=val_acc, window_mean=None, best_window_mean=None,
-                      sparsity=masking.sparsity(state["params"]), time=time.time() - start)
+                      sparsity=masking.sparsity(state["params"], where=self.where),
+                      **self._bits_record(), time=time.time() - start)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         # the reference's convention: the fine-tune epoch with the best test accuracy
         if extra["best_test_accuracy"] is None or test_acc > extra["best_test_accuracy"]:
@@ -704,10 +844,12 @@ class Trainer:
         if val_acc is not None and (extra["best_val_accuracy"] is None
                                     or val_acc > extra["best_val_accuracy"]):
           extra.update(best_val_accuracy=val_acc, best_val_epoch=epoch,
-                       test_at_best_val=test_acc)
+                       test_at_best_val=test_acc,
+                       test_bits_at_best_val=record.get("test_bits_per_byte"))
           self.ckpt.save("best_val", epoch, variables,
                          {"val_accuracy": val_acc, "test_accuracy": test_acc, "epoch": epoch})
         extra["final_test_accuracy"], extra["final_val_accuracy"] = test_acc, val_acc
+        extra["final_test_bits_per_byte"] = record.get("test_bits_per_byte")
         extra["final_epoch"] = epoch
         metrics_log.append(record)
         self._log_epoch(record)
@@ -730,7 +872,7 @@ class Trainer:
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
     export = sparse_export.export_sparse(variables, mask,
                                          os.path.join(self.outdir, "model_sparse.npz"))
-    report = masking.sparsity_report(params)
+    report = masking.sparsity_report(params, where=self.where)
     by_val = extra["best_val_epoch"] is not None
     summary = {
         "dataset": cfg.dataset, "model": cfg.model, "depth": cfg.depth,
@@ -754,20 +896,57 @@ class Trainer:
         "lambda_final": extra["lambda_final"], "num_weights": report.total,
         "num_nonzero_weights": report.kept, "dense_bytes": export["dense_bytes"],
         "sparse_bytes": export["sparse_bytes"], "compression_ratio": export["compression_ratio"],
+        "dense_test_accuracy": extra["dense_test_accuracy"],
     }
+    if cfg.is_text:
+      summary.update(self._text_summary(params, extra))
     _atomic_write(os.path.join(self.outdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     self.log(str(report))
     self.log("summary: " + json.dumps({k: summary[k] for k in (
         "test_accuracy", "selection", "best_test_accuracy", "sparsity_achieved", "art_epochs",
-        "compression_ratio")}))
+        "compression_ratio") + (("test_bits_per_byte", "dense_test_bits_per_byte")
+                                if cfg.is_text else ())}))
     return summary
+
+  def _bits_record(self):
+    """Text: the bits per byte of this epoch's evaluations (``{}`` for images)."""
+    if not self.cfg.is_text:
+      return {}
+    return {f"{split}_bits_per_byte": self.bits_per_byte.get(split)
+            for split in ("test", "val")}
+
+  def _text_summary(self, params, extra):
+    """The final model on the whole test split: the headline, no selection (the per-epoch
+    figures in metrics.jsonl, and val_accuracy here, are on the --eval-windows windows)."""
+    cfg = self.cfg
+    test_acc = self._text_eval("test_full", params)
+    return {
+        "test_accuracy": test_acc, "test_bits_per_byte": self.bits_per_byte["test_full"],
+        "val_accuracy": extra["final_val_accuracy"],
+        "selection": "final", "selected_epoch": extra["final_epoch"],
+        "monitor_final_test_bits_per_byte": extra["final_test_bits_per_byte"],
+        "dense_test_bits_per_byte": extra["dense_test_bits_per_byte"],
+        "accuracy_is": "next-byte accuracy",
+        "transformer": {k: getattr(cfg, k) for k in TRANSFORMER_KEYS},
+        "optimizer": cfg.optimizer, "prune_embeddings": cfg.prune_embeddings,
+        "steps_per_epoch": self.steps_per_epoch,
+        "train_windows_per_epoch": self.steps_per_epoch * cfg.batch_size,
+        "test_bytes_scored": int(self.text_windows["test_full"].shape[0] * cfg.context),
+        "val_bytes_scored": int(self.text_windows["val"].shape[0] * cfg.context),
+        "monitor_windows": int(self.text_windows["test"].shape[0]),
+        "pruned_eval_windows": int(self.text_windows["pruned"].shape[0]),
+        "corpus": self.dataset.info,
+    }
 
   def _log_epoch(self, r):
     pruned = r.get("pruned_train_accuracy")
     self.log(f"epoch {r['epoch']:3d} {r['phase']:<8} lambda {r['lambda']:.3g} "
              f"loss {r['train_loss']:.4f} train {r['train_accuracy']:.4f} "
              + (f"pruned {pruned:.4f} " if pruned is not None else "")
-             + f"test {r['test_accuracy']:.4f} sparsity {r['sparsity']:.4f} "
+             + f"test {r['test_accuracy']:.4f} "
+             + (f"bits/byte {r['test_bits_per_byte']:.4f} "
+                if r.get("test_bits_per_byte") is not None else "")
+             + f"sparsity {r['sparsity']:.4f} "
              + (f"near-zero {r['near_zero']:.4f} " if r.get("near_zero") is not None else "")
              + f"({r['time']:.1f}s)")
 
@@ -786,8 +965,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "defaults for cifar10/cifar100/tinyimagenet, a small fast preset for digits.",
   )
   ref = REFERENCE_DEFAULTS
-  p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASET_NAMES)
-  p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR) or TinyImageNet folder")
+  p.add_argument("--dataset", default="digits", choices=DATASETS)
+  p.add_argument("--data-dir", default=None, help="TFDS data dir (CIFAR), TinyImageNet folder, "
+                 "or pysource's folder of *.py files (default: this Python's standard library)")
   p.add_argument("--download", action="store_true",
                  help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
                       "install 'hypersparse-jax[download]')")
@@ -832,6 +1012,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--pruned-eval", default="augmented", choices=PRUNED_EVALS,
                  help="data for the pruned copy's accuracy in ART: 'augmented' training batches "
                       "as the reference's training loader serves them (default) or 'clean' images")
+  tr = PYSOURCE_PRESET
+  p.add_argument("--layers", type=int, default=None,
+                 help=f"transformer blocks (pysource: {tr['layers']})")
+  p.add_argument("--d-model", type=int, default=None,
+                 help=f"transformer width (pysource: {tr['d_model']})")
+  p.add_argument("--heads", type=int, default=None,
+                 help=f"attention heads, dividing --d-model (pysource: {tr['heads']})")
+  p.add_argument("--context", type=int, default=None,
+                 help=f"bytes the transformer reads (pysource: {tr['context']})")
+  p.add_argument("--prune-embeddings", action="store_true", default=None,
+                 help="transformer: also prune the token embedding (= the output layer); by "
+                      "default only the attention and MLP kernels are prunable")
+  p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                 help="sgd (momentum; the reference's and the image presets') or adamw "
+                      "(--momentum is its beta1; pysource's default)")
+  p.add_argument("--steps-per-epoch", type=int, default=None,
+                 help=f"pysource: batches of random windows per epoch ({tr['steps_per_epoch']})")
+  p.add_argument("--eval-windows", type=int, default=None,
+                 help="pysource: evaluate validation / test on at most this many evenly spaced "
+                      f"fixed windows ({tr['eval_windows']}; 0: all)")
   p.add_argument("--outdir", default=None, help="run directory, one run at a time (default "
                  "runs/<dataset>-<model><depth>-<penalty>-<sparsity>); the same command on it "
                  "again resumes")
@@ -854,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
   """A :class:`TrainConfig` from parsed arguments over the dataset's preset (see module doc)."""
-  preset = DIGITS_PRESET if args.dataset == "digits" else REFERENCE_DEFAULTS
+  preset = PRESETS.get(args.dataset, REFERENCE_DEFAULTS)
   values = dict(preset)
   for name in list(values) + ["penalty"]:
     given = getattr(args, name, None)
@@ -864,6 +1064,8 @@ def config_from_args(args) -> TrainConfig:
     values["depth"] = None
   if args.model == "vgg" and args.depth is None:
     values["depth"] = 19
+  if values.get("eval_windows") == 0:  # 0 on the command line: every window
+    values["eval_windows"] = None
   if args.lr_steps is None:  # the preset's steps that fall within --epochs (others never fire)
     values["lr_steps"] = [s for s in values["lr_steps"] if s < values["epochs"]]
   values["lr_steps"] = tuple(values["lr_steps"])

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"art_hypersparse", "art_l1", "art_l2", "oneshot", "gmp", "dense"}
 
@@ -54,3 +56,41 @@ def test_quick_study(tmp_path):
     finals = [r["final_test_accuracy"] for r in runs
               if r["method"] == "art_hypersparse" and r["target"] == s]
     assert cell.strip().startswith(f"{100 * sum(finals) / len(finals):.2f} ±"), (cell, finals)
+
+
+def test_pysource_tables_and_plot_from_runs(tmp_path):
+  """The pysource report (bits per byte, lower is better) from hand-made runs: means and stds
+  recomputed here, and the two ART penalties, one-shot, GMP and dense as the methods."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study
+  finally:
+    sys.path.pop(0)
+  assert study.methods("pysource") == ("art_hypersparse", "art_l1", "oneshot", "gmp", "dense")
+  sparsities, runs = [0.9, 0.98], []
+  for seed, shift in ((0, 0.0), (1, 0.1)):
+    runs.append(dict(method="dense", target=0.0, seed=seed, test_bits_per_byte=2.5 + shift,
+                     test_accuracy=0.55, best_test_accuracy=0.5, final_test_accuracy=0.5,
+                     sparsity=0.0, art_epochs=None, time=1.0))
+    for m in ("art_hypersparse", "art_l1", "oneshot", "gmp"):
+      for s in sparsities:
+        runs.append(dict(method=m, target=s, seed=seed, test_bits_per_byte=2.6 + s + shift,
+                         test_accuracy=0.5, best_test_accuracy=0.5, final_test_accuracy=0.5,
+                         sparsity=s, art_epochs=1, time=2.0))
+  settings = dict(dataset="pysource", model="transformer", layers=2, d_model=64, heads=4, context=64, seeds=[0, 1],
+                  optimizer="adamw", lr=3e-3, batch_size=32, steps_per_epoch=100,
+                  warmup_epochs=5, max_art_epochs=6, lambda_init=2e-3, eta=2.0, epochs=4,
+                  lr_decay=0.1, lr_steps=[2, 3], sparsities=sparsities,
+                  methods=list(study.methods("pysource")))
+  report = {"settings": settings, "wall_time": 3.0, "runs": runs,
+            "cells": study.aggregate(runs, sparsities)}
+  study.write_markdown(tmp_path / "study.md", report)
+  study.write_plot(tmp_path / "study.png", report)
+  assert (tmp_path / "study.png").read_bytes().startswith(b"\x89PNG")
+  table = (tmp_path / "study.md").read_text()
+  pivot = table.split("Test bits per byte, mean ± std:")[1]
+  row = next(line for line in pivot.splitlines() if line.startswith("| ART + HyperSparse |"))
+  for s, cell in zip(sparsities, row.strip("|").split("|")[1:]):
+    values = [2.6 + s, 2.7 + s]
+    assert cell.strip() == f"{sum(values) / 2:.3f} ± {float(np.std(values, ddof=1)):.3f}"
+  assert "ART + L2" not in table
