@@ -1051,6 +1051,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except TrainingDiverged as e:
     print(f"hypersparse-train: error: {e}", file=sys.stderr)
     return 1
+  except jax.errors.JaxRuntimeError as e:
+    if not several:
+      raise
+    # A collective failed, typically because a peer died: one line, and no exit handshake with
+    # peers that will never answer (it would wait SHUTDOWN_TIMEOUT_S, then abort).
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"hypersparse-train: error: process {jax.process_index()}: {first}; if another "
+          "process died, run every process again with the same command to resume from the "
+          "last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, run_dir.RunDirBusy,
           checkpointing.CheckpointError, ImportError) as e:
     print(f"hypersparse-train: error: {_in_cli_terms(str(e))}", file=sys.stderr)
