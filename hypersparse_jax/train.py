@@ -461,6 +461,9 @@ class Trainer:
     self.pruned_eval_step = make_eval_step(self.model, self.dataset,
                                            augmented=config.pruned_eval == "augmented")
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity))
+    # one program, not one per leaf: eager ops on arrays of several processes compile each
+    self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, masking.magnitude_mask(
+        p, config.sparsity)))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
@@ -681,8 +684,7 @@ class Trainer:
         if epoch + 1 >= cfg.warmup_epochs and phase == "warmup":
           next_phase = "art"
         if phase == "art":
-          mask = self.mask_fn(state["params"])
-          pruned = masking.apply_mask(state["params"], mask)
+          pruned = self.prune_fn(state["params"])
           pruned_acc = self._pruned_train_accuracy(pruned, state["batch_stats"], epoch)
           payload = _to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
           decision = controller.update(epoch, pruned_acc, train_acc, payload)
@@ -707,7 +709,7 @@ class Trainer:
           best = controller.best.payload
           params = self.place(jax.tree.map(jnp.asarray, best["params"]))
           mask = self.mask_fn(params)
-          params = masking.apply_mask(params, mask)
+          params = jax.jit(masking.apply_mask)(params, mask)
           tx = self.finetune_tx(mask)
           state = self.place({"params": params,
                               "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
