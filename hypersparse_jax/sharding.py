@@ -32,9 +32,9 @@ arguments; otherwise pass ``coordinator_address="host0:1234", num_processes=N,
 process_id=i``). Then ``make_mesh()`` spans all global devices (``jax.devices()``), and each
 host feeds only its own slice of the global batch: ``shard_batch(local_batch, mesh)`` with
 ``local_batch`` the rows :func:`process_rows` names (``global_batch[process_rows(mesh, B)]``)
-builds the global array with ``jax.make_array_from_process_local_data``; a host never holds the
-other hosts' rows. Parameters are placed with :func:`replicate` / :func:`shard_params` on every
-host with identical values (same seed). Reading values back to the host (``jax.device_get``,
+builds the global array with ``jax.make_array_from_process_local_data``; a host's batches never
+hold the other hosts' rows. Parameters are placed with :func:`replicate` / :func:`shard_params`
+on every host with identical values (same seed). Reading values back to the host (``jax.device_get``,
 ``np.asarray``) needs fully addressable or fully replicated arrays: FSDP-sharded leaves are
 gathered with ``jax.experimental.multihost_utils.process_allgather``
 (:func:`hypersparse_jax.distributed.to_host`). Checkpoints: orbax writes and restores sharded
