@@ -10,6 +10,12 @@ size it times one epoch of:
 * ``pipeline_prefetch``: the same with ``prefetch(..., transfer=jax.device_put)``, so host batching
   and the transfer overlap the device work.
 
+With ``--grain`` (needs ``pip install grain``; not a dependency of the package), the same epoch
+through grain, Google's data loader for JAX (random-access ``MapDataset`` over the arrays,
+``shuffle``, ``batch``): ``grain_host_batching`` indexes the batched ``MapDataset`` in one
+thread, ``grain_iter_prefetch`` iterates ``to_iter_dataset()`` (grain's read threads prefetch),
+``grain_pipeline_prefetch`` adds ``device_put`` and the jitted ``augment`` as above.
+
 Each figure is the best of ``--repeats`` epochs, after one compile/warm-up step. Prints one JSON
 object. On a CPU-only machine the "device" shares the host's cores, so prefetching can buy little
 there and the figures are noisy; the interesting comparison is against a training step's rate. Run: ``python benchmarks/bench_input_pipeline.py``.
@@ -54,7 +60,52 @@ def _best_rate(run, num_images: int, repeats: int) -> float:
     return num_images / best
 
 
-def bench(batch_size: int, dataset: ip.Dataset, repeats: int) -> dict:
+class _Records:
+    """A random-access source of ``{'image', 'label'}`` records (what TFDS ``data_source`` and
+    the image folder give) over in-memory arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _grain_stages(batch_size: int, dataset: ip.Dataset, repeats: int, num_images: int, augment):
+    """grain's figures for the same epoch (shuffled, batched; last batch kept, as ours)."""
+    import grain
+
+    def batches():
+        source = _Records(dataset.train_images, dataset.train_labels)
+        return grain.MapDataset.source(source).shuffle(seed=1).batch(batch_size)
+
+    def host_batching():
+        ds = batches()
+        for i in range(len(ds)):
+            ds[i]
+
+    def iter_prefetch():
+        for _ in batches().to_iter_dataset():
+            pass
+
+    def pipeline_prefetch():
+        out = None
+        key = jax.random.key(0)
+        for step, batch in enumerate(batches().to_iter_dataset()):
+            out = augment(key, step, jax.device_put(batch["image"]))
+        out.block_until_ready()
+
+    return {
+        "grain_host_batching": round(_best_rate(host_batching, num_images, repeats)),
+        "grain_iter_prefetch": round(_best_rate(iter_prefetch, num_images, repeats)),
+        "grain_pipeline_prefetch": round(_best_rate(pipeline_prefetch, num_images, repeats)),
+    }
+
+
+def bench(batch_size: int, dataset: ip.Dataset, repeats: int, with_grain: bool = False) -> dict:
     """Returns images/second for each stage at one batch size."""
     # The per-step key is derived inside the jitted function, as a training step would.
     augment = jax.jit(
@@ -93,16 +144,21 @@ def bench(batch_size: int, dataset: ip.Dataset, repeats: int) -> dict:
             out = augment(key, step, jax.device_put(batch["image"]))
         out.block_until_ready()
 
-    return {
-        "batch_size": batch_size,
-        "steps_per_epoch": steps,
-        "images_per_second": {
-            "host_batching": round(_best_rate(host_batching, num_images, repeats)),
-            "augment_on_device": round(_best_rate(augment_on_device, num_images, repeats)),
-            "pipeline_serial": round(_best_rate(lambda: pipeline(False), num_images, repeats)),
-            "pipeline_prefetch": round(_best_rate(lambda: pipeline(True), num_images, repeats)),
-        },
+    rates = {
+        "host_batching": round(_best_rate(host_batching, num_images, repeats)),
+        "augment_on_device": round(_best_rate(augment_on_device, num_images, repeats)),
+        "pipeline_serial": round(_best_rate(lambda: pipeline(False), num_images, repeats)),
+        "pipeline_prefetch": round(_best_rate(lambda: pipeline(True), num_images, repeats)),
     }
+    if with_grain:
+        rates.update(_grain_stages(batch_size, dataset, repeats, num_images, augment))
+    return {"batch_size": batch_size, "steps_per_epoch": steps, "images_per_second": rates}
+
+
+def _grain_version() -> str:
+    from importlib.metadata import version
+
+    return version("grain")
 
 
 def main() -> None:
@@ -112,10 +168,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--grain", action="store_true", help="also time grain (pip install grain)")
     args = parser.parse_args()
 
     dataset = _synthetic_cifar(args.num_examples)
-    results = [bench(b, dataset, args.repeats) for b in args.batch_sizes]
+    results = [bench(b, dataset, args.repeats, args.grain) for b in args.batch_sizes]
     report.emit(
         {
             "benchmark": "input_pipeline",
@@ -125,6 +182,7 @@ def main() -> None:
                 "crop_padding": dataset.crop_padding,
                 "flip": dataset.flip,
                 "repeats": args.repeats,
+                "grain": _grain_version() if args.grain else None,
                 "timing": "best epoch of repeats, after one warm-up step; async dispatch, one block per epoch",
             },
             "results": results,

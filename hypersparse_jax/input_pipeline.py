@@ -591,10 +591,16 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
 
 
 def _padded_batch(
-    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, num_valid: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    num_valid: int,
+    rows: slice | None = None,
 ) -> dict[str, np.ndarray]:
     mask = np.zeros(len(indices), bool)
     mask[:num_valid] = True
+    if rows is not None:  # only this process's part: the other rows are never read
+        indices, mask = indices[rows], mask[rows]
     return {
         "image": np.take(images, indices, axis=0),
         "label": np.take(labels, indices, axis=0).astype(np.int32, copy=False),
@@ -603,7 +609,13 @@ def _padded_batch(
 
 
 def train_batches(
-    dataset: Dataset, batch_size: int, *, seed: int, epoch: int, start_step: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    rows: slice | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields one epoch of shuffled training batches, from ``start_step`` on.
 
@@ -619,6 +631,8 @@ def train_batches(
       seed: non-negative run seed.
       epoch: non-negative epoch index.
       start_step: first step to yield, in ``[0, steps_per_epoch]``.
+      rows: only these rows of every batch (this process's part of the global batch in a
+        multi-process run, see ``sharding.process_rows``); default: all.
 
     Yields:
       ``{'image': uint8 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}``.
@@ -635,12 +649,16 @@ def train_batches(
         start = step * batch_size
         positions = np.arange(start, start + batch_size) % n
         yield _padded_batch(
-            dataset.train_images, dataset.train_labels, order[positions], min(batch_size, n - start)
+            dataset.train_images,
+            dataset.train_labels,
+            order[positions],
+            min(batch_size, n - start),
+            rows,
         )
 
 
 def eval_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
+    images: np.ndarray, labels: np.ndarray, batch_size: int, *, rows: slice | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields the examples in order, in batches padded to ``batch_size`` (``mask=False`` padding).
 
@@ -648,6 +666,7 @@ def eval_batches(
       images: uint8 ``(N, H, W, C)``.
       labels: integer ``(N,)``.
       batch_size: examples per batch, >= 1.
+      rows: only these rows of every batch (as in ``train_batches``); default: all.
 
     Yields:
       ``{'image': uint8 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}``.
@@ -661,7 +680,7 @@ def eval_batches(
     for step in range(steps_per_epoch(n, batch_size)):
         start = step * batch_size
         indices = np.arange(start, start + batch_size) % n
-        yield _padded_batch(images, labels, indices, min(batch_size, n - start))
+        yield _padded_batch(images, labels, indices, min(batch_size, n - start), rows)
 
 
 def prefetch(

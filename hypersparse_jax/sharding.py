@@ -31,16 +31,19 @@ each calls ``jax.distributed.initialize()`` (on TPU pods and under SLURM / Open 
 arguments; otherwise pass ``coordinator_address="host0:1234", num_processes=N,
 process_id=i``). Then ``make_mesh()`` spans all global devices (``jax.devices()``), and each
 host feeds only its own slice of the global batch: ``shard_batch(local_batch, mesh)`` with
-``local_batch`` of leading size ``global_batch / jax.process_count()`` builds the global array
-with ``jax.make_array_from_process_local_data`` (the slices are laid out in process order, so
-host ``i`` should hold examples ``[i·b, (i+1)·b)`` of the global batch, e.g.
-``batch[host_slice(len(batch), ...)]``, or just its own shard of the data — any split works for
-training as long as every example is fed by exactly one host). Parameters are placed with
-:func:`replicate` / :func:`shard_params` on every host with identical values (same seed).
-Reading values back to the host (``jax.device_get``, ``np.asarray``) needs fully addressable
-arrays: under several processes use ``jax.experimental.multihost_utils.process_allgather``.
-Checkpoints: orbax writes and restores sharded arrays collectively (every host calls save and
-restore). The ``hypersparse-train`` CLI is single-host; multi-host runs use the library API.
+``local_batch`` the rows :func:`process_rows` names (``global_batch[process_rows(mesh, B)]``)
+builds the global array with ``jax.make_array_from_process_local_data``; a host's batches never
+hold the other hosts' rows. Parameters are placed with :func:`replicate` / :func:`shard_params`
+on every host with identical values (same seed). Reading values back to the host (``jax.device_get``,
+``np.asarray``) needs fully addressable or fully replicated arrays: FSDP-sharded leaves are
+gathered with ``jax.experimental.multihost_utils.process_allgather``
+(:func:`hypersparse_jax.distributed.to_host`). Checkpoints: orbax writes and restores sharded
+arrays collectively (every host calls save and restore).
+
+From the command line, every process runs ``hypersparse-train --coordinator-address HOST:PORT
+--num-processes N --process-id I ...`` (or ``--distributed`` under SLURM / Open MPI / on a TPU
+pod) with the same options and ``--outdir`` on a shared file system; see
+:mod:`hypersparse_jax.distributed` and the README's launch recipes.
 """
 
 from __future__ import annotations
@@ -141,6 +144,27 @@ def shard_batch(batch: Any, mesh: Mesh, *, process_local: Optional[bool] = None)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
           sharding, np.asarray(x), (size * processes,) + np.shape(x)[1:]), batch)
+
+
+def process_rows(mesh: Mesh, global_size: int) -> slice:
+  """The rows of a ``global_size`` batch that this process's devices hold under
+  :func:`batch_sharding` (all rows for a single-process mesh): what :func:`shard_batch` expects
+  as this process's part of the global batch.
+
+  Raises:
+    ValueError: ``global_size`` not divisible by the number of devices, or this process's
+      rows not contiguous (a mesh whose devices do not come grouped by process).
+  """
+  check_batch_size(global_size, mesh, "global batch size")
+  if not mesh.is_multi_process:
+    return slice(0, global_size)
+  spans = sorted((s[0].start or 0, s[0].stop if s[0].stop is not None else global_size)
+                 for s in batch_sharding(mesh).addressable_devices_indices_map(
+                     (global_size,)).values())
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"process {jax.process_index()} holds rows {spans} of the batch, not one "
+                     "contiguous block: build the mesh with make_mesh()")
+  return slice(spans[0][0], spans[-1][1])
 
 
 def _leaf_spec(shape, n: int, min_size: int) -> P:

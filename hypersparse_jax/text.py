@@ -247,26 +247,35 @@ def window_offsets(num_bytes: int, window: int, batch_size: int, steps: int, *, 
 
 
 def train_batches(data: TextData, batch_size: int, steps: int, *, seed: int, epoch: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, rows: slice | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """Yields ``steps`` training batches ``{'tokens': uint8 (B, context+1), 'mask': bool (B,)}``
-  of random windows (see :func:`window_offsets`), from ``start_step`` on."""
+  of random windows (see :func:`window_offsets`), from ``start_step`` on. ``rows``: only these
+  rows of every batch (this process's part of the global batch in a multi-process run, see
+  ``sharding.process_rows``); the other windows are never gathered."""
   if not 0 <= start_step <= steps:
     raise ValueError(f"start_step must lie in [0, {steps}], got {start_step}")
   offsets = window_offsets(len(data.train), data.window, batch_size, steps, seed=seed,
                            epoch=epoch)
   span = np.arange(data.window)
+  mask = np.ones(batch_size, bool)
+  if rows is not None:
+    offsets, mask = offsets[:, rows], mask[rows]
   for step in range(start_step, steps):
-    yield {"tokens": data.train[offsets[step][:, None] + span],
-           "mask": np.ones(batch_size, bool)}
+    yield {"tokens": data.train[offsets[step][:, None] + span], "mask": mask}
 
 
-def window_batches(windows: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed windows in order, in batches padded to ``batch_size`` (``mask=False`` padding)."""
+def window_batches(windows: np.ndarray, batch_size: int, rows: slice | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed windows in order, in batches padded to ``batch_size`` (``mask=False`` padding);
+  ``rows`` as in :func:`train_batches`."""
   n = len(windows)
   for start in range(0, n, batch_size):
     index = np.arange(start, start + batch_size) % n
     mask = np.zeros(batch_size, bool)
     mask[:min(batch_size, n - start)] = True
+    if rows is not None:
+      index, mask = index[rows], mask[rows]
     yield {"tokens": windows[index], "mask": mask}
 
 
@@ -325,11 +334,13 @@ def make_eval_step(model):
   return jax.jit(step)
 
 
-def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, place=None) -> dict:
+def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, place=None,
+             rows: slice | None = None) -> dict:
   """``{'accuracy', 'bits_per_byte', 'bytes'}`` of next-byte prediction over fixed ``windows``
-  (uint8 ``(N, context + 1)``); ``place`` places each batch (e.g. on a mesh)."""
+  (uint8 ``(N, context + 1)``); ``place`` places each batch (e.g. on a mesh); ``rows``: this
+  process's rows of every batch in a multi-process run (the sums are global)."""
   pending = []
-  for batch in window_batches(windows, batch_size):
+  for batch in window_batches(windows, batch_size, rows):
     pending.append(eval_step(params, None, batch if place is None else place(batch)))
   correct = nll = 0.0
   for c, n in jax.device_get(pending):  # one sync at the end

@@ -59,7 +59,7 @@ import optax
 
 from hypersparse_jax import transform as art_lib
 from hypersparse_jax import checkpointing, input_pipeline, masking, models, sparse_export
-from hypersparse_jax import host_memory, init_source, run_dir, sharding
+from hypersparse_jax import distributed, host_memory, init_source, run_dir, sharding
 from hypersparse_jax import text as text_lib
 from hypersparse_jax.controller import RULES, ARTController
 
@@ -231,7 +231,7 @@ def check_devices(devices: Optional[int], shard_params: bool) -> None:
   available = len(jax.local_devices())
   if devices is not None and not 1 <= devices <= available:
     raise ValueError(f"--devices must be in [1, {available}] (local devices here), got {devices}")
-  used = available if devices is None else devices
+  used = jax.device_count() if devices is None else devices  # all processes' devices
   if shard_params and used < 2:
     raise ValueError(f"--shard-params needs more than one device, but this run uses {used} "
                      "(see --devices); leave --shard-params out")
@@ -377,14 +377,16 @@ def make_eval_step(model, dataset: input_pipeline.Dataset, *, augmented: bool = 
 
 
 def evaluate(eval_step, params, batch_stats, images, labels, batch_size, place=None,
-             key=None) -> float:
+             key=None, rows=None) -> float:
   """Accuracy over ``images``; ``place`` (e.g. a ``shard_batch`` partial) places each batch.
 
   ``key``: for an augmented ``eval_step`` (example ``j`` is augmented with ``fold_in(key, j)``).
+  ``rows``: this process's rows of every batch in a multi-process run (``place`` then builds the
+  global batch from every process's part; the counts are global).
   """
   correct = 0
   pending = []
-  for i, batch in enumerate(input_pipeline.eval_batches(images, labels, batch_size)):
+  for i, batch in enumerate(input_pipeline.eval_batches(images, labels, batch_size, rows=rows)):
     batch = batch if place is None else place(batch)
     if key is None:
       pending.append(eval_step(params, batch_stats, batch))
@@ -405,10 +407,15 @@ def _atomic_write(path: str, text: str):
 
 
 class MetricsLog:
-  """``metrics.jsonl``: one record per epoch, appended and fsynced; truncated on resume."""
+  """``metrics.jsonl``: one record per epoch, appended and fsynced; truncated on resume.
 
-  def __init__(self, path: str, start_epoch: int):
-    self.path = path
+  ``write=False`` (every process but process 0 of a multi-process run) touches no file.
+  """
+
+  def __init__(self, path: str, start_epoch: int, *, write: bool = True):
+    self.path, self.write = path, write
+    if not write:
+      return
     kept = []
     if os.path.exists(path):
       with open(path) as f:
@@ -422,6 +429,8 @@ class MetricsLog:
     _atomic_write(path, "".join(kept))
 
   def append(self, record: dict):
+    if not self.write:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
@@ -456,7 +465,12 @@ def _all_finite(tree):
 
 
 def _to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  return distributed.to_host(tree)  # a collective when leaves are sharded over processes
+
+
+@functools.partial(jax.jit, static_argnames="where")
+def _count_zeros(params, where=None):
+  return sum(jnp.sum(x == 0) for _, x in masking.prunable_leaves(params, where))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,12 +500,18 @@ class Trainer:
                log=print, devices: Optional[int] = None, shard_params: bool = False,
                on_epoch=None):
     config.validate()
-    self.cfg, self.outdir, self.progress, self.log = config, outdir, progress, log
+    # Several processes: process 0 speaks and writes files; the others compute alike, silently.
+    self.primary = distributed.is_primary()
+    log = log if self.primary else (lambda *_: None)
+    self.cfg, self.outdir, self.progress, self.log = config, outdir, progress and self.primary, log
     self.epoch = None  # the epoch being trained (for the message of an interrupted run)
     self.on_epoch = on_epoch
     # devices: None = all local devices, 1 = no mesh (plain single-device arrays).
     self.mesh = None
-    if devices is None and len(jax.local_devices()) > 1 or devices is not None and devices > 1:
+    if jax.process_count() > 1 and devices is not None:
+      raise ValueError(f"--devices {devices} is for single-process runs; with several processes "
+                       "every process uses all its local devices (leave --devices out)")
+    if devices is None and jax.device_count() > 1 or devices is not None and devices > 1:
       self.mesh = sharding.make_mesh(devices)
       sharding.check_batch_size(config.batch_size, self.mesh, "--batch-size")
     elif devices is not None and devices < 1:
@@ -540,6 +560,9 @@ class Trainer:
                                              augmented=config.pruned_eval == "augmented")
     where = self.where
     self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity, where=where))
+    # one program, not one per leaf: eager ops on arrays of several processes compile each
+    self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, masking.magnitude_mask(
+        p, config.sparsity, where=where)))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
@@ -560,7 +583,8 @@ class Trainer:
 
   def _text_eval(self, split, params):
     result = text_lib.evaluate(self.eval_step, params, self.text_windows[split],
-                               self.eval_batch_size, self.place_batch)
+                               self.eval_batch_size, self.place_batch,
+                               rows=self.rows(self.eval_batch_size))
     self.bits_per_byte[split] = result["bits_per_byte"]
     return result["accuracy"]
 
@@ -576,7 +600,18 @@ class Trainer:
     return tree if self.mesh is None else jax.device_put(tree, self.shardings(tree))
 
   def place_batch(self, batch):
+    """Places a batch (this process's rows of it, see :meth:`rows`) on the mesh."""
     return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
+
+  def rows(self, global_size):
+    """This process's rows of a global batch of ``global_size`` (all rows with one process)."""
+    if self.mesh is None:
+      return None
+    return sharding.process_rows(self.mesh, global_size)
+
+  def sparsity(self, params) -> float:
+    """:func:`masking.sparsity`, computed where the parameters lie (any sharding)."""
+    return int(_count_zeros(params, where=self.where)) / self.num_weights
 
   def _restore_target(self, meta):
     """The template of ``meta`` as ShapeDtypeStructs with this run's shardings (any mesh)."""
@@ -643,12 +678,13 @@ class Trainer:
   def _train_epoch(self, train_step, state, epoch, desc):
     from tqdm.auto import tqdm
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    rows = self.rows(self.cfg.batch_size)
     if self.cfg.is_text:
       source = text_lib.train_batches(self.dataset, self.cfg.batch_size, self.steps_per_epoch,
-                                      seed=self.cfg.seed, epoch=epoch)
+                                      seed=self.cfg.seed, epoch=epoch, rows=rows)
     else:
       source = input_pipeline.train_batches(self.dataset, self.cfg.batch_size,
-                                            seed=self.cfg.seed, epoch=epoch)
+                                            seed=self.cfg.seed, epoch=epoch, rows=rows)
     batches = input_pipeline.prefetch(
         source, transfer=None if self.mesh is None else self.place_batch)
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
@@ -694,7 +730,8 @@ class Trainer:
     if self.cfg.is_text:
       return self._text_eval("test", params)
     return evaluate(self.eval_step, params, batch_stats, self.dataset.test_images,
-                    self.dataset.test_labels, self.eval_batch_size, self.place_batch)
+                    self.dataset.test_labels, self.eval_batch_size, self.place_batch,
+                    rows=self.rows(self.eval_batch_size))
 
   def _val_accuracy(self, params, batch_stats):
     if self.cfg.is_text:
@@ -702,7 +739,8 @@ class Trainer:
     if self.dataset.val_labels is None:
       return None
     return evaluate(self.eval_step, params, batch_stats, self.dataset.val_images,
-                    self.dataset.val_labels, self.eval_batch_size, self.place_batch)
+                    self.dataset.val_labels, self.eval_batch_size, self.place_batch,
+                    rows=self.rows(self.eval_batch_size))
 
   def _pruned_train_accuracy(self, params, batch_stats, epoch):
     """The pruned copy's accuracy on the training data, eval mode; augmented as the training
@@ -716,7 +754,8 @@ class Trainer:
     if self.cfg.pruned_eval == "augmented":
       key = jax.random.fold_in(jax.random.fold_in(self.key, _PRUNED_EVAL_TAG), epoch)
     return evaluate(self.pruned_eval_step, params, batch_stats, self.dataset.train_images,
-                    self.dataset.train_labels, self.eval_batch_size, self.place_batch, key)
+                    self.dataset.train_labels, self.eval_batch_size, self.place_batch, key,
+                    rows=self.rows(self.eval_batch_size))
 
   # ----- the protocol -----
 
@@ -752,7 +791,8 @@ class Trainer:
                          f"{controller.rule} or start a new --outdir")
       extra = {k: meta.get(k, v) for k, v in _EXTRA_DEFAULTS.items()}
       self.log(f"resuming {self.outdir} at epoch {epoch} ({phase}) from checkpoint {step}")
-    metrics_log = MetricsLog(os.path.join(self.outdir, "metrics.jsonl"), epoch)
+    metrics_log = MetricsLog(os.path.join(self.outdir, "metrics.jsonl"), epoch,
+                             write=self.primary)
 
     art_step = self._make_step(self.art_tx, self.params)
     ft_step, ft_start = None, extra["ft_start"]
@@ -784,11 +824,13 @@ class Trainer:
             extra["dense_test_accuracy"] = self._text_eval("test_full", state["params"])
             extra["dense_test_bits_per_byte"] = self.bits_per_byte["test_full"]
         if phase == "art":
-          mask = self.mask_fn(state["params"])
-          pruned = masking.apply_mask(state["params"], mask)
+          pruned = self.prune_fn(state["params"])
           pruned_acc = self._pruned_train_accuracy(pruned, state["batch_stats"], epoch)
           payload = _to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
           decision = controller.update(epoch, pruned_acc, train_acc, payload)
+          # every process decides alone, from global figures: check that they agree
+          distributed.check_same([epoch, pruned_acc, train_acc, decision.stop,
+                                  decision.best_epoch], f"the ART decision of epoch {epoch}")
           extra["art_epochs"] = controller.epochs_seen
           extra["lambda_final"] = lam
           record.update(pruned_train_accuracy=pruned_acc, window_mean=decision.window_mean,
@@ -796,7 +838,7 @@ class Trainer:
           if decision.stop:
             extra["stop_reason"], extra["art_best_epoch"] = decision.reason, decision.best_epoch
             next_phase = "finetune"
-        record["sparsity"] = masking.sparsity(state["params"], where=self.where)
+        record["sparsity"] = self.sparsity(state["params"])
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
           record["near_zero"] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
@@ -807,14 +849,15 @@ class Trainer:
           best = controller.best.payload
           params = self.place(jax.tree.map(jnp.asarray, best["params"]))
           mask = self.mask_fn(params)
-          params = masking.apply_mask(params, mask)
+          params = jax.jit(masking.apply_mask)(params, mask)
           tx = self.finetune_tx(mask)
           state = self.place({"params": params,
                               "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
                               "opt_state": tx.init(params)})
           ft_step = self._make_step(tx, params)
           ft_start = epoch + 1
-          self.log(str(masking.sparsity_report(params, mask, where=self.where)))
+          report = masking.sparsity_report(*_to_host((params, mask)), where=self.where)
+          self.log(str(report))
           controller = None
         extra["ft_start"] = ft_start
         self._save(next_phase, epoch, state, controller, extra)
@@ -833,7 +876,7 @@ class Trainer:
         record.update(phase_epoch=ft_epoch, **{"lambda": 0.0}, lr=lr, train_loss=loss,
                       train_accuracy=train_acc, pruned_train_accuracy=None, test_accuracy=test_acc,
                       val_accuracy=val_acc, window_mean=None, best_window_mean=None,
-                      sparsity=masking.sparsity(state["params"], where=self.where),
+                      sparsity=self.sparsity(state["params"]),
                       **self._bits_record(), time=time.time() - start)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         # the reference's convention: the fine-tune epoch with the best test accuracy
@@ -867,11 +910,13 @@ class Trainer:
 
   def _finish(self, state, extra):
     cfg = self.cfg
-    params, stats = state["params"], state["batch_stats"]
-    mask = state["opt_state"][0].mask
+    params, stats, mask = _to_host((state["params"], state["batch_stats"],
+                                    state["opt_state"][0].mask))
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-    export = sparse_export.export_sparse(variables, mask,
-                                         os.path.join(self.outdir, "model_sparse.npz"))
+    export = dict.fromkeys(("dense_bytes", "sparse_bytes", "compression_ratio"))
+    if self.primary:  # the others return process 0's summary (below)
+      export = sparse_export.export_sparse(variables, mask,
+                                           os.path.join(self.outdir, "model_sparse.npz"))
     report = masking.sparsity_report(params, where=self.where)
     by_val = extra["best_val_epoch"] is not None
     summary = {
@@ -900,7 +945,10 @@ class Trainer:
     }
     if cfg.is_text:
       summary.update(self._text_summary(params, extra))
-    _atomic_write(os.path.join(self.outdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    summary = distributed.allgather_json(summary)[0]  # process 0's
+    if self.primary:
+      _atomic_write(os.path.join(self.outdir, "summary.json"),
+                    json.dumps(summary, indent=2) + "\n")
     self.log(str(report))
     self.log("summary: " + json.dumps({k: summary[k] for k in (
         "test_accuracy", "selection", "best_test_accuracy", "sparsity_achieved", "art_epochs",
@@ -1043,6 +1091,20 @@ def build_parser() -> argparse.ArgumentParser:
                       "mesh); --batch-size must divide by it")
   p.add_argument("--shard-params", action="store_true",
                  help="FSDP: also shard large parameters and optimiser state over the devices")
+  g = p.add_argument_group(
+      "several processes (hosts)",
+      "Start the same command, with the same --outdir on a shared file system, once per process "
+      "(host); each process feeds its own part of every global batch, process 0 writes the "
+      "files. See the README's launch recipes.")
+  g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                 help="process 0's host and a free port, the same for every process")
+  g.add_argument("--num-processes", type=int, default=None, help="number of processes N")
+  g.add_argument("--process-id", type=int, default=None, help="this process, in [0, N)")
+  g.add_argument("--distributed", action="store_true",
+                 help="let JAX detect the three options above (SLURM, Open MPI, TPU pods)")
+  g.add_argument("--heartbeat-timeout", type=int, default=distributed.HEARTBEAT_TIMEOUT_S,
+                 help="seconds after which a silent process counts as dead and the others stop "
+                      f"(default {distributed.HEARTBEAT_TIMEOUT_S})")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bars")
   p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
@@ -1110,13 +1172,18 @@ def _in_cli_terms(message: str) -> str:
   return message
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input,
-  1 when training diverged, 130 when interrupted)."""
-  args = build_parser().parse_args(argv)
-  if args.retain_host_memory:
-    host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
-  lock, trainer = None, None
+_START_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, run_dir.RunDirBusy)
+
+
+def _start(args, several: bool):
+  """``(config, outdir, config dict, lock)`` of a run: options checked, run directory locked.
+
+  With several processes, only process 0 takes the run-directory lock (the others work in the
+  same directory as its helpers) and checks the directory; then every process learns every
+  other's options and errors (:func:`distributed.check_agreement`), so a process started with
+  other options than its peers, or a start-up error on any of them, stops them all alike.
+  """
+  lock, error, config, outdir = None, None, None, None
   try:
     cfg = config_from_args(args)
     cfg.validate()
@@ -1125,15 +1192,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir.check_outdir(outdir)
     config = dataclasses.asdict(cfg)
     config["lr_steps"] = list(cfg.lr_steps)
-    lock = run_dir.RunDirLock(outdir).acquire()
-    _check_resumable(outdir, config)
+    if distributed.is_primary():
+      lock = run_dir.RunDirLock(outdir).acquire()
+      _check_resumable(outdir, config)
+  except _START_ERRORS as e:
+    if lock is not None:
+      lock.release()
+    if not several:
+      raise
+    error = _in_cli_terms(str(e))
+  if several:
+    options = dict(config or {}, outdir=_normalized_path(outdir) if outdir else None,
+                   shard_params=args.shard_params, num_processes=jax.process_count())
+    try:
+      distributed.check_agreement(distributed.allgather_json({"config": options,
+                                                              "error": error}))
+    except ValueError:
+      if lock is not None:
+        lock.release()
+      raise
+  return cfg, outdir, config, lock
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``hypersparse-train``; returns the exit code (2 with a one-line error on bad input,
+  1 when training diverged, 130 when interrupted)."""
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  args = build_parser().parse_args(argv)
+  try:
+    several = distributed.check_options(args.coordinator_address, args.num_processes,
+                                        args.process_id, args.distributed)
+    if several and args.heartbeat_timeout < 1:
+      raise ValueError(f"--heartbeat-timeout must be >= 1 (seconds), got {args.heartbeat_timeout}")
+  except ValueError as e:
+    print(f"hypersparse-train: error: {e}", file=sys.stderr)
+    return 2
+  if several and not os.environ.get(distributed.WORKER_ENV):
+    who = "this process" if args.process_id is None else f"process {args.process_id}"
+    return distributed.supervise(argv, "hypersparse-train", who)
+  if args.retain_host_memory:
+    host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
+  lock, trainer = None, None
+  try:
+    if several:
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                             heartbeat_timeout=args.heartbeat_timeout)
+    cfg, outdir, config, lock = _start(args, several)
     trainer = Trainer(cfg, outdir, progress=args.progress, devices=args.devices,
                       shard_params=args.shard_params)
     config_path = os.path.join(outdir, "config.json")
-    if not os.path.exists(config_path):
+    if distributed.is_primary() and not os.path.exists(config_path):
       _atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     trainer.run()
-    if args.plot:
+    if args.plot and distributed.is_primary():
       from hypersparse_jax import plotting
       print(f"curves: {plotting.plot_run(outdir)}")
     return 0
@@ -1145,6 +1256,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except TrainingDiverged as e:
     print(f"hypersparse-train: error: {e}", file=sys.stderr)
     return 1
+  except jax.errors.JaxRuntimeError as e:
+    if not several:
+      raise
+    # A collective failed, typically because a peer died: one line, and no exit handshake with
+    # peers that will never answer (it would wait SHUTDOWN_TIMEOUT_S, then abort).
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"hypersparse-train: error: process {jax.process_index()}: {first}; if another "
+          "process died, run every process again with the same command to resume from the "
+          "last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, run_dir.RunDirBusy,
           checkpointing.CheckpointError, ImportError) as e:
     print(f"hypersparse-train: error: {_in_cli_terms(str(e))}", file=sys.stderr)
