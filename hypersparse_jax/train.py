@@ -54,7 +54,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from hypersparse_jax import transform as art_lib
