@@ -197,9 +197,24 @@ def state_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = False,
   return replicated_shardings(tree, mesh)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)``, also for process-local leaves onto several processes.
+
+  In a multi-process run, every process holds the same values of a leaf that is still local
+  (e.g. freshly initialised parameters); JAX 0.10 refuses to ``device_put`` such a
+  ``jax.Array`` onto a mesh that spans processes with one device each ("the input arrays must
+  have one shard each"), so those leaves go through host memory first. Leaves that are
+  already global arrays are placed as they are.
+  """
+  if jax.process_count() > 1:
+    tree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                        and x.is_fully_addressable else x, tree)
+  return jax.device_put(tree, shardings)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """A full copy of every leaf of ``tree`` on every device of ``mesh``."""
-  return jax.device_put(tree, replicated_shardings(tree, mesh))
+  return put(tree, replicated_shardings(tree, mesh))
 
 
 def shard_params(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE) -> Any:
@@ -211,7 +226,7 @@ def shard_params(tree: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE) -> An
   depends on the shape only, so optimiser-state leaves that mirror parameters (momentum,
   masks) get the same sharding as their parameter.
   """
-  return jax.device_put(tree, param_shardings(tree, mesh, min_size=min_size))
+  return put(tree, param_shardings(tree, mesh, min_size=min_size))
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

@@ -596,7 +596,7 @@ class Trainer:
 
   def place(self, tree):
     """Replicates ``tree`` over the mesh, or shards it FSDP-style with ``--shard-params``."""
-    return tree if self.mesh is None else jax.device_put(tree, self.shardings(tree))
+    return tree if self.mesh is None else sharding.put(tree, self.shardings(tree))
 
   def place_batch(self, batch):
     """Places a batch (this process's rows of it, see :meth:`rows`) on the mesh."""

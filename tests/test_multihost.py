@@ -28,6 +28,9 @@ import pytest
 
 from hypersparse_jax import distributed, input_pipeline, sharding
 
+# one worker for the whole module under pytest -n (see addopts in pyproject.toml)
+pytestmark = pytest.mark.xdist_group("multihost")
+
 SHORT = ["--model", "mlp", "--warmup-epochs", "1", "--max-art-epochs", "2", "--epochs", "1",
          "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
 RUN_TIMEOUT_S = 240    # one run of two processes, compilation included
@@ -310,3 +313,51 @@ def test_supervisor_turns_a_runtime_abort_into_one_line():
           "The tasks have crashed.\n"]
   assert distributed._lost_peers_reason(held) == "process 1 stopped sending heartbeats"
   assert "coordinator" in distributed._lost_peers_reason(["F1126 client.h:80] Terminating\n"])
+
+
+PUT_WORKER = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from hypersparse_jax import distributed, sharding
+
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout=10)
+mesh = sharding.make_mesh()
+tree = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(128, 32),   # local, uncommitted
+        "b": jax.jit(lambda: jnp.full((3,), 7.0))()}                 # local, a jit result
+out = {}
+for name, placed in (("replicated", sharding.replicate(tree, mesh)),
+                     ("fsdp", sharding.shard_params(tree, mesh))):
+  out[name] = {k: [[list(s.index[0].indices(v.shape[0])), np.asarray(s.data).tolist()]
+                   for s in v.addressable_shards] for k, v in placed.items()}
+print(json.dumps(out))
+"""
+
+
+def test_local_arrays_are_placed_on_processes_with_one_device_each(tmp_path):
+  """2 processes × 1 device: JAX 0.10's ``device_put`` refuses a process-local ``jax.Array``
+  onto such a mesh; :func:`sharding.put` (behind replicate / shard_params / the trainer's
+  placement) must place it, each process holding exactly its part of the NumPy values."""
+  port, procs = free_port(), []
+  try:
+    for i in range(2):
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", PUT_WORKER, f"127.0.0.1:{port}", str(i)], env=env_for(1, ""),
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+  w = np.arange(4096, dtype=np.float32).reshape(128, 32)
+  for i, (stdout, _) in enumerate(outs):
+    result = json.loads(stdout.strip().splitlines()[-1])
+    for name in ("replicated", "fsdp"):
+      (w_index, w_data), = result[name]["w"]  # one device per process: one shard each
+      (b_index, b_data), = result[name]["b"]
+      assert b_index == [0, 3, 1] and b_data == [7.0, 7.0, 7.0]  # 3 elements: replicated
+      # FSDP splits w's 128 rows (4096 elements >= MIN_SHARD_SIZE) between the processes
+      rows = range(64 * i, 64 * (i + 1)) if name == "fsdp" else range(128)
+      assert w_index[:2] == [rows.start, rows.stop]
+      np.testing.assert_array_equal(np.asarray(w_data), w[rows.start:rows.stop])
