@@ -386,15 +386,20 @@ def _storage(url: str, heartbeat: int, optuna):
       kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
     else:
       kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
-  # Workers started together on a new database race to create its tables: the loser sees
-  # "table ... already exists" (the schema is complete once the winner commits): try again.
+  # Workers started together on a new database race to create its schema: the loser sees
+  # "table ... already exists", "UNIQUE constraint failed: alembic_version..." or a locked
+  # database (all seen with two processes on one new SQLite file); the schema is complete once
+  # the winner commits: try again.
   for attempt in range(10):
     try:
       return optuna.storages.RDBStorage(url, engine_kwargs=None, **kwargs)
     except Exception as e:  # sqlalchemy's OperationalError / IntegrityError, by backend
-      if "already exists" not in str(e) or attempt == 9:
+      if not any(m in str(e) for m in _CREATION_RACE) or attempt == 9:
         raise
       time.sleep(0.2 * (attempt + 1))
+
+
+_CREATION_RACE = ("already exists", "UNIQUE constraint failed", "database is locked")
 
 
 def _pruner(name: str, cfg: train.TrainConfig, optuna):
