@@ -28,9 +28,6 @@ import pytest
 
 from hypersparse_jax import distributed, input_pipeline, sharding
 
-# one worker for the whole module under pytest -n (see addopts in pyproject.toml)
-pytestmark = pytest.mark.xdist_group("multihost")
-
 SHORT = ["--model", "mlp", "--warmup-epochs", "1", "--max-art-epochs", "2", "--epochs", "1",
          "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
 RUN_TIMEOUT_S = 240    # one run of two processes, compilation included

@@ -26,9 +26,6 @@ import pytest
 import hypersparse_jax
 from hypersparse_jax import masking, models, text, train
 
-# one worker for the whole module under pytest -n (see addopts in pyproject.toml)
-pytestmark = pytest.mark.xdist_group("text")
-
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 NUM_FILES = 60
 FILE_BYTES = 4000
