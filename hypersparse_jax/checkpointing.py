@@ -27,12 +27,34 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
 
 
+_INTERRUPT = threading.Event()
+
+
+def on_sigint(signum, frame):
+  """``hypersparse-train``'s SIGINT handler: raises KeyboardInterrupt as Python's default does,
+  and remembers it. A KeyboardInterrupt raised while Python runs a garbage-collection callback
+  (JAX registers one) is reported as unraisable and swallowed, so Ctrl-C could be lost; the
+  training loop therefore also checks :func:`interrupt_pending` at every step and epoch."""
+  _INTERRUPT.set()
+  raise KeyboardInterrupt
+
+
+def interrupt_pending() -> bool:
+  """Whether :func:`on_sigint` has seen Ctrl-C since :func:`clear_interrupt`."""
+  return _INTERRUPT.is_set()
+
+
+def clear_interrupt() -> None:
+  _INTERRUPT.clear()
+
+
 @contextlib.contextmanager
 def _interrupt_after():
   """Defers Ctrl-C (SIGINT) to the end of the block: a save is never cut in the middle (orbax's
   worker threads would report the cut with long tracebacks; the checkpoint is then complete)."""
+  previous = signal.getsignal(signal.SIGINT)
   if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+      or previous not in (signal.default_int_handler, on_sigint)):
     yield
     return
   received = []
@@ -40,8 +62,10 @@ def _interrupt_after():
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, previous)
     if received:
+      if previous is on_sigint:
+        _INTERRUPT.set()
       raise KeyboardInterrupt
 
 

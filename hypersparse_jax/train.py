@@ -48,7 +48,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -691,6 +693,8 @@ class Trainer:
                disable=not (self.progress and _is_terminal(sys.stderr)), dynamic_ncols=True)
     pending = []
     for i, batch in enumerate(bar):
+      if checkpointing.interrupt_pending():  # Ctrl-C whose KeyboardInterrupt was swallowed
+        raise KeyboardInterrupt
       state, metrics = train_step(state, batch, jax.random.fold_in(epoch_key, i))
       pending.append(metrics)
       if len(pending) >= 20 or i == self.steps_per_epoch - 1:  # sync rarely: no host stall
@@ -860,6 +864,8 @@ class Trainer:
           controller = None
         extra["ft_start"] = ft_start
         self._save(next_phase, epoch, state, controller, extra)
+        if checkpointing.interrupt_pending():
+          raise KeyboardInterrupt
         if self.on_epoch is not None:
           self.on_epoch(record)
         phase = next_phase
@@ -1231,7 +1237,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return distributed.supervise(argv, "hypersparse-train", who)
   if args.retain_host_memory:
     host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
-  lock, trainer = None, None
+  lock, trainer, previous_sigint = None, None, None
+  if threading.current_thread() is threading.main_thread():
+    checkpointing.clear_interrupt()
+    previous_sigint = signal.signal(signal.SIGINT, checkpointing.on_sigint)
   try:
     if several:
       distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
@@ -1273,6 +1282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   finally:
     if lock is not None:
       lock.release()
+    if previous_sigint is not None:
+      signal.signal(signal.SIGINT, previous_sigint)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ equality between an uninterrupted run and one that was SIGKILLed and resumed.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import hypersparse_jax
-from hypersparse_jax import input_pipeline, train
+from hypersparse_jax import checkpointing, input_pipeline, train
 
 TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3",
         "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
@@ -689,6 +690,34 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path):
   last = read_metrics(outdir)[-1]["epoch"]  # interrupted in epoch last + 1, or while saving last
   assert any(f"interrupted at epoch {e}; run the same command to resume" in out
              for e in (last, last + 1)), out
+
+
+def test_ctrl_c_swallowed_in_a_gc_callback_is_still_pending(monkeypatch):
+  """Python reports and drops an exception raised in a gc callback (JAX registers one): a
+  Ctrl-C whose KeyboardInterrupt lands there must still be seen by the training loop."""
+  swallowed = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+  fired = []
+
+  def callback(phase, info):
+    if phase == "start" and not fired:
+      fired.append(True)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # bytecodes: the handler runs here, inside the callback
+        pass
+
+  previous = signal.signal(signal.SIGINT, checkpointing.on_sigint)
+  checkpointing.clear_interrupt()
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+    signal.signal(signal.SIGINT, previous)
+  assert swallowed == [KeyboardInterrupt]  # Python dropped it ...
+  assert checkpointing.interrupt_pending()  # ... the flag did not
+  checkpointing.clear_interrupt()
+  assert not checkpointing.interrupt_pending()
 
 
 # ------------------------------------------------------------------------------------------------
