@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from hypersparse_jax.run_dir import first_line
 
 
 class CheckpointError(RuntimeError):
@@ -160,7 +161,7 @@ class RunCheckpoints:
     except Exception as e:
       raise CheckpointError(
           f"checkpoint {mngr.directory}/{step} does not match this model/run or is corrupt: "
-          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+          f"{first_line(e)}") from e
 
   def restore_latest(self, kind: str, target_for_meta: Callable[[dict], Any]):
     """Newest restorable ``(step, meta, state)`` of ``kind``, falling back to older steps.

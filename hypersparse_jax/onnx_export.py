@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from hypersparse_jax.run_dir import write_bytes_atomic
+from hypersparse_jax.run_dir import first_line, write_bytes_atomic
 
 __all__ = ["DATASET_IMAGE_SHAPES", "OnnxExportError", "export_onnx", "load_run_variables", "main"]
 
@@ -214,7 +214,7 @@ def export_onnx(model, variables: Mapping[str, Any], path: str | os.PathLike, *,
       jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + shape[1:], np.float32))
   except Exception as e:
     raise ValueError(f"{name} cannot be applied to variables of this structure and inputs of "
-                     f"shape {shape}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                     f"shape {shape}: {first_line(e)}"
                      ) from e
   try:
     with conv.plain_convolutions():
@@ -304,7 +304,7 @@ def _restore_untyped(directory: str, step: int):
   except Exception as e:
     raise checkpointing.CheckpointError(
         f"cannot restore checkpoint {directory}/{step}: "
-        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        f"{first_line(e)}") from e
   finally:
     mngr.close()
   return restored["state"], restored["meta"]

@@ -51,6 +51,13 @@ def write_text_atomic(path: str, text: str) -> None:
   write_bytes_atomic(path, text.encode())
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of ``error``'s message, or its type name when the message is empty: what
+  the CLIs put in their one-line errors."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")

@@ -38,6 +38,7 @@ import traceback
 from typing import Any, Optional, Sequence
 
 from hypersparse_jax import train
+from hypersparse_jax.run_dir import first_line
 
 __all__ = ["SEARCHABLE", "default_space", "load_space", "main"]
 
@@ -199,7 +200,7 @@ def _give_up(trial, reason: str, error: Exception, params: dict, log, optuna):
   'infeasible') as *pruned*, with the one-line cause in the user attribute ``reason``: it
   counts towards ``--trials`` (so a space full of bad settings cannot loop for ever), carries
   no value, and the search goes on."""
-  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  message = first_line(error)
   trial.set_user_attr(reason, message)
   log(f"trial {trial.number}: {reason}: {message} {params}")
   raise optuna.TrialPruned(f"{reason}: {message}")
@@ -452,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       storage = _storage(url, args.heartbeat, optuna)
     except Exception as e:
       raise ValueError(f"cannot open storage {url!r}: "
-                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                       f"{first_line(e)}") from None
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
     study = optuna.create_study(storage=storage, study_name=args.study_name,
                                 direction="maximize", sampler=sampler,

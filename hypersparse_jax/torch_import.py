@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from hypersparse_jax.run_dir import first_line
 
 __all__ = ["from_torch_state_dict", "load_torch_checkpoint"]
 
@@ -194,7 +195,7 @@ def load_torch_checkpoint(path: str | os.PathLike, model: nn.Module, *,
     except FileNotFoundError:
         raise
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # damaged or not torch
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise ValueError(f"{os.fspath(path)!r} is not a readable PyTorch checkpoint "
                          f"({type(e).__name__}: {first})") from e
     if not isinstance(checkpoint, Mapping):

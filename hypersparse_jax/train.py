@@ -1269,7 +1269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise
     # A collective failed, typically because a peer died: one line, and no exit handshake with
     # peers that will never answer (it would wait SHUTDOWN_TIMEOUT_S, then abort).
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = run_dir.first_line(e)
     print(f"hypersparse-train: error: process {jax.process_index()}: {first}; if another "
           "process died, run every process again with the same command to resume from the "
           "last checkpoint", file=sys.stderr, flush=True)
