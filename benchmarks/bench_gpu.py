@@ -187,12 +187,109 @@ def med_ms(ts):
 
 
 # ----------------------------------------------------------------------------------------------
+# The exact selection on its own
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_selection(rounds, chunk, widths=(3, 4, 5, 6)):
+  """Per call, on the ResNet-32 and VGG-19-BN prunable weights (He-initialised), κ 0.9/0.98:
+
+  ``fused_pass`` (``sum(tanh(|w|))`` over the same weights), ``radix_b{B}`` (the fixed-pass
+  selection, B bits per pass; ``threshold.RADIX_BITS`` is the default), ``bracket`` (the
+  CPU's bracketing search), ``sort`` (``jnp.sort`` of all magnitudes, then index),
+  ``hypersparse_grad`` (the whole closed-form gradient, default form); each thresholds
+  compared bit for bit with the sort. ``chunk`` calls back to back, then one sync.
+  """
+  import jax
+  import jax.numpy as jnp
+  import hypersparse_jax as hs
+  from hypersparse_jax import masking, threshold
+  out = []
+  for name in ("resnet", "vgg"):
+    params = bt.init_variables(bt.build_model(name))["params"]
+    leaves = [x for _, x in masking.prunable_leaves(params)]
+    n = sum(int(x.size) for x in leaves)
+    for kappa in (0.9, 0.98):
+      k = threshold.rank_of_threshold(kappa, n)
+      fns = {"fused_pass": jax.jit(lambda ls: sum(jnp.sum(jnp.tanh(jnp.abs(x))) for x in ls)),
+             "bracket": jax.jit(lambda ls: threshold.kth_magnitude(ls, k, method="bracket")),
+             "sort": jax.jit(lambda ls: jnp.sort(jnp.concatenate(
+                 [jnp.abs(x).ravel() for x in ls]))[k]),
+             "hypersparse_grad": jax.jit(lambda p: hs.hypersparse_grad(p, kappa))}
+      for b in widths:
+        fns[f"radix_b{b}"] = jax.jit(lambda ls, b=b: jax.lax.bitcast_convert_type(
+            threshold._kth_bits_radix(threshold._flat_chunks([(None, x) for x in ls], n), k, b),
+            jnp.float32))
+      args = {key: (params if key == "hypersparse_grad" else leaves) for key in fns}
+      values = {key: jax.block_until_ready(fn(args[key])) for key, fn in fns.items()}
+
+      def runner(key):
+        def run(c):
+          r = None
+          for _ in range(c):
+            r = fns[key](args[key])
+          jax.block_until_ready(r)
+        return run
+
+      times = interleave_chunks({key: runner(key) for key in fns}, rounds, chunk)
+      ms = {key: med_ms(v) for key, v in times.items()}
+      sort_bits = np.asarray(values["sort"]).view(np.uint32)
+      out.append({
+          "model": {"resnet": "resnet32", "vgg": "vgg19_bn"}[name], "num_weights": n,
+          "sparsity": kappa, "ms": ms,
+          "ratio_to_fused_pass": {key: v / ms["fused_pass"] for key, v in ms.items()},
+          "identical_to_sort": {key: bool(np.asarray(values[key]).view(np.uint32) == sort_bits)
+                                for key in fns if key not in ("fused_pass", "hypersparse_grad",
+                                                              "sort")}})
+      log(json.dumps(out[-1]))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Steps of one model at one batch size
 # ----------------------------------------------------------------------------------------------
 
 
+def warmup_tx():
+  """``art_tx()`` held in its warm-up phase (λ = 0) for the whole benchmark."""
+  _, _, _, optax, hs = bt._jax()
+  return optax.chain(hs.art(bt.SPARSITY, steps_per_epoch=bt.STEPS_PER_EPOCH,
+                            warmup_epochs=10_000), optax.add_decayed_weights(1e-4),
+                     optax.sgd(0.1, momentum=0.9))
+
+
+class former_form:
+  """Within: ``art()`` and the threshold trace as before the accelerator path (on any platform):
+  ``lax.cond`` for λ > 0 and the bracketing selection (``while_loop``, ``cond``s). Trace caches
+  are cleared on entry and exit, so no program traced inside is reused outside or vice versa.
+  """
+
+  def __init__(self, active=True):
+    self.active = active
+
+  def __enter__(self):
+    if not self.active:
+      return self
+    import jax
+    from jax import lax
+    from hypersparse_jax import threshold, transform
+    self.saved = transform._cond, threshold._select_bits
+    select = self.saved[1]
+    transform._cond = lambda p, t, f: lax.cond(p, t, f, None)
+    threshold._select_bits = lambda c, n, k, h, m: select(c, n, k, h, "bracket")
+    jax.clear_caches()
+    return self
+
+  def __exit__(self, *exc):
+    if self.active:
+      import jax
+      from hypersparse_jax import threshold, transform
+      transform._cond, threshold._select_bits = self.saved
+      jax.clear_caches()
+
+
 def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch, eval_batches,
-                with_bf16=True):
+                with_bf16=True, with_former=False):
   import jax
   import jax.numpy as jnp
   import hypersparse_jax as hs
@@ -205,6 +302,19 @@ def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch
     compiled_runners, memory, compile_s, txs = bt.compile_variants(model, variables, batch)
     for k, r in compiled_runners.items():
       runners[k] = JaxChunk(r.compiled, r.state, r.batch)
+    if with_former:
+      # art (λ > 0) and the warm-up (λ = 0, from the same art()) in the current form and in
+      # the form before the accelerator path (bracketing search in a while_loop, lax.cond).
+      for variant, tx in (("art_warmup", warmup_tx()), ("art_former", bt.art_tx()),
+                          ("art_warmup_former", warmup_tx())):
+        state = bt.make_state(variables, tx)
+        with former_form(variant.endswith("_former")):
+          compiled, memory[variant], compile_s[variant] = bt.compile_step(model, tx, state,
+                                                                          batch)
+        runners[variant] = JaxChunk(compiled, state, batch)
+        if not variant.endswith("_former"):
+          txs[variant] = tx
+        log(f"  compiled {variant} in {compile_s[variant]:.1f}s")
     if with_bf16:
       bf_model = bt.build_model(name, jnp.bfloat16)
       tx = bt.plain_tx()
@@ -255,7 +365,9 @@ def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch
                                 if k.startswith("torch") and "plain_bf16" in ms},
   }
   if full:
-    per_round = {k: [a / b for a, b in zip(times[k], times["plain"])] for k in ("art", "mask")}
+    per_round = {k: [a / b for a, b in zip(times[k], times["plain"])]
+                 for k in ("art", "mask", "art_warmup", "art_former", "art_warmup_former")
+                 if k in times}
     result["overhead"] = {
         f"{k}_over_plain": {"ratio_of_medians": ratio(k, "plain"),
                             "median_of_round_ratios": float(np.median(v)),
@@ -385,6 +497,11 @@ def main(argv=None):
   parser.add_argument("--trainer-images", type=int, default=50_000,
                       help="training images of the hypersparse-train epoch (0: skip)")
   parser.add_argument("--trainer-test-images", type=int, default=10_000)
+  parser.add_argument("--former", action="store_true",
+                      help="also time art() in the form before the accelerator path "
+                           "(art_former, art_warmup_former) and the warm-up (art_warmup)")
+  parser.add_argument("--selection-rounds", type=int, default=0,
+                      help="> 0: time the exact selection alone (radix widths, bracket, sort)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   from hypersparse_jax import host_memory
@@ -401,12 +518,16 @@ def main(argv=None):
          "results": []}
   log(json.dumps(out["machine"]))
   log(f"conv CPU specialisation active: {out['conv_cpu_specialisation_active']}")
+  if args.selection_rounds:
+    out["selection"] = bench_selection(args.selection_rounds, args.chunk)
+    if args.out:
+      _write(out, args.out)
   for name in args.models:
     for i, b in enumerate(args.batches):
       out["results"].append(bench_steps(
           name, b, full=i == 0, rounds=args.rounds, chunk=args.chunk,
           with_torch=not args.no_torch, eval_batch=args.eval_batch,
-          eval_batches=args.eval_batches, with_bf16=args.bf16))
+          eval_batches=args.eval_batches, with_bf16=args.bf16, with_former=args.former))
       if args.out:  # partial results survive a timeout
         _write(out, args.out)
   if args.trainer_images:

@@ -334,16 +334,67 @@ def _flat_chunks(leaves, n: int):
   return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
 
 
-@functools.partial(jax.jit, static_argnames=("n", "k"))
-def _kth_magnitude(arrays, hint, *, n: int, k: int) -> jax.Array:
+# ----------------------------------------------------------------------------------------------
+# Without data-dependent control flow: for GPUs and TPUs
+# ----------------------------------------------------------------------------------------------
+# On XLA:GPU every `while_loop` iteration and every `cond` reads its predicate back to the host
+# before it can enqueue what follows, which stalls a host-bound training step (1.1–1.4 ms per
+# ART step on an H200, benchmarks/README.md). There, the answer is found digit by digit instead:
+# a fixed number of counting passes, each fixing the next RADIX_BITS bits of the bit pattern
+# with 2**RADIX_BITS − 1 split points. Compute is cheap on an accelerator; round trips are not.
+
+RADIX_BITS = 4  # bits fixed per pass: 8 passes of 15 split points cover the 31 bits
+
+
+def _kth_bits_radix(bits_leaves, k: int, bits_per_pass: int = RADIX_BITS) -> jax.Array:
+  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude, in fixed passes.
+
+  Invariant: ``#(bits < lo) <= k`` and the answer lies in ``[lo, lo + 2**shift)``; a pass
+  splits that range into ``2**b`` equal buckets and moves ``lo`` to the start of the bucket
+  holding rank ``k`` (the number of splits ``s`` with ``#(bits < s) <= k``). After the last
+  pass the range holds one pattern: the answer. No split exceeds ``lo + 2**shift − 1 < 2**31``.
+  """
+  if not 1 <= bits_per_pass <= 8:
+    raise ValueError(f"bits_per_pass must lie in [1, 8], got {bits_per_pass}")
+  lo = jnp.int32(0)
+  shift = 31
+  while shift > 0:
+    new_shift = max(0, shift - bits_per_pass)
+    width = 1 << new_shift
+    splits = lo + jnp.arange(1, 1 << (shift - new_shift), dtype=jnp.int32) * width
+    counts, _ = _count_below(bits_leaves, splits)
+    lo = lo + jnp.sum(counts.le(k).astype(jnp.int32)) * width
+    shift = new_shift
+  return lo
+
+
+METHODS = ("auto", "bracket", "radix")
+
+
+def _select_bits(chunks, n: int, k: int, hint, method: str) -> jax.Array:
+  if n <= _DIRECT:
+    return jnp.sort(jnp.concatenate(chunks))[k]
+  if method == "bracket":
+    return _kth_bits(chunks, n, k, hint)
+  if method == "radix":
+    return _kth_bits_radix(chunks, k)
+  # "auto": the bracketing search on CPU (loops cost nothing there and it reads the weights
+  # fewer times), fixed passes elsewhere. The platform is fixed when the program is lowered,
+  # so only one of the two is compiled.
+  return lax.platform_dependent(chunks, cpu=lambda c: _kth_bits(c, n, k, hint),
+                                default=lambda c: _kth_bits_radix(c, k))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k", "method"))
+def _kth_magnitude(arrays, hint, *, n: int, k: int, method: str = "auto") -> jax.Array:
   # jit-compiled on its own so that eager calls hit the compilation cache (its loops would
   # otherwise be traced and compiled anew on every call); inside a caller's jit it is inlined.
-  bits = _kth_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint)
+  bits = _select_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint, method)
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def kth_magnitude(arrays: Sequence[jax.Array], k: int, *,
-                  hint: Optional[jax.Array] = None) -> jax.Array:
+                  hint: Optional[jax.Array] = None, method: str = "auto") -> jax.Array:
   """The k-th smallest (0-based) of ``|w|`` over all entries of ``arrays``, as float32.
 
   Bit-identical to ``jnp.sort(jnp.concatenate([jnp.abs(a.astype(float32)).ravel() for a in
@@ -355,10 +406,15 @@ def kth_magnitude(arrays: Sequence[jax.Array], k: int, *,
     k: Python int in ``[0, n)``, ``n`` the total number of entries.
     hint: optional int32 scalar, the bit pattern of a float32 magnitude close to the answer
       (ART passes its extrapolation of the previous step's threshold); only the speed depends
-      on it.
+      on it (the ``"bracket"`` search uses it; ``"radix"`` does not).
+    method: ``"auto"`` (default): ``"bracket"`` on CPU, ``"radix"`` on GPU/TPU. ``"bracket"``:
+      a sample or the hint brackets the answer, counting passes narrow it in a ``while_loop``,
+      the last few candidates are sorted. ``"radix"``: 8 fixed counting passes of 15 split
+      points, no data-dependent control flow (an accelerator would read every loop or branch
+      predicate back to the host). All give the same bits.
 
   Raises:
-    ValueError: if ``k`` is outside ``[0, n)``.
+    ValueError: if ``k`` is outside ``[0, n)`` or ``method`` is unknown.
 
   Example:
     >>> import jax.numpy as jnp
@@ -370,4 +426,6 @@ def kth_magnitude(arrays: Sequence[jax.Array], k: int, *,
   n = sum(int(np.prod(jnp.shape(x), dtype=np.int64)) for x in arrays)
   if not 0 <= k < n:
     raise ValueError(f"k must lie in [0, {n}) (the number of weights), got {k}")
-  return _kth_magnitude(list(arrays), hint, n=n, k=k)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  return _kth_magnitude(list(arrays), hint, n=n, k=k, method=method)

@@ -22,6 +22,7 @@ from hypersparse_jax import masking, threshold
 from hypersparse_jax.masking import (apply_mask, magnitude_mask, magnitude_threshold,
                                      rank_of_threshold, sparsity, sparsity_report)
 from hypersparse_jax.threshold import Count
+from lowering_checks import dynamic_control_flow
 
 KAPPAS = (0.0, 0.5, 0.9, 0.98, 0.995, 0.999)
 
@@ -677,3 +678,63 @@ def test_true_indices_is_nonzero(n, size, density):
   want = np.concatenate([want, np.full(size - want.size, n)])
   got = np.asarray(jax.jit(threshold._true_indices, static_argnums=1)(jnp.asarray(flags), size))
   np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fixed-pass ("radix") selection of GPUs and TPUs, run here on CPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 0.98, 0.999])
+def test_radix_selection_all_patterns(kappa):
+  def fn(p):
+    leaves = [x for _, x in masking.prunable_leaves(p)]
+    n = sum(x.size for x in leaves)
+    return threshold.kth_magnitude(leaves, rank_of_threshold(kappa, n), method="radix")
+
+  fn = jax.jit(fn)
+  rng = np.random.default_rng(int(kappa * 1000) + 7)
+  for pattern in PATTERNS:
+    params = _tree(_pattern(pattern, SHAPES_40K, rng))
+    assert_bits_equal(fn(params), ref_threshold(params, kappa))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_radix_selection_low_precision(dtype):
+  rng = np.random.default_rng(11)
+  arrays = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.05, dtype)
+            for s in SHAPES_40K]
+  flat = np.sort(np.abs(np.concatenate([_np32(a).ravel() for a in arrays])))
+  for k in (777, flat.size - 1):
+    assert_bits_equal(threshold.kth_magnitude(arrays, k, method="radix"), flat[k])
+
+
+@pytest.mark.parametrize("bits_per_pass", [2, 5, 8])
+def test_radix_selection_any_digit_width(bits_per_pass):
+  # Every width covers the 31 bits (the last pass is shorter where 31 is no multiple).
+  rng = np.random.default_rng(bits_per_pass)
+  flat = np.concatenate([rng.standard_normal(30000) * 1e-20, rng.standard_normal(20001) * 1e3,
+                         np.zeros(999), [np.finfo(np.float32).max, np.finfo(np.float32).tiny]]
+                        ).astype(np.float32)
+  chunks = [threshold.magnitude_bits(flat[:12345]), threshold.magnitude_bits(flat[12345:])]
+  ref = np.sort(np.abs(flat))
+  run = jax.jit(lambda c, k: threshold._kth_bits_radix(c, k, bits_per_pass), static_argnums=1)
+  for k in (0, 999, 30500, flat.size - 1):  # in the zeros' block; just after; tiny; max
+    got = np.asarray(run(chunks, k)).astype(np.int32).view(np.float32)
+    assert_bits_equal(got, ref[k])
+  with pytest.raises(ValueError, match="bits_per_pass"):
+    threshold._kth_bits_radix(chunks, 0, 9)
+
+
+def test_kth_magnitude_rejects_unknown_method():
+  with pytest.raises(ValueError, match=r"method must be one of .*'sorting'"):
+    threshold.kth_magnitude([jnp.ones(3)], 0, method="sorting")
+
+
+def test_accelerator_lowering_of_the_threshold_has_no_loops_or_branches():
+  params = _tree([np.ones(s, np.float32) for s in SHAPES_40K])
+  fn = jax.jit(lambda p: magnitude_mask(p, 0.9))
+  traced = fn.trace(params)
+  assert "while" in dynamic_control_flow(traced.lower(lowering_platforms=("cpu",)))
+  for platform in ("cuda", "rocm", "tpu"):
+    assert dynamic_control_flow(traced.lower(lowering_platforms=(platform,))) == [], platform
