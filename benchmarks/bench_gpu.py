@@ -34,6 +34,13 @@ Everything runs in one process on one GPU, so every ratio compares figures from 
   the controller's host copy); the training part alone is timed around ``_train_epoch``.
   The first epoch of each phase includes compilation.
 
+* **Selection alone** (``--selection-rounds R``): the exact threshold by each method of
+  ``threshold.kth_magnitude`` (``bracket``, ``sort``, ``radix`` at several digit widths)
+  against one fused pass, thresholds compared with the sort bit for bit.
+* **Forms of ``art()``** (``--forms ...``): the ART step with the λ > 0 branch as ``lax.cond``
+  or as a select, and each selection method, against ``plain`` (benchmark-only patches:
+  :class:`selection_form`).
+
     python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
 
 Prints one JSON object (progress lines go to stderr).
@@ -245,6 +252,89 @@ def bench_selection(rounds, chunk, widths=(3, 4, 5, 6)):
   return out
 
 
+class _SelectingLax:
+  """``jax.lax`` with ``cond`` replaced by both branches and a ``where`` (benchmark only)."""
+
+  def __getattr__(self, name):
+    from jax import lax
+    return getattr(lax, name)
+
+  @staticmethod
+  def cond(pred, true_fn, false_fn, *operands):
+    import jax
+    import jax.numpy as jnp
+    taken, other = true_fn(*operands), false_fn(*operands)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken, other)
+
+
+class selection_form:
+  """Within: ``art()``'s λ > 0 branch as ``cond`` (``lax.cond``, the library's form) or
+  ``select`` (both branches and a ``where``: no predicate read back to the host), and the
+  threshold selected by ``method`` (``threshold.METHODS``). Trace caches are cleared on entry
+  and exit, so no program traced inside is reused outside or vice versa."""
+
+  def __init__(self, cond: str, method: str):
+    self.cond, self.method = cond, method
+
+  def __enter__(self):
+    import jax
+    from hypersparse_jax import threshold, transform
+    self.saved = transform.lax, threshold._select_bits
+    select_bits = self.saved[1]
+    if self.cond == "select":
+      transform.lax = _SelectingLax()
+    threshold._select_bits = lambda c, n, k, h, m: select_bits(c, n, k, h, self.method)
+    jax.clear_caches()
+    return self
+
+  def __exit__(self, *exc):
+    import jax
+    from hypersparse_jax import threshold, transform
+    transform.lax, threshold._select_bits = self.saved
+    jax.clear_caches()
+
+
+FORMS = {  # variant: (tx factory, branch form, selection)
+    "art_sort_cond": ("art", "cond", "sort"), "art_sort_select": ("art", "select", "sort"),
+    "art_radix_select": ("art", "select", "radix"), "art_bracket_cond": ("art", "cond", "bracket"),
+    "warmup_cond": ("warmup", "cond", "sort"), "warmup_sort_select": ("warmup", "select", "sort"),
+}
+
+
+def bench_forms(name, batch_size, forms, *, rounds, chunk):
+  """Training steps of ``art()`` in each form of :data:`FORMS` against ``plain``, one run."""
+  import jax
+  log(f"== forms: {name}, batch {batch_size}")
+  model = bt.build_model(name)
+  variables = bt.init_variables(model)
+  batch = bt.make_batch(batch_size)
+  runners, compile_s = {}, {}
+  tx = bt.plain_tx()
+  state = bt.make_state(variables, tx)
+  compiled, _, compile_s["plain"] = bt.compile_step(model, tx, state, batch)
+  runners["plain"] = JaxChunk(compiled, state, batch)
+  for variant in forms:
+    kind, cond, method = FORMS[variant]
+    tx = bt.art_tx() if kind == "art" else warmup_tx()
+    state = bt.make_state(variables, tx)
+    with selection_form(cond, method):
+      compiled, _, compile_s[variant] = bt.compile_step(model, tx, state, batch)
+    runners[variant] = JaxChunk(compiled, state, batch)
+    log(f"  compiled {variant} in {compile_s[variant]:.1f}s")
+  times = interleave_chunks(runners, rounds, chunk)
+  ms = {k: med_ms(v) for k, v in times.items()}
+  result = {"model": {"resnet": "resnet32", "vgg": "vgg19_bn"}[name], "batch": batch_size,
+            "forms": {k: FORMS[k] for k in forms}, "step_ms": ms,
+            "enqueue_ms": {k: med_ms(r.enqueue[1:]) for k, r in runners.items()},
+            "over_plain_median_of_round_ratios": {
+                k: float(np.median([a / b for a, b in zip(times[k], times["plain"])]))
+                for k in forms},
+            "compile_s": compile_s}
+  log(json.dumps(result))
+  jax.clear_caches()
+  return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps of one model at one batch size
 # ----------------------------------------------------------------------------------------------
@@ -258,41 +348,10 @@ def warmup_tx():
                      optax.sgd(0.1, momentum=0.9))
 
 
-class former_form:
-  """Within: ``art()`` and the threshold trace as before the accelerator path (on any platform):
-  ``lax.cond`` for λ > 0 and the bracketing selection (``while_loop``, ``cond``s). Trace caches
-  are cleared on entry and exit, so no program traced inside is reused outside or vice versa.
-  """
-
-  def __init__(self, active=True):
-    self.active = active
-
-  def __enter__(self):
-    if not self.active:
-      return self
-    import jax
-    from jax import lax
-    from hypersparse_jax import threshold, transform
-    self.saved = transform._cond, threshold._select_bits
-    select = self.saved[1]
-    transform._cond = lambda p, t, f: lax.cond(p, t, f, None)
-    threshold._select_bits = lambda c, n, k, h, m: select(c, n, k, h, "bracket")
-    jax.clear_caches()
-    return self
-
-  def __exit__(self, *exc):
-    if self.active:
-      import jax
-      from hypersparse_jax import threshold, transform
-      transform._cond, threshold._select_bits = self.saved
-      jax.clear_caches()
-
-
 def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch, eval_batches,
-                with_bf16=True, with_former=False):
+                with_bf16=True):
   import jax
   import jax.numpy as jnp
-  import hypersparse_jax as hs
   log(f"== {name}, batch {batch_size}")
   model = bt.build_model(name)
   variables = bt.init_variables(model)
@@ -302,19 +361,6 @@ def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch
     compiled_runners, memory, compile_s, txs = bt.compile_variants(model, variables, batch)
     for k, r in compiled_runners.items():
       runners[k] = JaxChunk(r.compiled, r.state, r.batch)
-    if with_former:
-      # art (λ > 0) and the warm-up (λ = 0, from the same art()) in the current form and in
-      # the form before the accelerator path (bracketing search in a while_loop, lax.cond).
-      for variant, tx in (("art_warmup", warmup_tx()), ("art_former", bt.art_tx()),
-                          ("art_warmup_former", warmup_tx())):
-        state = bt.make_state(variables, tx)
-        with former_form(variant.endswith("_former")):
-          compiled, memory[variant], compile_s[variant] = bt.compile_step(model, tx, state,
-                                                                          batch)
-        runners[variant] = JaxChunk(compiled, state, batch)
-        if not variant.endswith("_former"):
-          txs[variant] = tx
-        log(f"  compiled {variant} in {compile_s[variant]:.1f}s")
     if with_bf16:
       bf_model = bt.build_model(name, jnp.bfloat16)
       tx = bt.plain_tx()
@@ -365,9 +411,7 @@ def bench_steps(name, batch_size, *, full, rounds, chunk, with_torch, eval_batch
                                 if k.startswith("torch") and "plain_bf16" in ms},
   }
   if full:
-    per_round = {k: [a / b for a, b in zip(times[k], times["plain"])]
-                 for k in ("art", "mask", "art_warmup", "art_former", "art_warmup_former")
-                 if k in times}
+    per_round = {k: [a / b for a, b in zip(times[k], times["plain"])] for k in ("art", "mask")}
     result["overhead"] = {
         f"{k}_over_plain": {"ratio_of_medians": ratio(k, "plain"),
                             "median_of_round_ratios": float(np.median(v)),
@@ -497,11 +541,10 @@ def main(argv=None):
   parser.add_argument("--trainer-images", type=int, default=50_000,
                       help="training images of the hypersparse-train epoch (0: skip)")
   parser.add_argument("--trainer-test-images", type=int, default=10_000)
-  parser.add_argument("--former", action="store_true",
-                      help="also time art() in the form before the accelerator path "
-                           "(art_former, art_warmup_former) and the warm-up (art_warmup)")
   parser.add_argument("--selection-rounds", type=int, default=0,
                       help="> 0: time the exact selection alone (radix widths, bracket, sort)")
+  parser.add_argument("--forms", nargs="*", choices=sorted(FORMS), default=[],
+                      help="only time these forms of art() against plain (first batch size)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   from hypersparse_jax import host_memory
@@ -522,12 +565,20 @@ def main(argv=None):
     out["selection"] = bench_selection(args.selection_rounds, args.chunk)
     if args.out:
       _write(out, args.out)
+  if args.forms:
+    out["forms"] = []
+    for name in args.models:
+      out["forms"].append(bench_forms(name, args.batches[0], args.forms, rounds=args.rounds,
+                                      chunk=args.chunk))
+      if args.out:
+        _write(out, args.out)
+    args.models = []
   for name in args.models:
     for i, b in enumerate(args.batches):
       out["results"].append(bench_steps(
           name, b, full=i == 0, rounds=args.rounds, chunk=args.chunk,
           with_torch=not args.no_torch, eval_batch=args.eval_batch,
-          eval_batches=args.eval_batches, with_bf16=args.bf16, with_former=args.former))
+          eval_batches=args.eval_batches, with_bf16=args.bf16))
       if args.out:  # partial results survive a timeout
         _write(out, args.out)
   if args.trainer_images:

@@ -335,13 +335,17 @@ def _flat_chunks(leaves, n: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Without data-dependent control flow: for GPUs and TPUs
+# Alternatives without data-dependent control flow (``method="radix"`` and ``"sort"``)
 # ----------------------------------------------------------------------------------------------
-# On XLA:GPU every `while_loop` iteration and every `cond` reads its predicate back to the host
-# before it can enqueue what follows, which stalls a host-bound training step (1.1–1.4 ms per
-# ART step on an H200, benchmarks/README.md). There, the answer is found digit by digit instead:
-# a fixed number of counting passes, each fixing the next RADIX_BITS bits of the bit pattern
-# with 2**RADIX_BITS − 1 split points. Compute is cheap on an accelerator; round trips are not.
+# On XLA:GPU every `while_loop` iteration and `cond` reads its predicate back to the host.
+# "radix" finds the answer digit by digit instead: a fixed number of counting passes, each
+# fixing the next RADIX_BITS bits of the bit pattern with 2**RADIX_BITS − 1 split points.
+# Measured on an H200 (benchmarks/README.md, 2026-11-26) it does not pay there: XLA's counting
+# pass is compute-bound (~0.1–0.17 ms per pass over 20 M weights), so 8 passes cost more than
+# the round trips they avoid (ART step on VGG-19-BN 1.51× the plain step against 1.28× with
+# the bracketing search); "sort" (one int32 sort, CUB on GPU) is sync-free and about as fast as
+# "bracket" there (ResNet-32 step 1.114× against 1.130×). Neither is the default: both are
+# kept, tested, for programs that must not hold loops (export, some transformations).
 
 RADIX_BITS = 4  # bits fixed per pass: 8 passes of 15 split points cover the 31 bits
 
@@ -368,25 +372,20 @@ def _kth_bits_radix(bits_leaves, k: int, bits_per_pass: int = RADIX_BITS) -> jax
   return lo
 
 
-METHODS = ("auto", "bracket", "radix")
+METHODS = ("bracket", "radix", "sort")
 
 
 def _select_bits(chunks, n: int, k: int, hint, method: str) -> jax.Array:
-  if n <= _DIRECT:
+  if n <= _DIRECT or method == "sort":
+    # int32 keys; the chunks' padding sorts after every real pattern
     return jnp.sort(jnp.concatenate(chunks))[k]
-  if method == "bracket":
-    return _kth_bits(chunks, n, k, hint)
   if method == "radix":
     return _kth_bits_radix(chunks, k)
-  # "auto": the bracketing search on CPU (loops cost nothing there and it reads the weights
-  # fewer times), fixed passes elsewhere. The platform is fixed when the program is lowered,
-  # so only one of the two is compiled.
-  return lax.platform_dependent(chunks, cpu=lambda c: _kth_bits(c, n, k, hint),
-                                default=lambda c: _kth_bits_radix(c, k))
+  return _kth_bits(chunks, n, k, hint)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k", "method"))
-def _kth_magnitude(arrays, hint, *, n: int, k: int, method: str = "auto") -> jax.Array:
+def _kth_magnitude(arrays, hint, *, n: int, k: int, method: str = "bracket") -> jax.Array:
   # jit-compiled on its own so that eager calls hit the compilation cache (its loops would
   # otherwise be traced and compiled anew on every call); inside a caller's jit it is inlined.
   bits = _select_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint, method)
@@ -394,7 +393,7 @@ def _kth_magnitude(arrays, hint, *, n: int, k: int, method: str = "auto") -> jax
 
 
 def kth_magnitude(arrays: Sequence[jax.Array], k: int, *,
-                  hint: Optional[jax.Array] = None, method: str = "auto") -> jax.Array:
+                  hint: Optional[jax.Array] = None, method: str = "bracket") -> jax.Array:
   """The k-th smallest (0-based) of ``|w|`` over all entries of ``arrays``, as float32.
 
   Bit-identical to ``jnp.sort(jnp.concatenate([jnp.abs(a.astype(float32)).ravel() for a in
@@ -407,11 +406,12 @@ def kth_magnitude(arrays: Sequence[jax.Array], k: int, *,
     hint: optional int32 scalar, the bit pattern of a float32 magnitude close to the answer
       (ART passes its extrapolation of the previous step's threshold); only the speed depends
       on it (the ``"bracket"`` search uses it; ``"radix"`` does not).
-    method: ``"auto"`` (default): ``"bracket"`` on CPU, ``"radix"`` on GPU/TPU. ``"bracket"``:
-      a sample or the hint brackets the answer, counting passes narrow it in a ``while_loop``,
-      the last few candidates are sorted. ``"radix"``: 8 fixed counting passes of 15 split
-      points, no data-dependent control flow (an accelerator would read every loop or branch
-      predicate back to the host). All give the same bits.
+    method: ``"bracket"`` (default; what :func:`hypersparse_jax.magnitude_threshold`, the masks
+      and ``art()`` use): a sample or the hint brackets the answer, counting passes narrow it
+      in a ``while_loop``, the last few candidates are sorted. ``"radix"``: 8 fixed counting
+      passes of 15 split points; ``"sort"``: one sort of all magnitudes (int32 keys) — both
+      without data-dependent control flow, slower on CPU and not faster on GPU (see above).
+      All give the same bits.
 
   Raises:
     ValueError: if ``k`` is outside ``[0, n)`` or ``method`` is unknown.

@@ -212,7 +212,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
         zero = jnp.zeros([], jnp.float32)
         return penalties.HyperSparseTerms(state.threshold, zero, zero, zero)
 
-      terms = _cond(lam > 0, terms_of, warmup)
+      terms = lax.cond(lam > 0, terms_of, warmup, None)
       grads = penalties.hypersparse_grad_from_terms(params, terms, where=where, float32=True)
       threshold = terms.threshold
       nonfinite = (lam > 0) & ~(jnp.isfinite(terms.total_a) & jnp.isfinite(terms.total_t))
@@ -225,32 +225,14 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     else:
       # L1, L2, user penalty: no threshold; the gradient only where λ > 0 (a user penalty
       # may be costly), so the branch returns the update tree.
-      new_updates = _cond(lam > 0, lambda _: _add_scaled(updates, grad_fn(params), lam),
-                          lambda _: updates)
+      new_updates = lax.cond(lam > 0, lambda _: _add_scaled(updates, grad_fn(params), lam),
+                             lambda _: updates, None)
       threshold, change = state.threshold, state.threshold_change
       nonfinite = jnp.zeros([], bool)
     return new_updates, ARTState(optax.safe_int32_increment(state.count), lam, threshold, change,
                                  state.nonfinite_steps + nonfinite.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _cond(pred, true_fn, false_fn):
-  """``lax.cond(pred, true_fn, false_fn, None)`` on CPU; elsewhere both branches and a select.
-
-  An accelerator reads a ``cond``'s predicate back to the host before it enqueues what follows,
-  which stalls a host-bound step; computing the unused branch costs less there. The platform is
-  fixed when the program is lowered, so only one form is compiled. Same values either way.
-  """
-
-  return lax.platform_dependent(pred, cpu=lambda p: lax.cond(p, true_fn, false_fn, None),
-                                default=lambda p: _select(p, true_fn, false_fn))
-
-
-def _select(pred, true_fn, false_fn):
-  """Both branches, then ``where(pred, ·, ·)`` leaf by leaf: :func:`_cond`'s accelerator form."""
-  taken, other = true_fn(None), false_fn(None)
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken, other)
 
 
 class FixedMaskState(NamedTuple):

@@ -681,16 +681,17 @@ def test_true_indices_is_nonzero(n, size, density):
 
 
 # ----------------------------------------------------------------------------------------------
-# The fixed-pass ("radix") selection of GPUs and TPUs, run here on CPU
+# The selections without data-dependent control flow (method="radix" and "sort")
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["radix", "sort"])
 @pytest.mark.parametrize("kappa", [0.0, 0.5, 0.98, 0.999])
-def test_radix_selection_all_patterns(kappa):
+def test_radix_and_sort_selection_all_patterns(kappa, method):
   def fn(p):
     leaves = [x for _, x in masking.prunable_leaves(p)]
     n = sum(x.size for x in leaves)
-    return threshold.kth_magnitude(leaves, rank_of_threshold(kappa, n), method="radix")
+    return threshold.kth_magnitude(leaves, rank_of_threshold(kappa, n), method=method)
 
   fn = jax.jit(fn)
   rng = np.random.default_rng(int(kappa * 1000) + 7)
@@ -731,10 +732,10 @@ def test_kth_magnitude_rejects_unknown_method():
     threshold.kth_magnitude([jnp.ones(3)], 0, method="sorting")
 
 
-def test_accelerator_lowering_of_the_threshold_has_no_loops_or_branches():
-  params = _tree([np.ones(s, np.float32) for s in SHAPES_40K])
-  fn = jax.jit(lambda p: magnitude_mask(p, 0.9))
-  traced = fn.trace(params)
-  assert "while" in dynamic_control_flow(traced.lower(lowering_platforms=("cpu",)))
-  for platform in ("cuda", "rocm", "tpu"):
-    assert dynamic_control_flow(traced.lower(lowering_platforms=(platform,))) == [], platform
+def test_radix_and_sort_hold_no_loops_or_branches():
+  arrays = [jnp.ones(s, jnp.float32) for s in SHAPES_40K]
+  for method, expected in (("bracket", True), ("radix", False), ("sort", False)):
+    traced = jax.jit(lambda a: threshold.kth_magnitude(a, 1000, method=method)).trace(arrays)
+    for platform in ("cpu", "cuda"):
+      found = dynamic_control_flow(traced.lower(lowering_platforms=(platform,)))
+      assert bool(found) == expected, (method, platform, found)

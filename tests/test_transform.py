@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from lowering_checks import dynamic_control_flow
 
 from hypersparse_jax import masking
 from hypersparse_jax.transform import ARTState, art, fixed_mask, lambda_schedule
@@ -620,54 +619,3 @@ def test_scale_constant_reaches_the_update():
     assert diff > 0  # the constant is used, not ignored
     with pytest.raises(ValueError, match="scale_constant"):
         art(0.9, steps_per_epoch=1, scale_constant=-1.0)
-
-
-# ----- the accelerator form (no predicate read back to the host) ---------------------------------
-
-
-@pytest.mark.parametrize("penalty", ["hypersparse", "l1"])
-def test_accelerator_lowering_of_art_has_no_loops_or_branches(penalty):
-    params = _params()
-    tx = _chain(art(0.9, steps_per_epoch=3, warmup_epochs=1, penalty=penalty))
-    state = tx.init(params)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    traced = jax.jit(step).trace(params, state, _grads_like(params, 1))
-    assert dynamic_control_flow(traced.lower(lowering_platforms=("cpu",))), "CPU keeps lax.cond"
-    for platform in ("cuda", "tpu"):
-        assert dynamic_control_flow(traced.lower(lowering_platforms=(platform,))) == []
-
-
-@pytest.mark.parametrize("penalty", ["hypersparse", "l1"])
-def test_accelerator_form_gives_the_same_trajectory(penalty, monkeypatch):
-    """Run here with the accelerators' forms swapped in: a select for each ``cond`` and the
-    fixed-pass selection; warm-up and regularised steps must match the CPU form bit for bit."""
-    from hypersparse_jax import threshold, transform
-
-    def run():
-        params = _params()  # + a kernel that takes the threshold past the direct sort
-        params["Dense_2"] = {"kernel": np.random.default_rng(5).normal(
-            scale=0.1, size=(200, 201)).astype(np.float32)}
-        tx = _chain(art(0.9, lambda_init=0.05, eta=3.0, steps_per_epoch=2, warmup_epochs=1,
-                        penalty=penalty))
-        state = tx.init(params)
-        step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-        out = []
-        for i in range(6):
-            updates, state = step(params, state, _grads_like(params, i))
-            params = optax.apply_updates(params, updates)
-            out.append((_np(params), np.asarray(state[0].threshold), np.asarray(state[0].lambda_)))
-        return out
-
-    cpu = run()
-    monkeypatch.setattr(transform, "_cond", transform._select)
-    monkeypatch.setattr(threshold, "_kth_bits",
-                        lambda chunks, n, k, hint=None: threshold._kth_bits_radix(chunks, k))
-    accel = run()
-    assert [float(l) for _, _, l in cpu][:2] == [0.0, 0.0] and float(cpu[-1][2]) > 0
-    for (p1, t1, l1), (p2, t2, l2) in zip(cpu, accel):
-        _assert_tree_equal(p2, p1)
-        assert t1.tobytes() == t2.tobytes() and l1 == l2
