@@ -809,7 +809,8 @@ def train_batches(
     representative, while the mask keeps them out of the loss.
 
     Args:
-      dataset: the dataset; its training split is used.
+      dataset: the dataset; its training split is used (read lazily: only the records of
+        ``rows`` of each batch are read).
       batch_size: examples per batch, >= 1.
       seed: non-negative run seed.
       epoch: non-negative epoch index.
@@ -846,8 +847,9 @@ def eval_batches(
     """Yields the examples in order, in batches padded to ``batch_size`` (``mask=False`` padding).
 
     Args:
-      images: uint8 ``(N, H, W, C)``.
-      labels: integer ``(N,)``.
+      images: uint8 ``(N, H, W, C)``, a NumPy array or a :class:`RecordArray` (then only the
+        records of ``rows`` are read).
+      labels: integer ``(N,)``, likewise.
       batch_size: examples per batch, >= 1.
       rows: only these rows of every batch (as in ``train_batches``); default: all.
 
