@@ -100,17 +100,17 @@ class Dataset:
     """
 
     name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    train_images: np.ndarray | RecordArray
+    train_labels: np.ndarray | RecordArray
+    test_images: np.ndarray | RecordArray
+    test_labels: np.ndarray | RecordArray
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
-    val_images: np.ndarray | None = None
-    val_labels: np.ndarray | None = None
+    val_images: np.ndarray | RecordArray | None = None
+    val_labels: np.ndarray | RecordArray | None = None
 
     def __post_init__(self):
         if (self.val_images is None) != (self.val_labels is None):
@@ -121,15 +121,15 @@ class Dataset:
             if (not isinstance(images, (np.ndarray, RecordArray)) or images.dtype != np.uint8
                     or images.ndim != 4):
                 raise TypeError(
-                    f"{self.name}: {split}_images must be a uint8 numpy array (N, H, W, C), "
-                    f'got {type(images).__name__} {getattr(images, "dtype", None)} '
+                    f"{self.name}: {split}_images must be a uint8 numpy array or RecordArray "
+                    f'(N, H, W, C), got {type(images).__name__} {getattr(images, "dtype", None)} '
                     f'{getattr(images, "shape", None)}'
                 )
             if (not isinstance(labels, (np.ndarray, RecordArray)) or labels.dtype != np.int32
                     or labels.ndim != 1):
                 raise TypeError(
-                    f"{self.name}: {split}_labels must be an int32 numpy array (N,), got "
-                    f'{type(labels).__name__} {getattr(labels, "dtype", None)} '
+                    f"{self.name}: {split}_labels must be an int32 numpy array or RecordArray "
+                    f'(N,), got {type(labels).__name__} {getattr(labels, "dtype", None)} '
                     f'{getattr(labels, "shape", None)}'
                 )
             if len(images) != len(labels):
