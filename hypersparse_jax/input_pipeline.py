@@ -1,8 +1,9 @@
-"""Input pipeline: in-memory datasets, deterministic batching, on-device augmentation.
+"""Input pipeline: datasets in memory or read on demand, deterministic batching, augmentation.
 
 Data only (no model or training code). Datasets are held on the host as uint8 NHWC arrays with
-int32 labels. Batches are padded to a fixed size with a boolean ``mask`` so a jit-compiled step
-compiles once. Augmentation (random crop with zero padding, horizontal flip, per-channel
+int32 labels, or (``load_dataset(..., lazy=True)``) as :class:`RecordArray` s that read only the
+records a batch needs. Batches are padded to a fixed size with a boolean ``mask`` so a jit-compiled
+step compiles once. Augmentation (random crop with zero padding, horizontal flip, per-channel
 normalisation, as in the HyperSparse reference's torchvision pipeline) is a pure JAX function meant
 to run inside the jitted step on the accelerator.
 
@@ -36,6 +37,7 @@ import numpy as np
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
+    "RecordArray",
     "load_dataset",
     "with_validation_split",
     "steps_per_epoch",
@@ -74,11 +76,12 @@ _TFDS_READ_CHUNK = 1024
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """An image-classification dataset held in host memory.
+    """An image-classification dataset: held in host memory, or read on demand.
 
     Attributes:
       name: dataset name, e.g. ``'cifar10'``.
-      train_images: uint8 array ``(N_train, H, W, C)``.
+      train_images: uint8 array ``(N_train, H, W, C)`` (a NumPy array, or a ``RecordArray``
+        that reads only the rows asked for; likewise every image and label field).
       train_labels: int32 array ``(N_train,)`` with values in ``[0, num_classes)``.
       test_images: uint8 array ``(N_test, H, W, C)``.
       test_labels: int32 array ``(N_test,)``.
@@ -97,17 +100,17 @@ class Dataset:
     """
 
     name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    train_images: np.ndarray | RecordArray
+    train_labels: np.ndarray | RecordArray
+    test_images: np.ndarray | RecordArray
+    test_labels: np.ndarray | RecordArray
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
-    val_images: np.ndarray | None = None
-    val_labels: np.ndarray | None = None
+    val_images: np.ndarray | RecordArray | None = None
+    val_labels: np.ndarray | RecordArray | None = None
 
     def __post_init__(self):
         if (self.val_images is None) != (self.val_labels is None):
@@ -115,23 +118,27 @@ class Dataset:
         for split in ("train", "test") + (("val",) if self.val_labels is not None else ()):
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
-            if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            if (not isinstance(images, (np.ndarray, RecordArray)) or images.dtype != np.uint8
+                    or images.ndim != 4):
                 raise TypeError(
-                    f"{self.name}: {split}_images must be a uint8 numpy array (N, H, W, C), "
-                    f'got {type(images).__name__} {getattr(images, "dtype", None)} '
+                    f"{self.name}: {split}_images must be a uint8 numpy array or RecordArray "
+                    f'(N, H, W, C), got {type(images).__name__} {getattr(images, "dtype", None)} '
                     f'{getattr(images, "shape", None)}'
                 )
-            if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.ndim != 1:
+            if (not isinstance(labels, (np.ndarray, RecordArray)) or labels.dtype != np.int32
+                    or labels.ndim != 1):
                 raise TypeError(
-                    f"{self.name}: {split}_labels must be an int32 numpy array (N,), got "
-                    f'{type(labels).__name__} {getattr(labels, "dtype", None)} '
+                    f"{self.name}: {split}_labels must be an int32 numpy array or RecordArray "
+                    f'(N,), got {type(labels).__name__} {getattr(labels, "dtype", None)} '
                     f'{getattr(labels, "shape", None)}'
                 )
             if len(images) != len(labels):
                 raise ValueError(
                     f"{self.name}: {len(images)} {split} images but {len(labels)} labels"
                 )
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            # (labels read lazily are checked as they are read)
+            if (isinstance(labels, np.ndarray) and len(labels)
+                    and (labels.min() < 0 or labels.max() >= self.num_classes)):
                 raise ValueError(
                     f"{self.name}: {split} labels must lie in [0, {self.num_classes}), "
                     f"got range [{labels.min()}, {labels.max()}]"
@@ -184,8 +191,9 @@ def load_dataset(
     download: bool = False,
     *,
     cache: bool = True,
+    lazy: bool = False,
 ) -> Dataset:
-    """Loads a dataset into host memory.
+    """Loads a dataset into host memory, or (``lazy``) opens it for reading records on demand.
 
     * ``'digits'``: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, values 0..16
       rescaled to uint8 0..255, shape (8, 8, 1)), split 75/25 stratified with a fixed seed; no
@@ -200,12 +208,21 @@ def load_dataset(
       ``cache`` is true and the folder is writable; the cache is keyed on the file list, sizes and
       modification times.
 
+    With ``lazy=True``, CIFAR's splits and TinyImageNet's images are :class:`RecordArray` s:
+    nothing but the file list (TinyImageNet) is read when loading, and a batch reads (decodes)
+    only the records of its rows, so each process of a multi-process run reads only the records
+    of its own rows (``train_batches(..., rows=...)``). The batches are the same as eagerly loaded
+    ones. Mean and std are the reference's fixed constants for these datasets, so no pass over
+    the data is needed; the TinyImageNet cache is neither read nor written; CIFAR labels are
+    range-checked as they are read. The digits set is always held in memory.
+
     Args:
       name: one of ``DATASET_NAMES``.
       data_dir: TFDS data directory (CIFAR) or the dataset folder (TinyImageNet).
       download: allow TFDS to download and prepare CIFAR data. Ignored for digits; TinyImageNet
         cannot be downloaded by this library.
-      cache: TinyImageNet only: read/write the decoded-array cache.
+      cache: TinyImageNet only: read/write the decoded-array cache (eager loading only).
+      lazy: read records on demand instead of loading them (CIFAR, TinyImageNet).
 
     Returns:
       A ``Dataset``.
@@ -220,13 +237,13 @@ def load_dataset(
     if name == "digits":
         return _load_digits()
     if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, data_dir, download)
+        return _load_cifar(name, data_dir, download, lazy=lazy)
     if data_dir is None:
         raise ValueError(
             "tinyimagenet needs data_dir: a folder with wnids.txt, train/ and val/ "
             "(automatic download is not supported)"
         )
-    return _load_tinyimagenet(pathlib.Path(data_dir).expanduser(), cache=cache)
+    return _load_tinyimagenet(pathlib.Path(data_dir).expanduser(), cache=cache, lazy=lazy)
 
 
 def with_validation_split(dataset: Dataset, fraction: float, *, seed: int) -> Dataset:
@@ -264,12 +281,16 @@ def with_validation_split(dataset: Dataset, fraction: float, *, seed: int) -> Da
     chosen = np.random.default_rng([int(seed), 0x5EED_FA1]).permutation(n)[:num_val]
     is_val = np.zeros(n, bool)
     is_val[chosen] = True
+
+    def rows(array, which):  # lazy arrays: an index mapping, nothing read
+        return array.subset(which) if isinstance(array, RecordArray) else array[which]
+
     return dataclasses.replace(
         dataset,
-        train_images=dataset.train_images[~is_val],
-        train_labels=dataset.train_labels[~is_val],
-        val_images=dataset.train_images[is_val],
-        val_labels=dataset.train_labels[is_val],
+        train_images=rows(dataset.train_images, ~is_val),
+        train_labels=rows(dataset.train_labels, ~is_val),
+        val_images=rows(dataset.train_images, is_val),
+        val_labels=rows(dataset.train_labels, is_val),
     )
 
 
@@ -305,7 +326,7 @@ def _load_digits() -> Dataset:
     )
 
 
-def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
+def _load_cifar(name: str, data_dir, download: bool, *, lazy: bool = False) -> Dataset:
     import tensorflow_datasets as tfds
 
     if data_dir is not None:
@@ -356,8 +377,16 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
             f"{name} in array_record format, or allow download (download=True)"
         ) from err
 
-    train_images, train_labels = _read_source(train_source)
-    test_images, test_labels = _read_source(test_source)
+    num_classes = 10 if name == "cifar10" else 100
+    splits = []
+    for source in (train_source, test_source):
+        records = _TfdsSource(name, source, num_classes)
+        if lazy:
+            splits += [RecordArray(records, "image"), RecordArray(records, "label")]
+        else:
+            everything = records._read(np.arange(records.num_records))  # in chunks
+            splits += [everything["image"], everything["label"]]
+    train_images, train_labels, test_images, test_labels = splits
     mean, std = (
         (_CIFAR10_MEAN, _CIFAR10_STD) if name == "cifar10" else (_CIFAR100_MEAN, _CIFAR100_STD)
     )
@@ -367,38 +396,12 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
         train_labels,
         test_images,
         test_labels,
-        num_classes=10 if name == "cifar10" else 100,
+        num_classes=num_classes,
         mean=mean,
         std=std,
         crop_padding=_REFERENCE_CROP_PADDING,
         flip=True,
     )
-
-
-def _read_source(source: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a random-access TFDS source into (uint8 images, int32 labels), in chunks."""
-    n = len(source)
-    if n == 0:
-        raise ValueError(f"{source!r} is empty")
-    first = source[0]
-    images = np.empty((n,) + np.shape(first["image"]), np.uint8)
-    labels = np.empty((n,), np.int32)
-    batched = hasattr(source, "__getitems__")
-    for start in range(0, n, _TFDS_READ_CHUNK):
-        keys = list(range(start, min(start + _TFDS_READ_CHUNK, n)))
-        examples = None
-        if batched:
-            try:
-                # One batched read per chunk is much faster than per-record reads on ArrayRecord.
-                examples = source.__getitems__(keys)
-            except (TypeError, NotImplementedError, AttributeError):
-                # Some sources (e.g. TFDS 4.9's test mock) have no working batched read.
-                batched = False
-        if examples is None:
-            examples = [source[k] for k in keys]
-        images[keys[0] : keys[-1] + 1] = np.stack([np.asarray(ex["image"]) for ex in examples])
-        labels[keys[0] : keys[-1] + 1] = [int(ex["label"]) for ex in examples]
-    return images, labels
 
 
 def _list_images(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -429,7 +432,7 @@ def _decode_all(paths: list[pathlib.Path]) -> np.ndarray:
     return out
 
 
-def _load_tinyimagenet(root: pathlib.Path, *, cache: bool) -> Dataset:
+def _load_tinyimagenet(root: pathlib.Path, *, cache: bool, lazy: bool = False) -> Dataset:
     if not root.is_dir():
         raise FileNotFoundError(
             f"TinyImageNet folder {root} does not exist (expected wnids.txt, "
@@ -481,21 +484,29 @@ def _load_tinyimagenet(root: pathlib.Path, *, cache: bool) -> Dataset:
     if not test_paths:
         raise ValueError(f"{annotations} names no validation images")
 
-    fingerprint = _fingerprint(
-        root, sorted(wnids), train_paths + test_paths, train_labels + test_labels
-    )
-    cache_path = root / _TINYIMAGENET_CACHE
-    arrays = _read_cache(cache_path, fingerprint) if cache else None
-    if arrays is None:
-        arrays = {"train_images": _decode_all(train_paths), "test_images": _decode_all(test_paths)}
-        if cache:
-            _write_cache(cache_path, fingerprint, arrays)
+    train_labels = np.asarray(train_labels, np.int32)
+    test_labels = np.asarray(test_labels, np.int32)
+    if lazy:
+        arrays = {f"{split}_images": RecordArray(
+            _FolderSource("tinyimagenet", paths, labels, len(wnids)), "image")
+            for split, paths, labels in (("train", train_paths, train_labels),
+                                         ("test", test_paths, test_labels))}
+    else:
+        fingerprint = _fingerprint(root, sorted(wnids), train_paths + test_paths,
+                                   train_labels.tolist() + test_labels.tolist())
+        cache_path = root / _TINYIMAGENET_CACHE
+        arrays = _read_cache(cache_path, fingerprint) if cache else None
+        if arrays is None:
+            arrays = {"train_images": _decode_all(train_paths),
+                      "test_images": _decode_all(test_paths)}
+            if cache:
+                _write_cache(cache_path, fingerprint, arrays)
     return Dataset(
         "tinyimagenet",
         arrays["train_images"],
-        np.asarray(train_labels, np.int32),
+        train_labels,
         arrays["test_images"],
-        np.asarray(test_labels, np.int32),
+        test_labels,
         num_classes=len(wnids),
         mean=_TINYIMAGENET_MEAN,
         std=_TINYIMAGENET_STD,
@@ -544,6 +555,178 @@ def _write_cache(path: pathlib.Path, fingerprint: str, arrays: dict[str, np.ndar
         warnings.warn(f"Could not write cache {path}: {err}")
         if tmp_name is not None and os.path.exists(tmp_name):
             os.remove(tmp_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lazy records: read on demand from a random-access source
+
+
+class _RecordSource:
+    """A random-access source of ``{'image', 'label'}`` records, read a batch of keys at a time.
+
+    Subclasses implement ``_read(keys)`` for sorted, unique keys. ``fetch`` keeps the last read
+    (one batch): the images and the labels of a batch are asked for one after the other, and the
+    second ask reads nothing. ``records_read`` counts the records read from the source.
+    """
+
+    def __init__(self, name: str, num_records: int, image_shape: tuple[int, ...],
+                 num_classes: int | None):
+        self.name, self.num_records, self.image_shape = name, num_records, tuple(image_shape)
+        self.num_classes = num_classes
+        self.records_read = 0
+        self._lock = threading.Lock()
+        self._last: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+
+    def _read(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def fetch(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """``{'image': uint8 (K, H, W, C), 'label': int32 (K,)}`` for the int keys, any order."""
+        keys = np.asarray(keys, np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        with self._lock:
+            if self._last is not None and np.array_equal(self._last[0], unique):
+                fields = self._last[1]
+            else:
+                fields = self._read(unique)
+                self.records_read += len(unique)
+                self._last = (unique, fields)
+        return {k: v[inverse.reshape(-1)] for k, v in fields.items()}
+
+    def _check_labels(self, keys: np.ndarray, labels: np.ndarray) -> None:
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{self.name}: record {int(keys[i])} has label {int(labels[i])}, "
+                             f"outside [0, {self.num_classes})")
+
+
+class _TfdsSource(_RecordSource):
+    """A TFDS ``data_source`` split (ArrayRecord): records are read and decoded on demand."""
+
+    def __init__(self, name: str, source, num_classes: int):
+        if len(source) == 0:
+            raise ValueError(f"{source!r} is empty")
+        try:
+            shape = tuple(source.dataset_info.features["image"].shape)
+        except (AttributeError, KeyError, TypeError):
+            shape = ()
+        if len(shape) != 3 or not all(isinstance(d, int) for d in shape):
+            shape = np.shape(source[0]["image"])  # shape not in the metadata: read one record
+        super().__init__(name, len(source), shape, num_classes)
+        self.source = source
+        self._batched = hasattr(source, "__getitems__")
+
+    def _read(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.empty((len(keys),) + self.image_shape, np.uint8)
+        labels = np.empty((len(keys),), np.int32)
+        for start in range(0, len(keys), _TFDS_READ_CHUNK):
+            chunk = [int(k) for k in keys[start : start + _TFDS_READ_CHUNK]]
+            examples = None
+            if self._batched:
+                try:
+                    # One batched read per chunk is much faster than per-record reads on
+                    # ArrayRecord.
+                    examples = self.source.__getitems__(chunk)
+                except (TypeError, NotImplementedError, AttributeError):
+                    # Some sources (e.g. TFDS 4.9's test mock) have no working batched read.
+                    self._batched = False
+            if examples is None:
+                examples = [self.source[k] for k in chunk]
+            images[start : start + len(chunk)] = np.stack(
+                [np.asarray(ex["image"]) for ex in examples])
+            labels[start : start + len(chunk)] = [int(ex["label"]) for ex in examples]
+        self._check_labels(keys, labels)
+        return {"image": images, "label": labels}
+
+
+class _FolderSource(_RecordSource):
+    """Image files decoded on demand (the labels come from the folder layout, in memory)."""
+
+    def __init__(self, name: str, paths: Sequence[pathlib.Path], labels: np.ndarray,
+                 num_classes: int):
+        super().__init__(name, len(paths), (_TINYIMAGENET_SIZE, _TINYIMAGENET_SIZE, 3),
+                         num_classes)
+        self.paths, self.labels = list(paths), labels
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _read(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.empty((len(keys),) + self.image_shape, np.uint8)
+        paths = [self.paths[k] for k in keys]
+        if len(paths) > 1:
+            if self._pool is None:  # PIL releases the GIL while decoding: threads help
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 1),
+                    thread_name_prefix="hypersparse-decode")
+            decoded = self._pool.map(_decode_image, paths)
+        else:
+            decoded = map(_decode_image, paths)
+        for i, array in enumerate(decoded):
+            images[i] = array
+        return {"image": images, "label": self.labels[keys]}
+
+
+class RecordArray:
+    """One field (``'image'`` or ``'label'``) of a random-access record source, as an array.
+
+    It has ``shape``, ``dtype``, ``ndim`` and ``len`` like the NumPy array it stands for, and
+    indexing it (an int, a slice, an integer or a boolean array) returns a NumPy array read from
+    the source: only those records are read (a TFDS ``data_source`` split, or image files
+    decoded on demand). ``np.asarray`` reads every record. :meth:`subset` selects rows without
+    reading anything (how :func:`with_validation_split` splits a lazy dataset). Made by
+    ``load_dataset(..., lazy=True)``.
+    """
+
+    def __init__(self, source: _RecordSource, field: str, index: np.ndarray | None = None):
+        if field not in ("image", "label"):
+            raise ValueError(f"field must be 'image' or 'label', got {field!r}")
+        self.source, self.field = source, field
+        self.index = np.arange(source.num_records) if index is None else np.asarray(index)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.field == "image" else np.int32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index),) + (self.source.image_shape if self.field == "image" else ())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return (f"RecordArray({self.source.name} {self.field}, shape={self.shape}, "
+                f"dtype={self.dtype})")
+
+    def subset(self, rows) -> RecordArray:
+        """The rows ``rows`` (integer or boolean array, slice) as a new ``RecordArray``; reads
+        nothing."""
+        return RecordArray(self.source, self.field, self.index[rows])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, tuple):
+            raise IndexError(f"{self!r} is indexed by rows only, got {rows!r}")
+        keys = self.index[rows]
+        values = self.source.fetch(np.atleast_1d(keys))[self.field]
+        return values[0] if np.ndim(keys) == 0 else values
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        step = _TFDS_READ_CHUNK
+        for start in range(0, len(self), step):
+            out[start : start + step] = self[start : start + step]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _take_rows(array, indices: np.ndarray) -> np.ndarray:
+    """``array[indices]`` along axis 0: a gather for NumPy, a read of those records for lazy."""
+    if isinstance(array, RecordArray):
+        return array[indices]
+    return np.take(array, indices, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,8 +785,8 @@ def _padded_batch(
     if rows is not None:  # only this process's part: the other rows are never read
         indices, mask = indices[rows], mask[rows]
     return {
-        "image": np.take(images, indices, axis=0),
-        "label": np.take(labels, indices, axis=0).astype(np.int32, copy=False),
+        "image": _take_rows(images, indices),
+        "label": _take_rows(labels, indices).astype(np.int32, copy=False),
         "mask": mask,
     }
 
@@ -626,7 +809,8 @@ def train_batches(
     representative, while the mask keeps them out of the loss.
 
     Args:
-      dataset: the dataset; its training split is used.
+      dataset: the dataset; its training split is used (read lazily: only the records of
+        ``rows`` of each batch are read).
       batch_size: examples per batch, >= 1.
       seed: non-negative run seed.
       epoch: non-negative epoch index.
@@ -663,8 +847,9 @@ def eval_batches(
     """Yields the examples in order, in batches padded to ``batch_size`` (``mask=False`` padding).
 
     Args:
-      images: uint8 ``(N, H, W, C)``.
-      labels: integer ``(N,)``.
+      images: uint8 ``(N, H, W, C)``, a NumPy array or a :class:`RecordArray` (then only the
+        records of ``rows`` are read).
+      labels: integer ``(N,)``, likewise.
       batch_size: examples per batch, >= 1.
       rows: only these rows of every batch (as in ``train_batches``); default: all.
 

@@ -526,8 +526,9 @@ class Trainer:
     if config.is_text:
       self._init_text_data(config)
     else:
+      # several processes: each reads only the records of its own rows (same batches)
       self.dataset = input_pipeline.load_dataset(config.dataset, config.data_dir,
-                                                 config.download)
+                                                 config.download, lazy=jax.process_count() > 1)
       if config.val_fraction > 0:
         self.dataset = input_pipeline.with_validation_split(self.dataset, config.val_fraction,
                                                             seed=config.seed)
