@@ -195,23 +195,27 @@ def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
   return jnp.concatenate(flags)
 
 
-def _row_flags_from_counts(bits_leaves, br: _Bracket, splits, row_counts) -> jax.Array:
-  """The same flags from a counting pass's per-row counts at ``splits``, without a pass.
+def _row_flags_from_counts(bits_leaves, br: _Bracket, passes) -> jax.Array:
+  """The same flags from counting passes' per-row counts, without a pass of their own.
 
-  Valid when ``lo`` is 0 or one of the splits and ``hi + 1`` is one of them or ``hi`` is
-  ``_MAX_BITS``, as after that pass's :func:`_narrow`. A chunk's tail row is always flagged
-  (at most one extra row per chunk; the gather checks every value).
+  ``passes``: ``[(splits, row_counts)]`` of the passes that narrowed the bracket, as returned
+  by :func:`_count_below`. Valid when ``lo`` is 0 or a split of one of them and ``hi + 1`` is a
+  split of one of them or ``hi`` is ``_MAX_BITS``, as after those passes' :func:`_narrow`. A
+  chunk's tail row is always flagged (at most one extra row per chunk; the gather checks every
+  value).
   """
-  a = jnp.argmax(splits == br.lo)
-  lo_is_split = jnp.any(splits == br.lo)
-  b = jnp.argmax(splits == br.hi + 1)
-  hi_is_split = jnp.any(splits == br.hi + 1)
+  def at_split(value, default, chunk):
+    # Each row's count below `value` from the pass that has `value` as a split, else `default`.
+    out = jnp.int8(default)
+    for splits, row_counts in passes:
+      j = jnp.argmax(splits == value)
+      out = jnp.where(jnp.any(splits == value), row_counts[chunk][:, j], out)
+    return out
+
   flags = []
-  for bits, rc in zip(bits_leaves, row_counts):
-    if rc is not None:
-      below_lo = jnp.where(lo_is_split, rc[:, a], jnp.int8(0))
-      upto_hi = jnp.where(hi_is_split, rc[:, b], jnp.int8(_ROW))
-      flags.append(upto_hi > below_lo)
+  for chunk, bits in enumerate(bits_leaves):
+    if passes[0][1][chunk] is not None:
+      flags.append(at_split(br.hi + 1, _ROW, chunk) > at_split(br.lo, 0, chunk))
     if bits.shape[0] % _ROW:
       flags.append(jnp.ones((1,), bool))
   return jnp.concatenate(flags)
@@ -259,48 +263,86 @@ def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
   return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
 
 
+def _sample_splits(bits_leaves, n: int, k: int) -> jax.Array:
+  """Sorted split points at quantiles of a sorted sample around the expected rank of ``k``."""
+  sample = jnp.sort(_strided_sample(bits_leaves, n, _SAMPLE_LARGE if n >= _LARGE else _SAMPLE))
+  m = sample.shape[0]
+  p = k / n
+  sd = math.sqrt(max(p * (1 - p), 1.0 / m) / m) * m
+  offsets = np.array([-6, -3, -1.5, -0.5, 0.5, 1.5, 3, 6]) * max(sd, 1.0)
+  pos = np.clip(np.round(p * m + offsets).astype(np.int64), 0, m - 1)
+  splits = sample[pos] + jnp.array([0] * (len(pos) // 2) + [1] * (len(pos) - len(pos) // 2),
+                                   jnp.int32)
+  return jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
+
+
+# Relative offsets of the first pass's split points around a hint: the central pieces are
+# narrow enough (3e-4 and 4.5e-4 of t) that, for a VGG-sized tree of Gaussian-like weights, the
+# piece holding the answer is small enough to gather at once when the hint is within 6e-4.
+_FAN = (-1e-2, -2e-3, -6e-4, -1.5e-4, 1.5e-4, 6e-4, 2e-3, 1e-2)
+
+
+def _fan_splits(hint: jax.Array) -> jax.Array:
+  """Sorted split points in a geometric fan around ``hint`` (int32 bit pattern)."""
+  hint_value = lax.bitcast_convert_type(jnp.asarray(hint, jnp.int32), jnp.float32)
+  fan = lax.bitcast_convert_type(
+      jnp.maximum(hint_value * (1 + jnp.array(_FAN, jnp.float32)), 0.0), jnp.int32)
+  splits = fan.at[len(_FAN) // 2:].add(1)
+  return jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
+
+
 def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> jax.Array:
   """Exact int32 bit pattern of the k-th smallest (0-based) magnitude."""
   if n <= _DIRECT:
     return jnp.sort(jnp.concatenate(bits_leaves))[k]
   full = _Bracket(jnp.int32(0), jnp.int32(_MAX_BITS), Count.of(0), Count.of(n))
-  # Split points for the first pass: sample quantiles around the expected rank (sorted), or
-  # a geometric fan around a hint (the previous step's threshold in ART).
+  # Split points for the first pass: sample quantiles around the expected rank, or a
+  # geometric fan around a hint (ART's extrapolation of the previous step's threshold).
   if hint is None:
-    sample = jnp.sort(_strided_sample(bits_leaves, n, _SAMPLE_LARGE if n >= _LARGE else _SAMPLE))
-    m = sample.shape[0]
-    p = k / n
-    sd = math.sqrt(max(p * (1 - p), 1.0 / m) / m) * m
-    offsets = np.array([-6, -3, -1.5, -0.5, 0.5, 1.5, 3, 6]) * max(sd, 1.0)
-    pos = np.clip(np.round(p * m + offsets).astype(np.int64), 0, m - 1)
-    splits = sample[pos] + jnp.array([0] * (len(pos) // 2) + [1] * (len(pos) - len(pos) // 2),
-                                     jnp.int32)
+    splits = _sample_splits(bits_leaves, n, k)
   else:
-    rel = jnp.array([-1e-2, -2e-3, -4e-4, -1e-4, 1e-4, 4e-4, 2e-3, 1e-2], jnp.float32)
-    hint_value = lax.bitcast_convert_type(jnp.asarray(hint, jnp.int32), jnp.float32)
-    fan = lax.bitcast_convert_type(jnp.maximum(hint_value * (1 + rel), 0.0), jnp.int32)
-    splits = fan.at[4:].add(1)
+    splits = _fan_splits(hint)
   splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
   counts, row_counts = _count_below(bits_leaves, splits)
   first = _narrow_by_counts(k, full, splits, counts)
 
   # Candidates left for the final gather and sort (rows holding them are gathered whole).
   capacity = int(min(4096, max(64, (n / _ROW) ** (2 / 3) / 2)))
+  rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
 
   def pending(br):
     return (br.lo < br.hi) & (br.upto_hi.minus(br.below_lo) > capacity)
 
+  # The rows that may hold the answer come from the per-row counts of the pass that narrowed
+  # the bracket last, so the gather needs no pass of its own. That is the first pass when it
+  # got there alone (the usual case with ART's hint), else a second one at uniform splits
+  # inside its bracket (a sample's bracket holds a few times `capacity` weights, and a second
+  # pass cuts it ninefold).
+  def second_pass(_):
+    splits2 = _uniform_splits(first)
+    if hint is not None:
+      # The answer lies outside the fan (the hint was more than 1 % off): quantiles of a
+      # sample instead, as without a hint (only those inside the bracket count).
+      outside = (first.lo == 0) | (first.hi == _MAX_BITS)
+      splits2 = lax.cond(outside, lambda: _sample_splits(bits_leaves, n, k), lambda: splits2)
+    counts2, row_counts2 = _count_below(bits_leaves, splits2)
+    br2 = _narrow_by_counts(k, first, splits2, counts2)
+    # Its ends are splits of either pass (or 0 / +inf): both passes' row counts serve.
+    return br2, _row_flags_from_counts(bits_leaves, br2, [(splits, row_counts),
+                                                          (splits2, row_counts2)])
+
+  def first_only(_):
+    return first, _row_flags_from_counts(bits_leaves, first, [(splits, row_counts)])
+
+  counted, counted_flags = lax.cond(pending(first), second_pass, first_only, None)
+  # Rarely more is needed (a bracket far off, crowded ties): more passes, then one flag pass.
   br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
-                      first)
+                      counted)
 
   def gathered(br):
-    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them. Their
-    # rows come from the first pass's row counts when that pass alone got here (the usual
-    # case with ART's hint), else from one more pass.
-    rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
-    from_first = (br.lo == first.lo) & (br.hi == first.hi)
-    flags = lax.cond(from_first,
-                     lambda: _row_flags_from_counts(bits_leaves, br, splits, row_counts),
+    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them.
+    from_counts = (br.lo == counted.lo) & (br.hi == counted.hi)
+    flags = lax.cond(from_counts, lambda: counted_flags,
                      lambda: _row_flags_by_pass(bits_leaves, br))
     index = jnp.clip(Count.of(k).minus(br.below_lo), 0, rows_capacity - 1)
     return _gather_candidates(bits_leaves, br, flags, rows_capacity)[index]

@@ -654,7 +654,7 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
         row_any = list(inside[:body].reshape(-1, threshold._ROW).any(1))
         exact += row_any + ([inside[body:].any()] if body < c.size else [])
         tails_flagged += row_any + ([True] if body < c.size else [])
-      from_counts = np.asarray(threshold._row_flags_from_counts(chunks, br, splits, rows))
+      from_counts = np.asarray(threshold._row_flags_from_counts(chunks, br, [(splits, rows)]))
       np.testing.assert_array_equal(from_counts, np.array(tails_flagged))
       by_pass = np.asarray(threshold._row_flags_by_pass(chunks, br))
       np.testing.assert_array_equal(by_pass, np.array(exact))
@@ -666,6 +666,53 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
                                                     capacity))
       np.testing.assert_array_equal(got[:cands.size], cands)
       assert np.all(got[cands.size:] == 2**31 - 1)
+
+
+def _recount_flags(chunks, lo, hi):
+  # NumPy: does each row of _ROW (a chunk's last row short) hold a value in [lo, hi]? Tail rows
+  # always flagged.
+  flags = []
+  for c in chunks:
+    c = np.asarray(c)
+    inside = (c >= lo) & (c <= hi)
+    body = c.size - c.size % threshold._ROW
+    flags += list(inside[:body].reshape(-1, threshold._ROW).any(1)) + ([True] if body < c.size
+                                                                       else [])
+  return np.array(flags)
+
+
+def test_row_flags_from_two_passes_counts_match_a_recount():
+  # A second pass at uniform splits inside the first pass's bracket: the new bracket's ends are
+  # splits of either pass (the lowest piece starts at the first pass's split, the highest ends
+  # at one), and the flags combine both passes' row counts. Ranks at both ends of the bracket.
+  rng = np.random.default_rng(8)
+  sizes = (50_000, 300_011, 5)
+  chunks = [jnp.asarray(np.abs(rng.standard_normal(s)).astype(np.float32).view(np.int32))
+            for s in sizes]
+  values = np.sort(np.concatenate([np.asarray(c) for c in chunks]))
+  n = values.size
+  full = threshold._Bracket(jnp.int32(0), jnp.int32(threshold._MAX_BITS),
+                            threshold.Count.of(0), threshold.Count.of(n))
+  for kappa in (0.3, 0.9):
+    k0 = masking.rank_of_threshold(kappa, n)
+    want0 = values[k0]
+    splits = jnp.asarray(np.sort(np.float32(want0.view(np.float32)) * np.float32(
+        [0.9, 0.95, 0.98, 0.99, 1.01, 1.02, 1.05, 1.1])).view(np.int32))
+    counts, rows = threshold._count_below(chunks, splits)
+    first = threshold._narrow_by_counts(k0, full, splits, counts)
+    lo1, hi1 = int(first.lo), int(first.hi)
+    inside = np.nonzero((values >= lo1) & (values <= hi1))[0]
+    for k in (int(inside[0]), int(inside[len(inside) // 2]), int(inside[-1])):
+      br1 = threshold._narrow_by_counts(k, full, splits, counts)
+      splits2 = threshold._uniform_splits(br1)
+      counts2, rows2 = threshold._count_below(chunks, splits2)
+      br = threshold._narrow_by_counts(k, br1, splits2, counts2)
+      lo, hi = int(br.lo), int(br.hi)
+      assert lo <= values[k] <= hi
+      assert int(br.below_lo.minus_int(0)) == np.sum(values < lo)
+      got = np.asarray(threshold._row_flags_from_counts(chunks, br, [(splits, rows),
+                                                                     (splits2, rows2)]))
+      np.testing.assert_array_equal(got, _recount_flags(chunks, lo, hi))
 
 
 @pytest.mark.parametrize("n,size,density", [(1000, 64, 0.02), (625_750, 3655, 0.0006),
