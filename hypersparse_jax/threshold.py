@@ -97,6 +97,20 @@ def magnitude_bits(leaf) -> jax.Array:
                                   jnp.int32).reshape(-1)
 
 
+_SIGN_OFF = 0x7FFFFFFF  # clears a float32 pattern's sign bit: the pattern of its magnitude
+
+
+def _abs_bits(chunk: jax.Array) -> jax.Array:
+  """Magnitude patterns (int32) of a chunk's entries: ``chunk`` holds either such patterns
+  (:func:`magnitude_bits`; then this is a no-op, padding and fill values included) or float32
+  values. Every read of a chunk goes through it, so that a large float32 leaf is counted where
+  it lies: XLA:CPU copies even a plain bitcast of a leaf that a loop or branch carries, and the
+  sign bit is cleared in the pass that reads it instead of in a copy."""
+  if chunk.dtype == jnp.float32:
+    chunk = lax.bitcast_convert_type(chunk, jnp.int32)
+  return chunk & _SIGN_OFF
+
+
 def _count_below(bits_leaves, splits: jax.Array):
   """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,)).
 
@@ -111,13 +125,13 @@ def _count_below(bits_leaves, splits: jax.Array):
     per_split = jnp.zeros(splits.shape, jnp.int32)
     row_counts = None
     if body:
-      rows = bits[:body].reshape(-1, _ROW)
+      rows = _abs_bits(bits[:body].reshape(-1, _ROW))
       # int8 sums over short rows vectorise far better on XLA:CPU than one long bool sum.
       row_counts = jnp.sum((rows[:, None, :] < splits[None, :, None]).astype(jnp.int8),
                            axis=2, dtype=jnp.int8)
       per_split = per_split + jnp.sum(row_counts.astype(jnp.int32), axis=0)
     if body < size:
-      tail = bits[body:]
+      tail = _abs_bits(bits[body:])
       per_split = per_split + jnp.sum((tail[:, None] < splits[None, :]).astype(jnp.int32), axis=0)
     parts.append(per_split)
     row_parts.append(row_counts)
@@ -131,7 +145,7 @@ def _strided_sample(bits_leaves, n: int, m: int) -> jax.Array:
     size = bits.shape[0]
     take = max(1, round(m * size / n))
     stride = max(1, size // take)
-    samples.append(bits[(stride // 2)::stride][:take])
+    samples.append(_abs_bits(bits[(stride // 2)::stride][:take]))
   return jnp.concatenate(samples)
 
 
@@ -188,10 +202,10 @@ def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
     size = bits.shape[0]
     body = size - size % _ROW
     if body:
-      rows = bits[:body].reshape(-1, _ROW)
+      rows = _abs_bits(bits[:body].reshape(-1, _ROW))
       flags.append(jnp.sum(_inside(rows, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0)
     if body < size:
-      flags.append(jnp.any(_inside(bits[body:], br))[None])
+      flags.append(jnp.any(_inside(_abs_bits(bits[body:]), br))[None])
   return jnp.concatenate(flags)
 
 
@@ -255,7 +269,8 @@ def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
     valid = (local >= 0) & (local < num_rows)
     # Elements of the flagged rows, read in place (no padded copy of the chunk).
     elements = local[:, None] * _ROW + jnp.arange(_ROW, dtype=local.dtype)[None, :]
-    got = bits.at[elements].get(mode="fill", fill_value=_MAX_BITS + 1)
+    fill = np.float32(np.nan) if bits.dtype == jnp.float32 else _MAX_BITS + 1  # above +inf
+    got = _abs_bits(bits.at[elements].get(mode="fill", fill_value=fill))
     picked = jnp.where(valid[:, None], got, picked)
     offset += num_rows
   flat = picked.reshape(-1)
@@ -292,9 +307,13 @@ def _fan_splits(hint: jax.Array) -> jax.Array:
 
 
 def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> jax.Array:
-  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude."""
+  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude.
+
+  ``bits_leaves``: flat chunks, each either int32 magnitude patterns (:func:`magnitude_bits`)
+  or float32 values (a large float32 leaf, flattened): read through :func:`_abs_bits`.
+  """
   if n <= _DIRECT:
-    return jnp.sort(jnp.concatenate(bits_leaves))[k]
+    return jnp.sort(jnp.concatenate([_abs_bits(b) for b in bits_leaves]))[k]
   full = _Bracket(jnp.int32(0), jnp.int32(_MAX_BITS), Count.of(0), Count.of(n))
   # Split points for the first pass: sample quantiles around the expected rank, or a
   # geometric fan around a hint (ART's extrapolation of the previous step's threshold).
@@ -336,8 +355,13 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
 
   counted, counted_flags = lax.cond(pending(first), second_pass, first_only, None)
   # Rarely more is needed (a bracket far off, crowded ties): more passes, then one flag pass.
-  br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
-                      counted)
+  # The loop sits in a branch: XLA hoists the loop-invariant reads of the chunks (the sign
+  # bit cleared) out of the loop body, which would copy every float32 chunk on every call.
+  br = lax.cond(pending(counted),
+                lambda: lax.while_loop(
+                    pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
+                    counted),
+                lambda: counted)
 
   def gathered(br):
     # The loop left at most `capacity` weights in [lo, hi], and rank k is among them.
@@ -355,23 +379,23 @@ _SEPARATE = 1 << 20  # leaves at least this large are counted in place, not copi
 
 
 def _flat_chunks(leaves, n: int):
-  """Bit patterns of all magnitudes as a few flat int32 arrays ("chunks").
+  """All weights as a few flat float32 arrays ("chunks"), read by the passes through
+  :func:`_abs_bits`.
 
-  Small leaves are concatenated into one array padded to whole rows: that keeps the selection's
-  program small (short compile times) whatever the number of leaves, at the price of one copy
-  of those leaves. Large leaves are counted in place, where the copy would cost more than the
-  extra code. Padding holds a bit pattern above +inf, never counted below a split nor gathered.
-  No chunk exceeds ``_CHUNK`` elements.
+  Small leaves are concatenated into one array (converted to float32): that keeps the
+  selection's program small (short compile times) whatever the number of leaves, at the price
+  of one copy of those leaves (which :mod:`hypersparse_jax.penalties` reuses for its sums).
+  Large float32 leaves are read in place, where the copy would cost more than the extra code
+  (they are flattened, a free reshape; their magnitudes' patterns are formed inside each pass).
+  A chunk's length need not be a multiple of ``_ROW`` (its tail is counted apart). No chunk
+  exceeds ``_CHUNK`` elements.
   """
   del n
   small, chunks = [], []
   for _, x in leaves:
-    bits = magnitude_bits(x)
-    (chunks if bits.shape[0] >= _SEPARATE else small).append(bits)
+    x = jnp.asarray(x).astype(jnp.float32).reshape(-1)
+    (chunks if x.shape[0] >= _SEPARATE else small).append(x)
   if small:
-    pad = (-sum(b.shape[0] for b in small)) % _ROW
-    if pad:
-      small.append(jnp.full((pad,), _MAX_BITS + 1, jnp.int32))
     chunks.insert(0, jnp.concatenate(small) if len(small) > 1 else small[0])
   return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
 

@@ -279,6 +279,40 @@ def test_threshold_hints_give_the_same_exact_value():
       assert_bits_equal(fn(params, hint), want)
 
 
+# Leaves read in place (float32 leaves of at least ``_SEPARATE`` weights: the passes clear the
+# sign bit as they read), tails shorter than a row, converted low-precision leaves, and hints
+# near, slightly off (one pass, or two with two passes' row counts) and far off (sample
+# quantiles in the second pass). ``_SEPARATE`` is lowered so that a 40k tree takes the path.
+SHAPES_IN_PLACE = [(97, 131), (20011,), (40, 32), (7, 3), (3001,)]  # 37 020 > _DIRECT
+IN_PLACE_DTYPES = [jnp.float32, jnp.float32, jnp.float32, jnp.float16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 0.98, 0.9999])
+def test_counting_path_leaves_read_in_place(monkeypatch, kappa):
+  monkeypatch.setattr(threshold, "_SEPARATE", 3000)
+  n = sum(int(np.prod(s)) for s in SHAPES_IN_PLACE)
+  assert n > threshold._DIRECT
+  k = rank_of_threshold(kappa, n)
+  fn = jax.jit(lambda arrays, h: jax.lax.bitcast_convert_type(threshold._kth_bits(
+      threshold._flat_chunks([(None, a) for a in arrays], n), n, k, h), jnp.float32))
+  plain = jax.jit(lambda arrays: jax.lax.bitcast_convert_type(threshold._kth_bits(
+      threshold._flat_chunks([(None, a) for a in arrays], n), n, k), jnp.float32))
+  chunks = threshold._flat_chunks(
+      [(None, jnp.zeros(s, d)) for s, d in zip(SHAPES_IN_PLACE, IN_PLACE_DTYPES)], n)
+  assert [c.shape[0] for c in chunks] == [1280 + 21, 12707, 20011, 3001]  # two float32 leaves read in place, a bfloat16 one converted
+  rng = np.random.default_rng(int(kappa * 1e4))
+  for pattern in ("normal", "ties", "half_zero", "mostly_zero", "extreme", "sorted", "narrow"):
+    arrays = [jnp.asarray(a, d) for a, d in zip(_pattern(pattern, SHAPES_IN_PLACE, rng),
+                                                IN_PLACE_DTYPES)]
+    want = np.sort(np.abs(np.concatenate([_np32(a).ravel() for a in arrays])))[k]
+    assert_bits_equal(plain(arrays), want)
+    for hint in (want, np.nextafter(want, np.float32(1)), want * 1.0005, want * 0.9995,
+                 want * 1.004, want * 0.97, want * 50, 1e-6, 0.0, 1e30):
+      assert_bits_equal(fn(arrays, _bits(hint)), want)
+    for hint in (jnp.int32(threshold._MAX_BITS), jnp.int32(-1)):
+      assert_bits_equal(fn(arrays, hint), want)
+
+
 # ----------------------------------------------------------------------------------------------
 # Property test
 # ----------------------------------------------------------------------------------------------
