@@ -11,8 +11,10 @@ int32 bit patterns). A sorted sample (int32 keys sort an order of magnitude fast
 on XLA:CPU), or a fan of split points around a hint, brackets the answer; a few fused passes
 count, per pass, how many weights lie below several split points and narrow the bracket; once
 it holds few weights they are gathered (only the rows of ``_ROW`` weights that can hold one,
-found from the first pass's per-row counts when that pass alone got there) and sorted. Any
-failed guess only costs another pass: the loop always ends on the exact value.
+found from the per-row counts of the one or two passes that got there; a later pass, rare,
+needs a pass of its own for them) and sorted. Any failed guess only costs another pass: the
+loop always ends on the exact value. Large float32 leaves are read in place (each pass forms
+the magnitudes' bit patterns as it reads), small ones are concatenated once.
 """
 
 from __future__ import annotations
