@@ -11,8 +11,10 @@ int32 bit patterns). A sorted sample (int32 keys sort an order of magnitude fast
 on XLA:CPU), or a fan of split points around a hint, brackets the answer; a few fused passes
 count, per pass, how many weights lie below several split points and narrow the bracket; once
 it holds few weights they are gathered (only the rows of ``_ROW`` weights that can hold one,
-found from the first pass's per-row counts when that pass alone got there) and sorted. Any
-failed guess only costs another pass: the loop always ends on the exact value.
+found from the per-row counts of the one or two passes that got there; a later pass, rare,
+needs a pass of its own for them) and sorted. Any failed guess only costs another pass: the
+loop always ends on the exact value. Large float32 leaves are read in place (each pass forms
+the magnitudes' bit patterns as it reads), small ones are concatenated once.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ def magnitude_bits(leaf) -> jax.Array:
                                   jnp.int32).reshape(-1)
 
 
+_SIGN_OFF = 0x7FFFFFFF  # clears a float32 pattern's sign bit: the pattern of its magnitude
+
+
+def _abs_bits(chunk: jax.Array) -> jax.Array:
+  """Magnitude patterns (int32) of a chunk's entries: ``chunk`` holds either such patterns
+  (:func:`magnitude_bits`; then this is a no-op, padding and fill values included) or float32
+  values. Every read of a chunk goes through it, so that a large float32 leaf is counted where
+  it lies: XLA:CPU copies even a plain bitcast of a leaf that a loop or branch carries, and the
+  sign bit is cleared in the pass that reads it instead of in a copy."""
+  if chunk.dtype == jnp.float32:
+    chunk = lax.bitcast_convert_type(chunk, jnp.int32)
+  return chunk & _SIGN_OFF
+
+
 def _count_below(bits_leaves, splits: jax.Array):
   """Number of weights whose bit pattern is ``< s`` for each split ``s`` (shape (K,)).
 
@@ -111,13 +127,13 @@ def _count_below(bits_leaves, splits: jax.Array):
     per_split = jnp.zeros(splits.shape, jnp.int32)
     row_counts = None
     if body:
-      rows = bits[:body].reshape(-1, _ROW)
+      rows = _abs_bits(bits[:body].reshape(-1, _ROW))
       # int8 sums over short rows vectorise far better on XLA:CPU than one long bool sum.
       row_counts = jnp.sum((rows[:, None, :] < splits[None, :, None]).astype(jnp.int8),
                            axis=2, dtype=jnp.int8)
       per_split = per_split + jnp.sum(row_counts.astype(jnp.int32), axis=0)
     if body < size:
-      tail = bits[body:]
+      tail = _abs_bits(bits[body:])
       per_split = per_split + jnp.sum((tail[:, None] < splits[None, :]).astype(jnp.int32), axis=0)
     parts.append(per_split)
     row_parts.append(row_counts)
@@ -131,7 +147,7 @@ def _strided_sample(bits_leaves, n: int, m: int) -> jax.Array:
     size = bits.shape[0]
     take = max(1, round(m * size / n))
     stride = max(1, size // take)
-    samples.append(bits[(stride // 2)::stride][:take])
+    samples.append(_abs_bits(bits[(stride // 2)::stride][:take]))
   return jnp.concatenate(samples)
 
 
@@ -188,30 +204,34 @@ def _row_flags_by_pass(bits_leaves, br: _Bracket) -> jax.Array:
     size = bits.shape[0]
     body = size - size % _ROW
     if body:
-      rows = bits[:body].reshape(-1, _ROW)
+      rows = _abs_bits(bits[:body].reshape(-1, _ROW))
       flags.append(jnp.sum(_inside(rows, br).astype(jnp.int8), axis=1, dtype=jnp.int8) > 0)
     if body < size:
-      flags.append(jnp.any(_inside(bits[body:], br))[None])
+      flags.append(jnp.any(_inside(_abs_bits(bits[body:]), br))[None])
   return jnp.concatenate(flags)
 
 
-def _row_flags_from_counts(bits_leaves, br: _Bracket, splits, row_counts) -> jax.Array:
-  """The same flags from a counting pass's per-row counts at ``splits``, without a pass.
+def _row_flags_from_counts(bits_leaves, br: _Bracket, passes) -> jax.Array:
+  """The same flags from counting passes' per-row counts, without a pass of their own.
 
-  Valid when ``lo`` is 0 or one of the splits and ``hi + 1`` is one of them or ``hi`` is
-  ``_MAX_BITS``, as after that pass's :func:`_narrow`. A chunk's tail row is always flagged
-  (at most one extra row per chunk; the gather checks every value).
+  ``passes``: ``[(splits, row_counts)]`` of the passes that narrowed the bracket, as returned
+  by :func:`_count_below`. Valid when ``lo`` is 0 or a split of one of them and ``hi + 1`` is a
+  split of one of them or ``hi`` is ``_MAX_BITS``, as after those passes' :func:`_narrow`. A
+  chunk's tail row is always flagged (at most one extra row per chunk; the gather checks every
+  value).
   """
-  a = jnp.argmax(splits == br.lo)
-  lo_is_split = jnp.any(splits == br.lo)
-  b = jnp.argmax(splits == br.hi + 1)
-  hi_is_split = jnp.any(splits == br.hi + 1)
+  def at_split(value, default, chunk):
+    # Each row's count below `value` from the pass that has `value` as a split, else `default`.
+    out = jnp.int8(default)
+    for splits, row_counts in passes:
+      j = jnp.argmax(splits == value)
+      out = jnp.where(jnp.any(splits == value), row_counts[chunk][:, j], out)
+    return out
+
   flags = []
-  for bits, rc in zip(bits_leaves, row_counts):
-    if rc is not None:
-      below_lo = jnp.where(lo_is_split, rc[:, a], jnp.int8(0))
-      upto_hi = jnp.where(hi_is_split, rc[:, b], jnp.int8(_ROW))
-      flags.append(upto_hi > below_lo)
+  for chunk, bits in enumerate(bits_leaves):
+    if passes[0][1][chunk] is not None:
+      flags.append(at_split(br.hi + 1, _ROW, chunk) > at_split(br.lo, 0, chunk))
     if bits.shape[0] % _ROW:
       flags.append(jnp.ones((1,), bool))
   return jnp.concatenate(flags)
@@ -249,9 +269,15 @@ def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
     num_rows = -(-bits.shape[0] // _ROW)
     local = row_idx - offset
     valid = (local >= 0) & (local < num_rows)
-    # Elements of the flagged rows, read in place (no padded copy of the chunk).
-    elements = local[:, None] * _ROW + jnp.arange(_ROW, dtype=local.dtype)[None, :]
-    got = bits.at[elements].get(mode="fill", fill_value=_MAX_BITS + 1)
+    if bits.shape[0] % _ROW == 0:
+      # Whole rows (a free reshape of the chunk): a gather of row slices, several times
+      # faster on XLA:CPU than one of single elements; rows of other chunks are dropped below.
+      got = _abs_bits(bits.reshape(-1, _ROW)[jnp.clip(local, 0, num_rows - 1)])
+    else:
+      # Elements of the flagged rows, read in place (no padded copy of the chunk).
+      elements = local[:, None] * _ROW + jnp.arange(_ROW, dtype=local.dtype)[None, :]
+      fill = np.float32(np.nan) if bits.dtype == jnp.float32 else _MAX_BITS + 1  # above +inf
+      got = _abs_bits(bits.at[elements].get(mode="fill", fill_value=fill))
     picked = jnp.where(valid[:, None], got, picked)
     offset += num_rows
   flat = picked.reshape(-1)
@@ -259,48 +285,95 @@ def _gather_candidates(bits_leaves, br: _Bracket, row_flags: jax.Array,
   return jnp.sort(flat.at[pos].get(mode="fill", fill_value=2**31 - 1))
 
 
+def _sample_splits(bits_leaves, n: int, k: int) -> jax.Array:
+  """Sorted split points at quantiles of a sorted sample around the expected rank of ``k``."""
+  sample = jnp.sort(_strided_sample(bits_leaves, n, _SAMPLE_LARGE if n >= _LARGE else _SAMPLE))
+  m = sample.shape[0]
+  p = k / n
+  sd = math.sqrt(max(p * (1 - p), 1.0 / m) / m) * m
+  offsets = np.array([-6, -3, -1.5, -0.5, 0.5, 1.5, 3, 6]) * max(sd, 1.0)
+  pos = np.clip(np.round(p * m + offsets).astype(np.int64), 0, m - 1)
+  splits = sample[pos] + jnp.array([0] * (len(pos) // 2) + [1] * (len(pos) - len(pos) // 2),
+                                   jnp.int32)
+  return jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
+
+
+# Relative offsets of the first pass's split points around a hint: the central pieces are
+# narrow enough (3e-4 and 4.5e-4 of t) that, for a VGG-sized tree of Gaussian-like weights, the
+# piece holding the answer is small enough to gather at once when the hint is within 6e-4.
+_FAN = (-1e-2, -2e-3, -6e-4, -1.5e-4, 1.5e-4, 6e-4, 2e-3, 1e-2)
+
+
+def _fan_splits(hint: jax.Array) -> jax.Array:
+  """Sorted split points in a geometric fan around ``hint`` (int32 bit pattern)."""
+  hint_value = lax.bitcast_convert_type(jnp.asarray(hint, jnp.int32), jnp.float32)
+  fan = lax.bitcast_convert_type(
+      jnp.maximum(hint_value * (1 + jnp.array(_FAN, jnp.float32)), 0.0), jnp.int32)
+  splits = fan.at[len(_FAN) // 2:].add(1)
+  return jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
+
+
 def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> jax.Array:
-  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude."""
+  """Exact int32 bit pattern of the k-th smallest (0-based) magnitude.
+
+  ``bits_leaves``: flat chunks, each either int32 magnitude patterns (:func:`magnitude_bits`)
+  or float32 values (a large float32 leaf, flattened): read through :func:`_abs_bits`.
+  """
   if n <= _DIRECT:
-    return jnp.sort(jnp.concatenate(bits_leaves))[k]
+    return jnp.sort(jnp.concatenate([_abs_bits(b) for b in bits_leaves]))[k]
   full = _Bracket(jnp.int32(0), jnp.int32(_MAX_BITS), Count.of(0), Count.of(n))
-  # Split points for the first pass: sample quantiles around the expected rank (sorted), or
-  # a geometric fan around a hint (the previous step's threshold in ART).
+  # Split points for the first pass: sample quantiles around the expected rank, or a
+  # geometric fan around a hint (ART's extrapolation of the previous step's threshold).
   if hint is None:
-    sample = jnp.sort(_strided_sample(bits_leaves, n, _SAMPLE_LARGE if n >= _LARGE else _SAMPLE))
-    m = sample.shape[0]
-    p = k / n
-    sd = math.sqrt(max(p * (1 - p), 1.0 / m) / m) * m
-    offsets = np.array([-6, -3, -1.5, -0.5, 0.5, 1.5, 3, 6]) * max(sd, 1.0)
-    pos = np.clip(np.round(p * m + offsets).astype(np.int64), 0, m - 1)
-    splits = sample[pos] + jnp.array([0] * (len(pos) // 2) + [1] * (len(pos) - len(pos) // 2),
-                                     jnp.int32)
+    splits = _sample_splits(bits_leaves, n, k)
   else:
-    rel = jnp.array([-1e-2, -2e-3, -4e-4, -1e-4, 1e-4, 4e-4, 2e-3, 1e-2], jnp.float32)
-    hint_value = lax.bitcast_convert_type(jnp.asarray(hint, jnp.int32), jnp.float32)
-    fan = lax.bitcast_convert_type(jnp.maximum(hint_value * (1 + rel), 0.0), jnp.int32)
-    splits = fan.at[4:].add(1)
+    splits = _fan_splits(hint)
   splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
   counts, row_counts = _count_below(bits_leaves, splits)
   first = _narrow_by_counts(k, full, splits, counts)
 
   # Candidates left for the final gather and sort (rows holding them are gathered whole).
   capacity = int(min(4096, max(64, (n / _ROW) ** (2 / 3) / 2)))
+  rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
 
   def pending(br):
     return (br.lo < br.hi) & (br.upto_hi.minus(br.below_lo) > capacity)
 
-  br = lax.while_loop(pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
-                      first)
+  # The rows that may hold the answer come from the per-row counts of the pass that narrowed
+  # the bracket last, so the gather needs no pass of its own. That is the first pass when it
+  # got there alone (the usual case with ART's hint), else a second one at uniform splits
+  # inside its bracket (a sample's bracket holds a few times `capacity` weights, and a second
+  # pass cuts it ninefold).
+  def second_pass(_):
+    splits2 = _uniform_splits(first)
+    if hint is not None:
+      # The answer lies outside the fan (the hint was more than 1 % off): quantiles of a
+      # sample instead, as without a hint (only those inside the bracket count).
+      outside = (first.lo == 0) | (first.hi == _MAX_BITS)
+      splits2 = lax.cond(outside, lambda: _sample_splits(bits_leaves, n, k), lambda: splits2)
+    counts2, row_counts2 = _count_below(bits_leaves, splits2)
+    br2 = _narrow_by_counts(k, first, splits2, counts2)
+    # Its ends are splits of either pass (or 0 / +inf): both passes' row counts serve.
+    return br2, _row_flags_from_counts(bits_leaves, br2, [(splits, row_counts),
+                                                          (splits2, row_counts2)])
+
+  def first_only(_):
+    return first, _row_flags_from_counts(bits_leaves, first, [(splits, row_counts)])
+
+  counted, counted_flags = lax.cond(pending(first), second_pass, first_only, None)
+  # Rarely more is needed (a bracket far off, crowded ties): more passes, then one flag pass.
+  # The loop sits in a branch: XLA hoists the loop-invariant reads of the chunks (the sign
+  # bit cleared) out of the loop body, which would copy every float32 chunk on every call.
+  br = lax.cond(pending(counted),
+                lambda: lax.while_loop(
+                    pending, lambda br: _narrow(bits_leaves, k, br, _uniform_splits(br)),
+                    counted),
+                lambda: counted)
 
   def gathered(br):
-    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them. Their
-    # rows come from the first pass's row counts when that pass alone got here (the usual
-    # case with ART's hint), else from one more pass.
-    rows_capacity = capacity + len(bits_leaves)  # + the always-flagged tail rows
-    from_first = (br.lo == first.lo) & (br.hi == first.hi)
-    flags = lax.cond(from_first,
-                     lambda: _row_flags_from_counts(bits_leaves, br, splits, row_counts),
+    # The loop left at most `capacity` weights in [lo, hi], and rank k is among them.
+    from_counts = (br.lo == counted.lo) & (br.hi == counted.hi)
+    flags = lax.cond(from_counts, lambda: counted_flags,
                      lambda: _row_flags_by_pass(bits_leaves, br))
     index = jnp.clip(Count.of(k).minus(br.below_lo), 0, rows_capacity - 1)
     return _gather_candidates(bits_leaves, br, flags, rows_capacity)[index]
@@ -313,23 +386,23 @@ _SEPARATE = 1 << 20  # leaves at least this large are counted in place, not copi
 
 
 def _flat_chunks(leaves, n: int):
-  """Bit patterns of all magnitudes as a few flat int32 arrays ("chunks").
+  """All weights as a few flat float32 arrays ("chunks"), read by the passes through
+  :func:`_abs_bits`.
 
-  Small leaves are concatenated into one array padded to whole rows: that keeps the selection's
-  program small (short compile times) whatever the number of leaves, at the price of one copy
-  of those leaves. Large leaves are counted in place, where the copy would cost more than the
-  extra code. Padding holds a bit pattern above +inf, never counted below a split nor gathered.
-  No chunk exceeds ``_CHUNK`` elements.
+  Small leaves are concatenated into one array (converted to float32): that keeps the
+  selection's program small (short compile times) whatever the number of leaves, at the price
+  of one copy of those leaves (which :mod:`hypersparse_jax.penalties` reuses for its sums).
+  Large float32 leaves are read in place, where the copy would cost more than the extra code
+  (they are flattened, a free reshape; their magnitudes' patterns are formed inside each pass).
+  A chunk's length need not be a multiple of ``_ROW`` (its tail is counted apart). No chunk
+  exceeds ``_CHUNK`` elements.
   """
   del n
   small, chunks = [], []
   for _, x in leaves:
-    bits = magnitude_bits(x)
-    (chunks if bits.shape[0] >= _SEPARATE else small).append(bits)
+    x = jnp.asarray(x).astype(jnp.float32).reshape(-1)
+    (chunks if x.shape[0] >= _SEPARATE else small).append(x)
   if small:
-    pad = (-sum(b.shape[0] for b in small)) % _ROW
-    if pad:
-      small.append(jnp.full((pad,), _MAX_BITS + 1, jnp.int32))
     chunks.insert(0, jnp.concatenate(small) if len(small) > 1 else small[0])
   return [c[i:i + _CHUNK] for c in chunks for i in range(0, c.shape[0], _CHUNK)]
 

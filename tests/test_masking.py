@@ -280,6 +280,40 @@ def test_threshold_hints_give_the_same_exact_value():
       assert_bits_equal(fn(params, hint), want)
 
 
+# Leaves read in place (float32 leaves of at least ``_SEPARATE`` weights: the passes clear the
+# sign bit as they read), tails shorter than a row, converted low-precision leaves, and hints
+# near, slightly off (one pass, or two with two passes' row counts) and far off (sample
+# quantiles in the second pass). ``_SEPARATE`` is lowered so that a 40k tree takes the path.
+SHAPES_IN_PLACE = [(97, 131), (20011,), (40, 32), (7, 3), (3001,)]  # 37 020 > _DIRECT
+IN_PLACE_DTYPES = [jnp.float32, jnp.float32, jnp.float32, jnp.float16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 0.98, 0.9999])
+def test_counting_path_leaves_read_in_place(monkeypatch, kappa):
+  monkeypatch.setattr(threshold, "_SEPARATE", 3000)
+  n = sum(int(np.prod(s)) for s in SHAPES_IN_PLACE)
+  assert n > threshold._DIRECT
+  k = rank_of_threshold(kappa, n)
+  fn = jax.jit(lambda arrays, h: jax.lax.bitcast_convert_type(threshold._kth_bits(
+      threshold._flat_chunks([(None, a) for a in arrays], n), n, k, h), jnp.float32))
+  plain = jax.jit(lambda arrays: jax.lax.bitcast_convert_type(threshold._kth_bits(
+      threshold._flat_chunks([(None, a) for a in arrays], n), n, k), jnp.float32))
+  chunks = threshold._flat_chunks(
+      [(None, jnp.zeros(s, d)) for s, d in zip(SHAPES_IN_PLACE, IN_PLACE_DTYPES)], n)
+  assert [c.shape[0] for c in chunks] == [1280 + 21, 12707, 20011, 3001]  # two float32 leaves read in place, a bfloat16 one converted
+  rng = np.random.default_rng(int(kappa * 1e4))
+  for pattern in ("normal", "ties", "half_zero", "mostly_zero", "extreme", "sorted", "narrow"):
+    arrays = [jnp.asarray(a, d) for a, d in zip(_pattern(pattern, SHAPES_IN_PLACE, rng),
+                                                IN_PLACE_DTYPES)]
+    want = np.sort(np.abs(np.concatenate([_np32(a).ravel() for a in arrays])))[k]
+    assert_bits_equal(plain(arrays), want)
+    for hint in (want, np.nextafter(want, np.float32(1)), want * 1.0005, want * 0.9995,
+                 want * 1.004, want * 0.97, want * 50, 1e-6, 0.0, 1e30):
+      assert_bits_equal(fn(arrays, _bits(hint)), want)
+    for hint in (jnp.int32(threshold._MAX_BITS), jnp.int32(-1)):
+      assert_bits_equal(fn(arrays, hint), want)
+
+
 # ----------------------------------------------------------------------------------------------
 # Property test
 # ----------------------------------------------------------------------------------------------
@@ -655,7 +689,7 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
         row_any = list(inside[:body].reshape(-1, threshold._ROW).any(1))
         exact += row_any + ([inside[body:].any()] if body < c.size else [])
         tails_flagged += row_any + ([True] if body < c.size else [])
-      from_counts = np.asarray(threshold._row_flags_from_counts(chunks, br, splits, rows))
+      from_counts = np.asarray(threshold._row_flags_from_counts(chunks, br, [(splits, rows)]))
       np.testing.assert_array_equal(from_counts, np.array(tails_flagged))
       by_pass = np.asarray(threshold._row_flags_by_pass(chunks, br))
       np.testing.assert_array_equal(by_pass, np.array(exact))
@@ -667,6 +701,53 @@ def test_row_flags_from_first_pass_counts_match_a_recount():
                                                     capacity))
       np.testing.assert_array_equal(got[:cands.size], cands)
       assert np.all(got[cands.size:] == 2**31 - 1)
+
+
+def _recount_flags(chunks, lo, hi):
+  # NumPy: does each row of _ROW (a chunk's last row short) hold a value in [lo, hi]? Tail rows
+  # always flagged.
+  flags = []
+  for c in chunks:
+    c = np.asarray(c)
+    inside = (c >= lo) & (c <= hi)
+    body = c.size - c.size % threshold._ROW
+    flags += list(inside[:body].reshape(-1, threshold._ROW).any(1)) + ([True] if body < c.size
+                                                                       else [])
+  return np.array(flags)
+
+
+def test_row_flags_from_two_passes_counts_match_a_recount():
+  # A second pass at uniform splits inside the first pass's bracket: the new bracket's ends are
+  # splits of either pass (the lowest piece starts at the first pass's split, the highest ends
+  # at one), and the flags combine both passes' row counts. Ranks at both ends of the bracket.
+  rng = np.random.default_rng(8)
+  sizes = (50_000, 300_011, 5)
+  chunks = [jnp.asarray(np.abs(rng.standard_normal(s)).astype(np.float32).view(np.int32))
+            for s in sizes]
+  values = np.sort(np.concatenate([np.asarray(c) for c in chunks]))
+  n = values.size
+  full = threshold._Bracket(jnp.int32(0), jnp.int32(threshold._MAX_BITS),
+                            threshold.Count.of(0), threshold.Count.of(n))
+  for kappa in (0.3, 0.9):
+    k0 = masking.rank_of_threshold(kappa, n)
+    want0 = values[k0]
+    splits = jnp.asarray(np.sort(np.float32(want0.view(np.float32)) * np.float32(
+        [0.9, 0.95, 0.98, 0.99, 1.01, 1.02, 1.05, 1.1])).view(np.int32))
+    counts, rows = threshold._count_below(chunks, splits)
+    first = threshold._narrow_by_counts(k0, full, splits, counts)
+    lo1, hi1 = int(first.lo), int(first.hi)
+    inside = np.nonzero((values >= lo1) & (values <= hi1))[0]
+    for k in (int(inside[0]), int(inside[len(inside) // 2]), int(inside[-1])):
+      br1 = threshold._narrow_by_counts(k, full, splits, counts)
+      splits2 = threshold._uniform_splits(br1)
+      counts2, rows2 = threshold._count_below(chunks, splits2)
+      br = threshold._narrow_by_counts(k, br1, splits2, counts2)
+      lo, hi = int(br.lo), int(br.hi)
+      assert lo <= values[k] <= hi
+      assert int(br.below_lo.minus_int(0)) == np.sum(values < lo)
+      got = np.asarray(threshold._row_flags_from_counts(chunks, br, [(splits, rows),
+                                                                     (splits2, rows2)]))
+      np.testing.assert_array_equal(got, _recount_flags(chunks, lo, hi))
 
 
 @pytest.mark.parametrize("n,size,density", [(1000, 64, 0.02), (625_750, 3655, 0.0006),
