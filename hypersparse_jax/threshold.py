@@ -449,12 +449,11 @@ METHODS = ("bracket", "radix", "sort")
 
 
 def _select_bits(chunks, n: int, k: int, hint, method: str) -> jax.Array:
-  if n <= _DIRECT or method == "sort":
-    # int32 keys; the chunks' padding sorts after every real pattern
-    return jnp.sort(jnp.concatenate(chunks))[k]
-  if method == "radix":
+  if method == "sort" and n > _DIRECT:  # int32 keys of the magnitudes
+    return jnp.sort(jnp.concatenate([_abs_bits(c) for c in chunks]))[k]
+  if method == "radix" and n > _DIRECT:
     return _kth_bits_radix(chunks, k)
-  return _kth_bits(chunks, n, k, hint)
+  return _kth_bits(chunks, n, k, hint)  # (all methods sort directly up to _DIRECT weights)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k", "method"))
