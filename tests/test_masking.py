@@ -22,7 +22,6 @@ from hypersparse_jax import masking, threshold
 from hypersparse_jax.masking import (apply_mask, magnitude_mask, magnitude_threshold,
                                      rank_of_threshold, sparsity, sparsity_report)
 from hypersparse_jax.threshold import Count
-from lowering_checks import dynamic_control_flow
 
 KAPPAS = (0.0, 0.5, 0.9, 0.98, 0.995, 0.999)
 
@@ -811,6 +810,31 @@ def test_radix_selection_any_digit_width(bits_per_pass):
 def test_kth_magnitude_rejects_unknown_method():
   with pytest.raises(ValueError, match=r"method must be one of .*'sorting'"):
     threshold.kth_magnitude([jnp.ones(3)], 0, method="sorting")
+
+
+def dynamic_control_flow(lowered):
+  """While loops and branching ``case`` ops of a lowered program (StableHLO).
+
+  ``lax.platform_dependent`` leaves a ``case`` whose branches only return constants (it picks
+  the platform's branch index; XLA folds it) and a one-branch ``case``: neither is listed.
+  """
+  found = []
+
+  def walk(op):
+    op = op.operation
+    if op.name == "stablehlo.while":
+      found.append("while")
+    if op.name == "stablehlo.case" and len(op.regions) > 1:
+      if not all(o.operation.name in ("stablehlo.constant", "stablehlo.return")
+                 for r in op.regions for b in r.blocks for o in b.operations):
+        found.append("case")
+    for r in op.regions:
+      for b in r.blocks:
+        for o in b.operations:
+          walk(o)
+
+  walk(lowered.compiler_ir("stablehlo").operation)
+  return found
 
 
 def test_radix_and_sort_hold_no_loops_or_branches():
