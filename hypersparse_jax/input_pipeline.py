@@ -423,12 +423,23 @@ def _decode_image(path: pathlib.Path) -> np.ndarray:
     return array
 
 
-def _decode_all(paths: list[pathlib.Path]) -> np.ndarray:
-    out = np.empty((len(paths), _TINYIMAGENET_SIZE, _TINYIMAGENET_SIZE, 3), np.uint8)
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
     # PIL releases the GIL while decoding, so threads give a real speed-up.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, array in enumerate(pool.map(_decode_image, paths, chunksize=64)):
-            out[i] = array
+    return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                 thread_name_prefix="hypersparse-decode")
+
+
+def _decode_all(paths: Sequence[pathlib.Path],
+                pool: concurrent.futures.ThreadPoolExecutor | None = None) -> np.ndarray:
+    """The images of ``paths`` as uint8 ``(len, 64, 64, 3)``, decoded on ``pool`` (or on a pool
+    of its own, closed afterwards) when there is more than one."""
+    if len(paths) > 1 and pool is None:
+        with _decode_pool() as own:
+            return _decode_all(paths, own)
+    out = np.empty((len(paths), _TINYIMAGENET_SIZE, _TINYIMAGENET_SIZE, 3), np.uint8)
+    decoded = pool.map(_decode_image, paths) if len(paths) > 1 else map(_decode_image, paths)
+    for i, array in enumerate(decoded):
+        out[i] = array
     return out
 
 
@@ -651,18 +662,9 @@ class _FolderSource(_RecordSource):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _read(self, keys: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.empty((len(keys),) + self.image_shape, np.uint8)
-        paths = [self.paths[k] for k in keys]
-        if len(paths) > 1:
-            if self._pool is None:  # PIL releases the GIL while decoding: threads help
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=min(8, os.cpu_count() or 1),
-                    thread_name_prefix="hypersparse-decode")
-            decoded = self._pool.map(_decode_image, paths)
-        else:
-            decoded = map(_decode_image, paths)
-        for i, array in enumerate(decoded):
-            images[i] = array
+        if len(keys) > 1 and self._pool is None:  # kept for every later batch
+            self._pool = _decode_pool()
+        images = _decode_all([self.paths[k] for k in keys], self._pool)
         return {"image": images, "label": self.labels[keys]}
 
 
