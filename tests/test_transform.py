@@ -72,7 +72,9 @@ def np_hypersparse_grad(params, kappa):
         for name, w in leaves.items():
             w = np.asarray(w, np.float64)
             if name == "kernel":
-                out[layer][name] = np.sign(w) * s / np.cosh(s * np.abs(w)) ** 2 * total_a / total_t
+                with np.errstate(over="ignore"):  # cosh -> inf for far-out weights: 1/cosh^2 -> 0
+                    out[layer][name] = (np.sign(w) * s / np.cosh(s * np.abs(w)) ** 2 * total_a
+                                        / total_t)
             else:
                 out[layer][name] = np.zeros_like(w)
     return out
