@@ -321,56 +321,78 @@ def _run_to_end(argv, outdir, *, cache=True):
   return out.decode()
 
 
+def _run_record(outdir):
+  """What a run leaves that must repeat exactly: summary, metrics (less times), exported arrays."""
+  exported = hypersparse_jax.load_sparse(os.path.join(outdir, "model_sparse.npz"))
+  arrays = [(jax.tree_util.keystr(path), np.asarray(x).dtype.str, np.asarray(x).tobytes())
+            for path, x in jax.tree_util.tree_flatten_with_path(exported)[0]]
+  return {"summary": _read(os.path.join(outdir, "summary.json")), "metrics": _metrics(outdir),
+          "export": hashlib.sha256(repr(arrays).encode()).hexdigest()}
+
+
+def _differences(x, y):
+  found = {k: (x["summary"].get(k), y["summary"].get(k))
+           for k in sorted(set(x["summary"]) | set(y["summary"]))
+           if x["summary"].get(k) != y["summary"].get(k)}
+  if x["metrics"] != y["metrics"]:
+    found["metrics.jsonl"] = "differs"
+  if x["export"] != y["export"]:
+    found["model_sparse.npz arrays"] = "differ"
+  return found
+
+
 def test_resume_after_sigkill_is_exact(corpus, tmp_path):
-  # Every run in a fresh process that compiles its own steps (no persistent compilation cache).
-  # What is proven: the resumed run equals an uninterrupted run bit for bit. In two CI runs the
-  # test's first uninterrupted run (in-worker, then a fresh process; both with the module's
-  # compilation cache) differed from the killed-and-resumed runs in the last float digits, while
-  # every run on the development machine agreed, cached or not, loaded or idle. So on a mismatch
-  # one more uninterrupted run decides: if it equals the resumed run bit for bit, the resume is
-  # exact and the first run was the odd one (a warning says so); if it equals the first run, the
-  # resume is at fault; if all three differ, the machine does not repeat its own runs.
-  run_a = str(tmp_path / "a")
+  """A run SIGKILLed during ART and rerun ends bit for bit as an uninterrupted run.
+
+  Every run is a fresh process that compiles its own steps (no persistent compilation cache).
+  Two processes running the same command have been seen to differ in the last float digits
+  (weights ~1e-9 apart, bits/byte in the 9th digit): the first uninterrupted run of this test in
+  two CI runs, and one process in about 30 here (never in a row; not from load, the cache or
+  buffer alignment, which were tried; the cause is not found). So one odd process must not decide:
+  when the first pair differs, one more uninterrupted run is made, then one more killed-and-resumed
+  run, and the test passes only when a resumed run equals an uninterrupted run exactly (summary,
+  metrics and exported arrays); a resume that is wrong differs from every uninterrupted run."""
   argv = TINY + ["--data-dir", str(corpus)]
-  _run_to_end(argv, run_a, cache=False)
-  outdir = str(tmp_path / "b")
-  proc = _start(argv, outdir, cache=False)
-  path = os.path.join(outdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path):
-      with open(path) as f:
-        if '"phase": "art"' in f.read():
-          break
-    time.sleep(0.01)
-  assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  proc.stdout.close()
-  assert not os.path.exists(os.path.join(outdir, "summary.json"))
-  assert "resuming" in _run_to_end(argv, outdir, cache=False)
-  resumed, uninterrupted = (_read(os.path.join(d, "summary.json")) for d in (outdir, run_a))
-  if resumed != uninterrupted:
-    run_c = str(tmp_path / "c")
-    _run_to_end(argv, run_c, cache=False)
-    again = _read(os.path.join(run_c, "summary.json"))
-    differing = {k: (resumed.get(k), uninterrupted.get(k), again.get(k))
-                 for k in sorted(set(resumed) | set(uninterrupted) | set(again))
-                 if not resumed.get(k) == uninterrupted.get(k) == again.get(k)}
-    assert again == resumed, (
-        "the resumed run's summary differs from the uninterrupted run's; a second uninterrupted "
-        f"run equals the first: {again == uninterrupted}; (resumed, first, second): {differing}")
-    warnings.warn("two uninterrupted runs of the same command differed on this machine; the "
-                  f"resumed run equals the second bit for bit. (resumed, first, second): "
-                  f"{differing}")
-    run_a = run_c
-  assert _metrics(outdir) == _metrics(run_a)
-  a = hypersparse_jax.load_sparse(os.path.join(run_a, "model_sparse.npz"))
-  b = hypersparse_jax.load_sparse(os.path.join(outdir, "model_sparse.npz"))
-  for (pa, xa), (pb, xb) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
-                                jax.tree_util.tree_flatten_with_path(b)[0]):
-    assert pa == pb
-    np.testing.assert_array_equal(xa, xb)
+
+  def uninterrupted(name):
+    _run_to_end(argv, str(tmp_path / name), cache=False)
+    return _run_record(str(tmp_path / name))
+
+  def killed_and_resumed(name):
+    outdir = str(tmp_path / name)
+    proc = _start(argv, outdir, cache=False)
+    path = os.path.join(outdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(path):
+        with open(path) as f:
+          if '"phase": "art"' in f.read():
+            break
+      time.sleep(0.01)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert not os.path.exists(os.path.join(outdir, "summary.json"))
+    assert "resuming" in _run_to_end(argv, outdir, cache=False)
+    return _run_record(outdir)
+
+  plain, resumed = [uninterrupted("a")], [killed_and_resumed("b")]
+  for extra in (lambda: plain.append(uninterrupted("c")),
+                lambda: resumed.append(killed_and_resumed("d")), None):
+    if any(r == p for r in resumed for p in plain):
+      break
+    assert extra is not None, (
+        "no resumed run equals an uninterrupted one; differences (resumed vs uninterrupted): "
+        f"{[_differences(r, p) for r in resumed for p in plain]}; the two uninterrupted runs "
+        f"differ in: {_differences(plain[0], plain[1])}")
+    extra()
+  if len(plain) + len(resumed) > 2:
+    odd = [f"uninterrupted run {i + 1}" for i, p in enumerate(plain) if p not in resumed] + [
+        f"resumed run {i + 1}" for i, r in enumerate(resumed) if r not in plain]
+    warnings.warn(f"runs of the same command differed on this machine ({', '.join(odd)} "
+                  f"differed from the rest: {_differences(plain[0], resumed[0])}); a resumed run "
+                  "equals an uninterrupted run bit for bit")
 
 
 def test_two_forced_host_devices_match_one_device(run_a, corpus, tmp_path):
