@@ -347,7 +347,7 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
   Every run is a fresh process that compiles its own steps (no persistent compilation cache).
   Two processes running the same command have been seen to differ in the last float digits
   (weights ~1e-9 apart, bits/byte in the 9th digit): the first uninterrupted run of this test in
-  two CI runs, and 1 or 2 of about 75 processes here (not from load, the compilation cache or
+  two CI runs, and 1 or 2 of about 70 processes here (not from load, the compilation cache or
   input-buffer alignment, which were tried; the cause is not found). So one odd process must not decide:
   when the first pair differs, one more uninterrupted run is made, then one more killed-and-resumed
   run, and the test passes only when a resumed run equals an uninterrupted run exactly (summary,
