@@ -225,7 +225,7 @@ def bench_selection(rounds, chunk, widths=(3, 4, 5, 6)):
              "hypersparse_grad": jax.jit(lambda p: hs.hypersparse_grad(p, kappa))}
       for b in widths:
         fns[f"radix_b{b}"] = jax.jit(lambda ls, b=b: jax.lax.bitcast_convert_type(
-            threshold._kth_bits_radix(threshold._flat_chunks([(None, x) for x in ls], n), k, b),
+            threshold._kth_bits_radix(threshold._flat_chunks([(None, x) for x in ls]), k, b),
             jnp.float32))
       args = {key: (params if key == "hypersparse_grad" else leaves) for key in fns}
       values = {key: jax.block_until_ready(fn(args[key])) for key, fn in fns.items()}

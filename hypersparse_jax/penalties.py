@@ -107,7 +107,7 @@ def _sums(leaves, s):
   leaves' concatenation is the selection's own (XLA computes it once), so a tree of many small
   leaves costs two reductions over one array instead of two per leaf.
   """
-  chunks = threshold._flat_chunks(leaves, None)
+  chunks = threshold._flat_chunks(leaves)
   total_t = sum(jnp.sum(jnp.tanh(s * jnp.abs(c))) for c in chunks)
   # XLA:CPU fuses the two reductions into one loop that runs ~3x slower than both apart.
   separate = lax.optimization_barrier(chunks)

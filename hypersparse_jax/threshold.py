@@ -328,7 +328,6 @@ def _kth_bits(bits_leaves, n: int, k: int, hint: Optional[jax.Array] = None) -> 
     splits = _sample_splits(bits_leaves, n, k)
   else:
     splits = _fan_splits(hint)
-  splits = jnp.clip(jnp.sort(splits), 1, _MAX_BITS)
   counts, row_counts = _count_below(bits_leaves, splits)
   first = _narrow_by_counts(k, full, splits, counts)
 
@@ -385,7 +384,7 @@ _CHUNK = 1 << 30     # elements per counting chunk: int32 counts of one chunk ca
 _SEPARATE = 1 << 20  # leaves at least this large are counted in place, not copied
 
 
-def _flat_chunks(leaves, n: int):
+def _flat_chunks(leaves):
   """All weights as a few flat float32 arrays ("chunks"), read by the passes through
   :func:`_abs_bits`.
 
@@ -397,7 +396,6 @@ def _flat_chunks(leaves, n: int):
   A chunk's length need not be a multiple of ``_ROW`` (its tail is counted apart). No chunk
   exceeds ``_CHUNK`` elements.
   """
-  del n
   small, chunks = [], []
   for _, x in leaves:
     x = jnp.asarray(x).astype(jnp.float32).reshape(-1)
@@ -460,7 +458,7 @@ def _select_bits(chunks, n: int, k: int, hint, method: str) -> jax.Array:
 def _kth_magnitude(arrays, hint, *, n: int, k: int, method: str = "bracket") -> jax.Array:
   # jit-compiled on its own so that eager calls hit the compilation cache (its loops would
   # otherwise be traced and compiled anew on every call); inside a caller's jit it is inlined.
-  bits = _select_bits(_flat_chunks([(None, x) for x in arrays], n), n, k, hint, method)
+  bits = _select_bits(_flat_chunks([(None, x) for x in arrays]), n, k, hint, method)
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 

@@ -294,11 +294,11 @@ def test_counting_path_leaves_read_in_place(monkeypatch, kappa):
   assert n > threshold._DIRECT
   k = rank_of_threshold(kappa, n)
   fn = jax.jit(lambda arrays, h: jax.lax.bitcast_convert_type(threshold._kth_bits(
-      threshold._flat_chunks([(None, a) for a in arrays], n), n, k, h), jnp.float32))
+      threshold._flat_chunks([(None, a) for a in arrays]), n, k, h), jnp.float32))
   plain = jax.jit(lambda arrays: jax.lax.bitcast_convert_type(threshold._kth_bits(
-      threshold._flat_chunks([(None, a) for a in arrays], n), n, k), jnp.float32))
+      threshold._flat_chunks([(None, a) for a in arrays]), n, k), jnp.float32))
   chunks = threshold._flat_chunks(
-      [(None, jnp.zeros(s, d)) for s, d in zip(SHAPES_IN_PLACE, IN_PLACE_DTYPES)], n)
+      [(None, jnp.zeros(s, d)) for s, d in zip(SHAPES_IN_PLACE, IN_PLACE_DTYPES)])
   assert [c.shape[0] for c in chunks] == [1280 + 21, 12707, 20011, 3001]  # two float32 leaves read in place, a bfloat16 one converted
   rng = np.random.default_rng(int(kappa * 1e4))
   for pattern in ("normal", "ties", "half_zero", "mostly_zero", "extreme", "sorted", "narrow"):

@@ -314,8 +314,9 @@ def _start(argv, outdir, extra_env=None, *, cache=True):
                           cwd=REPO_ROOT)
 
 
-def _run_to_end(argv, outdir, *, cache=True):
-  proc = _start(argv, outdir, cache=cache)
+def _run_to_end(argv, outdir):
+  """The CLI to its end in a fresh process that compiles its own steps (no compilation cache)."""
+  proc = _start(argv, outdir, cache=False)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out.decode()[-3000:]
   return out.decode()
@@ -355,7 +356,7 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
   argv = TINY + ["--data-dir", str(corpus)]
 
   def uninterrupted(name):
-    _run_to_end(argv, str(tmp_path / name), cache=False)
+    _run_to_end(argv, str(tmp_path / name))
     return _run_record(str(tmp_path / name))
 
   def killed_and_resumed(name):
@@ -374,7 +375,7 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     proc.wait()
     proc.stdout.close()
     assert not os.path.exists(os.path.join(outdir, "summary.json"))
-    assert "resuming" in _run_to_end(argv, outdir, cache=False)
+    assert "resuming" in _run_to_end(argv, outdir)
     return _run_record(outdir)
 
   plain, resumed = [uninterrupted("a")], [killed_and_resumed("b")]
