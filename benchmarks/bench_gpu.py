@@ -26,7 +26,7 @@ Everything runs in one process on one GPU, so every ratio compares figures from 
   782-step training epoch of the ``plain`` step at batch 64.
 * **``hypersparse-train`` epochs** (``--trainer``): the :class:`hypersparse_jax.train.Trainer`
   of the CLI, ResNet-32, reference defaults (batch 64, eval batch 500) on a CIFAR-10-shaped
-  in-memory ``input_pipeline.Dataset`` of random uint8 images (50,000 train, 10,000 test,
+  in-memory ``data.Dataset`` of random uint8 images (50,000 train, 10,000 test,
   random labels: accuracies are meaningless, times are not) — ``load_dataset`` is replaced,
   nothing else. ``Trainer.run()`` with 2 warm-up, at most 2 ART and 2 fine-tune epochs; the
   per-epoch wall time is the ``time`` field of ``metrics.jsonl`` (training epoch with host
@@ -468,20 +468,21 @@ def pruned_eval(model, state, plain_ms, eval_batch, eval_batches):
 
 
 def bench_trainer(num_train, num_test, warmup_epochs=2, art_epochs=2, ft_epochs=2):
-  from hypersparse_jax import input_pipeline, train
+  from hypersparse_jax import config, data, train
+  from hypersparse_jax.data import cifar
   rng = np.random.default_rng(0)
-  ds = input_pipeline.Dataset(
+  ds = data.Dataset(
       "cifar10", rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
       rng.integers(0, 10, num_train).astype(np.int32),
       rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
       rng.integers(0, 10, num_test).astype(np.int32), num_classes=10,
-      mean=input_pipeline._CIFAR10_MEAN, std=input_pipeline._CIFAR10_STD, crop_padding=4,
+      mean=cifar._CIFAR10_MEAN, std=cifar._CIFAR10_STD, crop_padding=4,
       flip=True)
-  saved = input_pipeline.load_dataset
-  input_pipeline.load_dataset = lambda *a, **k: ds
-  values = dict(train.REFERENCE_DEFAULTS, warmup_epochs=warmup_epochs,
+  saved = data.load_dataset
+  data.load_dataset = lambda *a, **k: ds
+  values = dict(config.REFERENCE_DEFAULTS, warmup_epochs=warmup_epochs,
                 max_art_epochs=art_epochs, epochs=ft_epochs, lr_steps=(ft_epochs,))
-  cfg = train.TrainConfig(dataset="cifar10", **values)
+  cfg = config.TrainConfig(dataset="cifar10", **values)
   log(f"== hypersparse-train Trainer: {num_train} train / {num_test} test images, {cfg}")
   lines = []
   try:
@@ -504,7 +505,7 @@ def bench_trainer(num_train, num_test, warmup_epochs=2, art_epochs=2, ft_epochs=
       with open(os.path.join(outdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
   finally:
-    input_pipeline.load_dataset = saved
+    data.load_dataset = saved
   epochs = [{"epoch": r["epoch"], "phase": r["phase"], "epoch_s": r["time"],
              "train_epoch_s": s} for r, s in zip(records, train_s)]
   steps = trainer.steps_per_epoch

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 import report
-from hypersparse_jax import input_pipeline as ip
+from hypersparse_jax import data as ip
 
 
 def _synthetic_cifar(num_examples: int) -> ip.Dataset:

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 import report
-from hypersparse_jax import input_pipeline as ip
+from hypersparse_jax import data as ip
+from hypersparse_jax.data import tinyimagenet
 
 SEED = 0
 
@@ -65,11 +66,11 @@ def best_of(repeats: int, run) -> tuple[float, object]:
 
 
 class Counted:
-    """Counts the files ``input_pipeline`` decodes and their bytes."""
+    """Counts the files ``hypersparse_jax.data`` decodes and their bytes."""
 
     def __init__(self):
         self.files, self.bytes = 0, 0
-        self.real = ip._decode_image
+        self.real = tinyimagenet._decode_image
 
     def __call__(self, path):
         self.files += 1
@@ -79,7 +80,7 @@ class Counted:
 
 def lazy_epoch(root, batch_size: int, rows, repeats: int) -> dict:
     counted = Counted()
-    ip._decode_image = counted
+    tinyimagenet._decode_image = counted
     try:
         dataset = ip.load_dataset("tinyimagenet", root, lazy=True)
 
@@ -89,7 +90,7 @@ def lazy_epoch(root, batch_size: int, rows, repeats: int) -> dict:
 
         seconds, images = best_of(repeats, epoch)
     finally:
-        ip._decode_image = counted.real
+        tinyimagenet._decode_image = counted.real
     return {"images_per_second": round(images / seconds), "images": images,
             "files_decoded_per_epoch": counted.files // repeats,
             "bytes_read_per_epoch": counted.bytes // repeats}
@@ -106,7 +107,7 @@ def grain_epoch(root, batch_size: int, process: int, processes: int, repeats: in
             return source.num_records
 
         def __getitem__(self, k):
-            return {"image": ip._decode_image(source.paths[k]), "label": source.labels[k]}
+            return {"image": tinyimagenet._decode_image(source.paths[k]), "label": source.labels[k]}
 
     def epoch():
         ds = grain.MapDataset.source(Files())[process::processes]

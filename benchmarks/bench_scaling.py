@@ -37,7 +37,8 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from hypersparse_jax import input_pipeline, models, train, transform  # noqa: E402
+from hypersparse_jax import data, models, transform  # noqa: E402
+from hypersparse_jax.tasks import image as image_task  # noqa: E402
 from hypersparse_jax import sharding as sh  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def measure(step, state, batch, steps):
 
 
 def setup(args):
-  ds = input_pipeline.load_dataset("digits", None, False)
+  ds = data.load_dataset("digits", None, False)
   model = models.create_model(args.model, num_classes=10, depth=None, batch_norm=True)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + ds.image_shape), train=False)
   tx = optax.chain(transform.art(0.9, 1e-4, 1.05, steps_per_epoch=10, warmup_epochs=0),
@@ -75,9 +76,9 @@ def process_worker(args):
   shardings = sh.state_shardings(state, mesh, fsdp=args.fsdp)
   state = jax.device_put(state, shardings)
   rows = sh.process_rows(mesh, args.batch_size)
-  batch = next(input_pipeline.train_batches(ds, args.batch_size, seed=0, epoch=0, rows=rows))
+  batch = next(data.train_batches(ds, args.batch_size, seed=0, epoch=0, rows=rows))
   batch = sh.shard_batch(batch, mesh)
-  step = train.make_train_step(model, tx, ds, state_shardings=shardings)
+  step = image_task.make_train_step(model, tx, ds, state_shardings=shardings)
   first, dt = measure(step, state, batch, args.steps)
   if pid == 0:
     print(json.dumps({"processes": count, "devices": jax.device_count(),
@@ -125,7 +126,7 @@ def main():
     return process_worker(args)
 
   ds, model, tx, initial = setup(args)
-  batch = next(input_pipeline.train_batches(ds, args.batch_size, seed=0, epoch=0))
+  batch = next(data.train_batches(ds, args.batch_size, seed=0, epoch=0))
   results = []
   for n in args.devices:
     if n > jax.device_count():
@@ -137,7 +138,7 @@ def main():
       shardings = sh.state_shardings(state, mesh, fsdp=args.fsdp)
       state = jax.device_put(state, shardings)
       b = sh.shard_batch(batch, mesh)
-    step = train.make_train_step(model, tx, ds, state_shardings=shardings)
+    step = image_task.make_train_step(model, tx, ds, state_shardings=shardings)
     first, dt = measure(step, state, b, args.steps)
     results.append({"processes": 1, "devices": n,
                     "images_per_s": args.steps * args.batch_size / dt,

@@ -13,7 +13,7 @@ with next-byte accuracy beside it.
 
 Methods, per target sparsity κ and seed (all share the initial weights of the seed):
 
-* ``art_hypersparse``, ``art_l1``, ``art_l2``: the full ART protocol of :class:`train.Trainer`
+* ``art_hypersparse``, ``art_l1``, ``art_l2``: the full ART protocol of :class:`hypersparse_jax.train.Trainer`
   (warm-up, regularisation until the stop rule or the cap, masked fine-tuning), ``penalty=``.
 * ``oneshot``: the dense baseline's trained model, globally magnitude-pruned to κ in one shot
   (:func:`magnitude_mask`), then the same masked fine-tuning as ART (fresh momentum, same lr
@@ -57,7 +57,7 @@ LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2"
 SPARSITIES = (0.9, 0.95, 0.98, 0.99, 0.995)
 SEEDS = (0, 1, 2)
 
-# Digits settings of the study: the digits preset of train.py with fewer epochs, so the whole
+# Digits settings of the study: the digits preset of config.py with fewer epochs, so the whole
 # study (5 sparsities x 6 methods x 3 seeds) fits in about an hour on 2 CPU cores.
 DIGITS_STUDY = dict(warmup_epochs=8, epochs=12, lr_steps=(6, 9), max_art_epochs=30)
 DIGITS_QUICK = dict(warmup_epochs=2, epochs=2, lr_steps=(1,), max_art_epochs=3)
@@ -85,8 +85,8 @@ def methods(args_or_dataset):
 
 
 def make_config(args, sparsity, penalty, seed):
-  from hypersparse_jax import train
-  preset = dict(train.PRESETS.get(args.dataset, train.REFERENCE_DEFAULTS))
+  from hypersparse_jax import config
+  preset = dict(config.PRESETS.get(args.dataset, config.REFERENCE_DEFAULTS))
   if args.dataset == "digits":
     preset.update(DIGITS_QUICK if args.quick else DIGITS_STUDY)
   if args.dataset == "pysource":
@@ -98,9 +98,9 @@ def make_config(args, sparsity, penalty, seed):
     preset["depth"] = None
   preset["lr_steps"] = tuple(s for s in preset["lr_steps"] if s < preset["epochs"])
   preset.update(sparsity=sparsity, penalty=penalty)
-  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+  fields = {f.name for f in dataclasses.fields(config.TrainConfig)}
   values = {k: v for k, v in preset.items() if k in fields}
-  return train.TrainConfig(dataset=args.dataset, data_dir=args.data_dir, seed=seed, **values)
+  return config.TrainConfig(dataset=args.dataset, data_dir=args.data_dir, seed=seed, **values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,28 +115,32 @@ class Baselines:
     import jax
     import jax.numpy as jnp
     import optax
-    from hypersparse_jax import input_pipeline, masking, models, train, transform
+    from hypersparse_jax import data, masking, models, train, transform
+    from hypersparse_jax.config import TRANSFORMER_KEYS
+    from hypersparse_jax.tasks import image as image_task
+    from hypersparse_jax.tasks import language_model
     self.jax, self.jnp, self.optax = jax, jnp, optax
-    self.masking, self.train, self.ip = masking, train, input_pipeline
-    from hypersparse_jax import text
-    self.cfg, self.text = cfg, (text if cfg.is_text else None)
+    self.masking, self.image_task, self.data = masking, image_task, data
+    from hypersparse_jax.data import pysource
+    self.pysource, self.lm = pysource, language_model
+    self.cfg, self.text = cfg, (pysource if cfg.is_text else None)
     if cfg.is_text:
-      self.dataset = text.load_pysource(cfg.data_dir, context=cfg.context,
+      self.dataset = pysource.load_pysource(cfg.data_dir, context=cfg.context,
                                         max_eval_windows=cfg.eval_windows)
       self.model = models.create_model(
-          cfg.model, num_classes=text.VOCAB_SIZE,
-          transformer={k: getattr(cfg, k) for k in train.TRANSFORMER_KEYS})
+          cfg.model, num_classes=pysource.VOCAB_SIZE,
+          transformer={k: getattr(cfg, k) for k in TRANSFORMER_KEYS})
       self.spe = cfg.steps_per_epoch
-      self.eval_step = text.make_eval_step(self.model)
-      make_step = lambda model, tx, _: text.make_train_step(model, tx)  # noqa: E731
+      self.eval_step = language_model.make_eval_step(self.model)
+      make_step = lambda model, tx, _: language_model.make_train_step(model, tx)  # noqa: E731
       example = jnp.zeros((1, cfg.context), jnp.int32)
     else:
-      self.dataset = input_pipeline.load_dataset(cfg.dataset, cfg.data_dir)
+      self.dataset = data.load_dataset(cfg.dataset, cfg.data_dir)
       self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
                                        depth=cfg.depth, batch_norm=cfg.batch_norm)
-      self.spe = input_pipeline.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
-      self.eval_step = train.make_eval_step(self.model, self.dataset)
-      make_step = train.make_train_step
+      self.spe = data.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
+      self.eval_step = image_task.make_eval_step(self.model, self.dataset)
+      make_step = image_task.make_train_step
       example = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
     spe, W = self.spe, cfg.warmup_epochs
     # Dense: constant lr for the warm-up, then the fine-tune decays (so the dense run's state
@@ -163,9 +167,9 @@ class Baselines:
 
   def test_accuracy(self, state):
     if self.text is not None:  # per-epoch monitoring windows (as Trainer's metrics.jsonl)
-      return self.text.evaluate(self.eval_step, state["params"], self.dataset.eval_windows("test"),
+      return self.lm.evaluate(self.eval_step, state["params"], self.dataset.eval_windows("test"),
                                 self.cfg.eval_batch_size)["accuracy"]
-    return self.train.evaluate(self.eval_step, state["params"], state["batch_stats"],
+    return self.image_task.evaluate(self.eval_step, state["params"], state["batch_stats"],
                                self.dataset.test_images, self.dataset.test_labels,
                                self.cfg.eval_batch_size)
 
@@ -173,10 +177,10 @@ class Baselines:
     cfg, jax = self.cfg, self.jax
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
     if self.text is not None:
-      batches = self.text.train_batches(self.dataset, cfg.batch_size, self.spe, seed=cfg.seed,
+      batches = self.pysource.train_batches(self.dataset, cfg.batch_size, self.spe, seed=cfg.seed,
                                         epoch=epoch)
     else:
-      batches = self.ip.train_batches(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+      batches = self.data.train_batches(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch)
     for i, batch in enumerate(batches):
       state, _ = step(state, batch, jax.random.fold_in(epoch_key, i))
       if after_step is not None:
@@ -209,8 +213,8 @@ class Baselines:
     """pysource: the final model on the whole test split, as ``summary.json`` of an ART run."""
     if self.text is None:
       return {}
-    r = self.text.evaluate(self.eval_step, state["params"],
-                           self.text.fixed_windows(self.dataset.test, self.cfg.context),
+    r = self.lm.evaluate(self.eval_step, state["params"],
+                           self.pysource.fixed_windows(self.dataset.test, self.cfg.context),
                            self.cfg.eval_batch_size)
     return {"test_bits_per_byte": r["bits_per_byte"], "test_accuracy": r["accuracy"]}
 
@@ -520,12 +524,12 @@ def main(argv=None):
       (0,) if args.quick else PYSOURCE_SEEDS if text else SEEDS))
   os.makedirs(args.out, exist_ok=True)
   cfg = make_config(args, sparsities[0], "hypersparse", seeds[0])
-  from hypersparse_jax import input_pipeline
+  from hypersparse_jax import data
   if text:
     spe = cfg.steps_per_epoch
   else:
-    spe = input_pipeline.steps_per_epoch(
-        input_pipeline.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
+    spe = data.steps_per_epoch(
+        data.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
   settings = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("sparsity", "penalty", "seed", "init_from", "download")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),

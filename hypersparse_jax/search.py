@@ -37,8 +37,9 @@ import time
 import traceback
 from typing import Any, Optional, Sequence
 
-from hypersparse_jax import train
-from hypersparse_jax.run_dir import first_line
+from hypersparse_jax import cli, train
+from hypersparse_jax.config import TrainConfig
+from hypersparse_jax.run_dir import first_line, write_text_atomic
 
 __all__ = ["SEARCHABLE", "default_space", "load_space", "main"]
 
@@ -59,7 +60,7 @@ class SpaceError(ValueError):
   """A search-space file or entry that cannot be used."""
 
 
-def default_space(base: train.TrainConfig) -> dict:
+def default_space(base: TrainConfig) -> dict:
   """The reference's searched settings, ranges around the dataset preset ``base``.
 
   ``lambda_init`` log-uniform over [preset / 10, preset × 10]; ``eta`` over
@@ -120,7 +121,7 @@ def _check_spec(name: str, spec: Any) -> dict:
   return {"type": kind, "low": low, "high": high, "log": log}
 
 
-def load_space(path: Optional[str], base: train.TrainConfig, fixed: Sequence[str]) -> dict:
+def load_space(path: Optional[str], base: TrainConfig, fixed: Sequence[str]) -> dict:
   """The checked space: ``path``'s JSON (or the default), less the settings the user fixed."""
   if path is None:
     raw = default_space(base)
@@ -156,7 +157,7 @@ def _suggest(trial, space: dict) -> dict:
   return params
 
 
-def trial_config(base: train.TrainConfig, params: dict) -> train.TrainConfig:
+def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
   """``base`` with a trial's parameters (``lr_step_1/2`` become the sorted ``lr_steps``)."""
   values = {k: v for k, v in params.items() if k not in ("lr_step_1", "lr_step_2")}
   steps = list(base.lr_steps)
@@ -228,7 +229,7 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
     config["lr_steps"] = list(cfg.lr_steps)
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):
-      train._atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+      write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
 
     def on_epoch(record):
       if record["phase"] != "finetune" or record.get("val_accuracy") is None:
@@ -277,7 +278,7 @@ def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
     writer.writerow([t.number, t.state.name, "" if t.value is None else t.value, wall]
                     + [t.params.get(n, "") for n in names]
                     + [t.user_attrs.get(a, "") for a in attrs])
-  train._atomic_write(os.path.join(outdir, "trials.csv"), buffer.getvalue())
+  write_text_atomic(os.path.join(outdir, "trials.csv"), buffer.getvalue())
   if not complete:
     return None
   best = study.best_trial
@@ -286,7 +287,7 @@ def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
             "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
             "finished_trials": _finished(study, optuna),
             "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in rows)}
-  train._atomic_write(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
+  write_text_atomic(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
   _plot(study, os.path.join(outdir, "search.png"), len(complete))
   return result
 
@@ -335,7 +336,7 @@ def _plot(study, path: str, num_complete: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
   """``hypersparse-train``'s options (each fixes a setting) plus the search's own."""
   p = argparse.ArgumentParser(
-      prog="hypersparse-search", parents=[train.build_parser()], conflict_handler="resolve",
+      prog="hypersparse-search", parents=[cli.build_parser()], conflict_handler="resolve",
       description="Hyper-parameter search for ART + HyperSparse with optuna (TPE). Every "
                   "hypersparse-train option fixes that setting for all trials; the rest is "
                   "searched. The objective is the best fine-tune validation accuracy.")
@@ -403,7 +404,7 @@ def _storage(url: str, heartbeat: int, optuna):
 _CREATION_RACE = ("already exists", "UNIQUE constraint failed", "database is locked")
 
 
-def _pruner(name: str, cfg: train.TrainConfig, optuna):
+def _pruner(name: str, cfg: TrainConfig, optuna):
   if name == "median":
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, cfg.epochs // 4))
   if name == "hyperband":
@@ -430,7 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f"{args.trials}")
     if args.heartbeat < 0:
       raise ValueError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat}")
-    base = train.config_from_args(args)
+    base = cli.config_from_args(args)
     base.validate()
     if not base.val_fraction > 0:
       raise ValueError("--val-fraction must be > 0: the search's objective is the validation "

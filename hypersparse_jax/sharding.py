@@ -242,3 +242,42 @@ def constrain(tree: Any, shardings: Any) -> Any:
   if shardings is None:
     return tree
   return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+class Placement:
+  """Where a run's arrays live: no mesh (one device, plain arrays), or a mesh with replicated
+  or FSDP-sharded state. What the training loop and the tasks need of it, with the identity
+  everywhere when ``mesh`` is None.
+
+  Args:
+    mesh: the device mesh, or None.
+    fsdp: shard large parameters and optimiser state (``--shard-params``); needs a mesh.
+  """
+
+  def __init__(self, mesh: Optional[Mesh] = None, *, fsdp: bool = False):
+    self.mesh, self.fsdp = mesh, bool(fsdp) and mesh is not None
+
+  @property
+  def num_shards(self) -> int:
+    """Batch shards: 1 without a mesh."""
+    return 1 if self.mesh is None else num_shards(self.mesh)
+
+  def shardings(self, tree: Any) -> Any:
+    """The state shardings of ``tree`` (None without a mesh)."""
+    if self.mesh is None:
+      return None
+    return state_shardings(tree, self.mesh, fsdp=self.fsdp)
+
+  def place(self, tree: Any) -> Any:
+    """Replicates ``tree`` over the mesh, or shards it FSDP-style."""
+    return tree if self.mesh is None else put(tree, self.shardings(tree))
+
+  def place_batch(self, batch: Any) -> Any:
+    """Places a batch (this process's rows of it, see :meth:`rows`) on the mesh."""
+    return batch if self.mesh is None else shard_batch(batch, self.mesh)
+
+  def rows(self, global_size: int) -> Optional[slice]:
+    """This process's rows of a global batch of ``global_size`` (None: all rows, no mesh)."""
+    if self.mesh is None:
+      return None
+    return process_rows(self.mesh, global_size)

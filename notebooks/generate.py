@@ -16,7 +16,7 @@ SETUP = '''\
 import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
 import matplotlib.pyplot as plt
 import hypersparse_jax as hypersparse
-from hypersparse_jax.input_pipeline import load_dataset
+from hypersparse_jax.data import load_dataset
 
 data = load_dataset("digits")  # scikit-learn's bundled 8x8 digits, no download
 def prep(images):
@@ -242,16 +242,17 @@ TRANSFORMER_SETUP = '''\
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
 import hypersparse_jax as hypersparse
-from hypersparse_jax import text
+from hypersparse_jax.data import pysource
+from hypersparse_jax.tasks import language_model
 from hypersparse_jax.models import TransformerLM
 
 CONTEXT, BATCH, STEPS = 64, 16, 40          # short settings: this runs in about a minute
-data = text.load_pysource(context=CONTEXT, max_eval_windows=128)  # this Python's stdlib *.py
+data = pysource.load_pysource(context=CONTEXT, max_eval_windows=128)  # this Python's stdlib *.py
 print({k: (v["files"], v["bytes"]) for k, v in data.info["splits"].items()},
       "Python", data.info["python_version"])
 model = TransformerLM(context=CONTEXT, layers=2, d_model=64, heads=4)
 params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, CONTEXT), jnp.int32))["params"]
-eval_step = text.make_eval_step(model)
+eval_step = language_model.make_eval_step(model)
 test_windows, pruned_windows = data.eval_windows("test"), data.pruned_eval_windows()
 '''
 
@@ -259,7 +260,7 @@ TRANSFORMER_TRAIN = '''\
 def train_epochs(step, state, epochs, first_epoch):
     correct = count = 0.0
     for epoch in range(first_epoch, first_epoch + epochs):
-        for batch in text.train_batches(data, BATCH, STEPS, seed=0, epoch=epoch):
+        for batch in pysource.train_batches(data, BATCH, STEPS, seed=0, epoch=epoch):
             state, m = step(state, batch, None)
             correct, count = correct + float(m["correct"]), count + float(m["count"])
     return state, correct / count  # running next-byte accuracy (the dense side of the stop rule)
@@ -270,17 +271,17 @@ tx = optax.chain(
                     warmup_epochs=WARMUP),                       # art() first in the chain
     optax.adamw(3e-3, b1=0.9, b2=0.99, weight_decay=0.01))
 state = {"params": params, "batch_stats": {}, "opt_state": tx.init(params)}
-step = text.make_train_step(model, tx)
+step = language_model.make_train_step(model, tx)
 state, _ = train_epochs(step, state, WARMUP, 0)
 dense_params = jax.tree.map(jnp.copy, state["params"])
-dense = text.evaluate(eval_step, dense_params, test_windows, 128)
+dense = language_model.evaluate(eval_step, dense_params, test_windows, 128)
 print(f"dense after warm-up: {dense['bits_per_byte']:.3f} bits/byte")
 
 controller = hypersparse.ARTController(window=1, max_epochs=MAX_ART)
 for epoch in range(WARMUP, WARMUP + MAX_ART):
     state, dense_acc = train_epochs(step, state, 1, epoch)
     mask = hypersparse.magnitude_mask(state["params"], SPARSITY)
-    pruned = text.evaluate(eval_step, hypersparse.apply_mask(state["params"], mask),
+    pruned = language_model.evaluate(eval_step, hypersparse.apply_mask(state["params"], mask),
                            pruned_windows, 128)["accuracy"]
     # a copy: the train step donates (reuses) the buffers of the state it is given
     decision = controller.update(epoch, pruned, dense_acc,
@@ -293,11 +294,11 @@ for epoch in range(WARMUP, WARMUP + MAX_ART):
 mask = hypersparse.magnitude_mask(controller.best.payload, SPARSITY)
 sparse = hypersparse.apply_mask(controller.best.payload, mask)
 ft = optax.chain(hypersparse.fixed_mask(mask), optax.adamw(1e-3, b1=0.9, b2=0.99, weight_decay=0.01))
-state, _ = train_epochs(text.make_train_step(model, ft),
+state, _ = train_epochs(language_model.make_train_step(model, ft),
                         {"params": sparse, "batch_stats": {}, "opt_state": ft.init(sparse)},
                         FINETUNE, 100)
 sparse_params = state["params"]
-result = text.evaluate(eval_step, sparse_params, test_windows, 128)
+result = language_model.evaluate(eval_step, sparse_params, test_windows, 128)
 print(f"pruned to {hypersparse.sparsity(sparse_params):.1%}: {result['bits_per_byte']:.3f} bits/byte "
       f"(dense {dense['bits_per_byte']:.3f})")
 '''

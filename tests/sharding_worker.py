@@ -25,9 +25,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from hypersparse_jax import input_pipeline, masking, models, penalties  # noqa: E402
+from hypersparse_jax import cli as cli_lib  # noqa: E402
+from hypersparse_jax import data, masking, models, penalties  # noqa: E402
 from hypersparse_jax import sharding as sh  # noqa: E402
-from hypersparse_jax import train, transform  # noqa: E402
+from hypersparse_jax import transform  # noqa: E402
+from hypersparse_jax.tasks import image as image_task  # noqa: E402
 from hypersparse_jax.controller import ARTController  # noqa: E402
 
 
@@ -46,7 +48,7 @@ def specs(tree):
 
 def core(workdir):
   out = {"devices": jax.device_count()}
-  ds = input_pipeline.load_dataset("digits", None, False)
+  ds = data.load_dataset("digits", None, False)
   model = models.create_model("cnn", num_classes=10, depth=None, batch_norm=True)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + ds.image_shape), train=False))(
       jax.random.PRNGKey(0))
@@ -76,7 +78,7 @@ def core(workdir):
       transform.art(0.9, 1e-3, 2.0, steps_per_epoch=steps_per_epoch, warmup_epochs=0),
       optax.add_decayed_weights(1e-4), optax.sgd(0.05, momentum=0.9))
   eval_images, eval_labels = ds.train_images[:512], ds.train_labels[:512]
-  eval_step = train.make_eval_step(model, ds)
+  eval_step = image_task.make_eval_step(model, ds)
   mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, 0.9))
 
   def run(num_devices, fsdp):
@@ -91,18 +93,18 @@ def core(workdir):
                    else sh.replicated_shardings(state, mesh))
       place = lambda b: sh.shard_batch(b, mesh)  # noqa: E731
     in_specs = specs(state) if mesh is not None else None
-    step = train.make_train_step(model, tx, ds, state_shardings=shardings)
+    step = image_task.make_train_step(model, tx, ds, state_shardings=shardings)
     controller = ARTController(window=1, max_epochs=epochs)
     record = {"decisions": [], "pruned": [], "dense": []}
     for epoch in range(epochs):
-      batches = input_pipeline.train_batches(ds, batch, seed=0, epoch=epoch)
+      batches = data.train_batches(ds, batch, seed=0, epoch=epoch)
       for i in range(steps_per_epoch):
         b = next(batches)
         state, _ = step(state, b if place is None else place(b), jax.random.PRNGKey(i))
       pruned = masking.apply_mask(state["params"], mask_fn(state["params"]))
-      acc_p = train.evaluate(eval_step, pruned, state["batch_stats"], eval_images, eval_labels,
+      acc_p = image_task.evaluate(eval_step, pruned, state["batch_stats"], eval_images, eval_labels,
                              128, place)
-      acc_d = train.evaluate(eval_step, state["params"], state["batch_stats"], eval_images,
+      acc_d = image_task.evaluate(eval_step, state["params"], state["batch_stats"], eval_images,
                              eval_labels, 128, place)
       d = controller.update(epoch, acc_p, acc_d, None)
       record["decisions"].append([d.stop, d.reason, d.improved, d.best_epoch])
@@ -126,7 +128,7 @@ def core(workdir):
                        stats_rel=rel_diff(ref_state["batch_stats"], state["batch_stats"]))
 
   # shard_batch: host-local path (make_array_from_process_local_data) equals device_put path.
-  b = next(input_pipeline.train_batches(ds, 64, seed=0, epoch=0))
+  b = next(data.train_batches(ds, 64, seed=0, epoch=0))
   a1, a2 = sh.shard_batch(b, mesh8), sh.shard_batch(b, mesh8, process_local=True)
   out["process_local_equal"] = all(
       bool(np.array_equal(x, y)) and x.sharding == y.sharding
@@ -146,7 +148,7 @@ def cli(workdir):
   def main(devices, outdir, *extra):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-      rc = train.main(args + ["--devices", str(devices), "--outdir", outdir, *extra])
+      rc = cli_lib.main(args + ["--devices", str(devices), "--outdir", outdir, *extra])
     summary = None
     if os.path.exists(os.path.join(outdir, "summary.json")):
       with open(os.path.join(outdir, "summary.json")) as f:
@@ -184,7 +186,7 @@ def cli(workdir):
   # Batch size not divisible by the device count: a clear error (exit status 2).
   buf = io.StringIO()
   with contextlib.redirect_stderr(buf):
-    rc = train.main([a if a != "64" else "60" for a in args]
+    rc = cli_lib.main([a if a != "64" else "60" for a in args]
                     + ["--devices", "8", "--outdir", os.path.join(workdir, "bad")])
   out["bad_batch"] = {"rc": rc, "stderr": buf.getvalue()}
   return out

@@ -1,4 +1,4 @@
-"""Tests for hypersparse_jax.input_pipeline, checked against independent NumPy / PIL computations."""
+"""Tests for hypersparse_jax.data, checked against independent NumPy / PIL computations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hypersparse_jax import input_pipeline as ip
+from hypersparse_jax import data as ip
+from hypersparse_jax.data import cifar, records, tinyimagenet
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -157,7 +158,8 @@ def _read_mock_split(tfds, name, split):
 def test_cifar_from_mocked_data_source(name, num_classes, mean, tmp_path, monkeypatch, tfds):
     # mock_data patches DatasetBuilder.as_data_source: any result here came through data_source.
     # No metadata files are shipped, so the AUTO policy resolves to USE_CODE.
-    monkeypatch.setattr(ip, "_TFDS_READ_CHUNK", 2)  # several chunks, one partial
+    monkeypatch.setattr(cifar, "READ_CHUNK", 2)  # several chunks, one partial
+    monkeypatch.setattr(records, "READ_CHUNK", 2)
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.AUTO):
         ds = ip.load_dataset(name, data_dir=tmp_path)
         want_train = _read_mock_split(tfds, name, "train")
@@ -184,7 +186,8 @@ def test_cifar_batched_reads_are_used(tmp_path, monkeypatch, tfds):
         return [generator[k] for k in record_keys]
 
     monkeypatch.setattr(mocking, "_getitems", batched)
-    monkeypatch.setattr(ip, "_TFDS_READ_CHUNK", 3)
+    monkeypatch.setattr(cifar, "READ_CHUNK", 3)
+    monkeypatch.setattr(records, "READ_CHUNK", 3)
     with tfds.testing.mock_data(num_examples=7):
         ds = ip.load_dataset("cifar10", data_dir=tmp_path)
         want = _read_mock_split(tfds, "cifar10", "train")
@@ -265,7 +268,7 @@ def test_tinyimagenet_cache(tmp_path, monkeypatch):
         raise AssertionError("decoded although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(ip, "_decode_all", no_decoding)
+        m.setattr(tinyimagenet, "_decode_all", no_decoding)
         second = ip.load_dataset("tinyimagenet", data_dir=root)
     np.testing.assert_array_equal(first.train_images, second.train_images)
     np.testing.assert_array_equal(first.test_images, second.test_images)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hypersparse_jax import input_pipeline as ip
+from hypersparse_jax import data as ip
+from hypersparse_jax.data import cifar, tinyimagenet
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -143,7 +144,7 @@ def test_lazy_labels_are_checked_as_they_are_read():
         def __getitem__(self, k):
             return {"image": np.full((2, 2, 3), k, np.uint8), "label": 12 if k == 3 else k}
 
-    labels = ip.RecordArray(ip._TfdsSource("cifar10", Source(), 10), "label")
+    labels = ip.RecordArray(cifar._TfdsSource("cifar10", Source(), 10), "label")
     np.testing.assert_array_equal(labels[[5, 0, 2]], [5, 0, 2])
     with pytest.raises(ValueError, match=r"^cifar10: record 3 has label 12, outside \[0, 10\)$"):
         labels[2:5]
@@ -159,7 +160,7 @@ def test_record_array_indexing_matches_numpy():
         def __getitem__(self, k):
             return {"image": images[k], "label": k % 3}
 
-    source = ip._TfdsSource("cifar10", Source(), 10)
+    source = cifar._TfdsSource("cifar10", Source(), 10)
     lazy = ip.RecordArray(source, "image")
     for rows in (3, -1, slice(1, 6, 2), [4, 4, 0], np.array([6, 1]), images[:, 0, 0, 0] % 2 == 0):
         np.testing.assert_array_equal(lazy[rows], images[rows])
@@ -210,8 +211,8 @@ def test_lazy_tinyimagenet_decodes_only_the_files_of_its_rows(tmp_path, monkeypa
     eager = ip.with_validation_split(ip.load_dataset("tinyimagenet", root, cache=False), 0.25,
                                      seed=SEED)
     decoded = []
-    real_decode = ip._decode_image
-    monkeypatch.setattr(ip, "_decode_image", lambda path: decoded.append(path) or real_decode(path))
+    real_decode = tinyimagenet._decode_image
+    monkeypatch.setattr(tinyimagenet, "_decode_image", lambda path: decoded.append(path) or real_decode(path))
     lazy = ip.with_validation_split(ip.load_dataset("tinyimagenet", root, lazy=True), 0.25,
                                     seed=SEED)
     assert decoded == [] and not (root / "hypersparse_jax_cache.npz").exists()

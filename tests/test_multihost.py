@@ -26,13 +26,13 @@ import time
 import numpy as np
 import pytest
 
-from hypersparse_jax import distributed, input_pipeline, sharding
+from hypersparse_jax import data, distributed, sharding
 
 SHORT = ["--model", "mlp", "--warmup-epochs", "1", "--max-art-epochs", "2", "--epochs", "1",
          "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
 RUN_TIMEOUT_S = 240    # one run of two processes, compilation included
 DEAD_PEER_LIMIT_S = 60
-CODE = "import sys; from hypersparse_jax.train import main; sys.exit(main(sys.argv[1:]))"
+CODE = "import sys; from hypersparse_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def free_port() -> int:
@@ -252,16 +252,16 @@ def test_process_with_another_configuration_is_refused(runs):
 
 
 def test_rows_of_a_batch_are_that_part_of_the_full_batch():
-  ds = input_pipeline.load_dataset("digits")
-  full = list(input_pipeline.train_batches(ds, 64, seed=3, epoch=1))
-  part = list(input_pipeline.train_batches(ds, 64, seed=3, epoch=1, rows=slice(16, 48)))
+  ds = data.load_dataset("digits")
+  full = list(data.train_batches(ds, 64, seed=3, epoch=1))
+  part = list(data.train_batches(ds, 64, seed=3, epoch=1, rows=slice(16, 48)))
   assert len(full) == len(part)
   for f, p in zip(full, part):
     for key in f:
       np.testing.assert_array_equal(f[key][16:48], p[key])
   images, labels = ds.test_images[:100], ds.test_labels[:100]
-  full = list(input_pipeline.eval_batches(images, labels, 64))
-  part = list(input_pipeline.eval_batches(images, labels, 64, rows=slice(32, 64)))
+  full = list(data.eval_batches(images, labels, 64))
+  part = list(data.eval_batches(images, labels, 64, rows=slice(32, 64)))
   for f, p in zip(full, part):
     for key in f:
       np.testing.assert_array_equal(f[key][32:64], p[key])

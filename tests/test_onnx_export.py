@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import hypersparse_jax  # noqa: E402
-from hypersparse_jax import input_pipeline, models, onnx_export, train  # noqa: E402
+from hypersparse_jax import cli, models, onnx_export  # noqa: E402
+from hypersparse_jax import data as hs_data  # noqa: E402
 
 RTOL = 1e-4  # of the largest |logit|
 SPARSITY = 0.9
@@ -270,7 +271,7 @@ def run_dir(tmp_path_factory):
   argv = ["--model", "cnn", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "2",
           "--lambda-init", "1e-3", "--eta", "2", "--val-fraction", "0.2", "--no-progress",
           "--outdir", outdir]
-  assert train.main(argv) == 0
+  assert cli.main(argv) == 0
   return outdir
 
 
@@ -282,8 +283,8 @@ def _restore(run_dir, kind):
 
 
 def _onnx_test_accuracy(path):
-  data = input_pipeline.load_dataset("digits")
-  x = np.asarray(input_pipeline.normalize(data.test_images, data.mean, data.std))
+  data = hs_data.load_dataset("digits")
+  x = np.asarray(hs_data.normalize(data.test_images, data.mean, data.std))
   session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
   logits = session.run(None, {"images": x})[0]
   return float(np.mean(np.argmax(logits, -1) == data.test_labels)), x

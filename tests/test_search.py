@@ -21,7 +21,7 @@ import pytest
 
 import optuna  # the [search] extra is part of the test extra  # noqa: E402
 
-from hypersparse_jax import search, train  # noqa: E402
+from hypersparse_jax import config, search, train  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "1", "--max-art-epochs", "2",
@@ -98,13 +98,13 @@ def _snapshot(outdir):
 
 
 def test_default_space_scales_with_the_preset_and_drops_fixed_settings():
-  digits = train.TrainConfig()
+  digits = config.TrainConfig()
   space = search.load_space(None, digits, fixed={"eta", "lr_steps"})
   assert "eta" not in space and "lr_step_1" not in space and "lr_step_2" not in space
   assert space["lambda_init"] == {"type": "float", "low": pytest.approx(2e-5),
                                   "high": pytest.approx(2e-3), "log": True}
   assert space["window"] == {"type": "int", "low": 1, "high": 10, "log": False}
-  cifar = train.TrainConfig(lambda_init=5e-6, eta=1.05, warmup_epochs=60, epochs=160)
+  cifar = config.TrainConfig(lambda_init=5e-6, eta=1.05, warmup_epochs=60, epochs=160)
   space = search.default_space(cifar)
   assert space["lambda_init"]["low"] == pytest.approx(5e-7)
   assert space["warmup_epochs"]["low"] == 30 and space["warmup_epochs"]["high"] == 90
@@ -113,7 +113,7 @@ def test_default_space_scales_with_the_preset_and_drops_fixed_settings():
 
 
 def test_trial_config_sorts_the_lr_steps():
-  cfg = search.trial_config(train.TrainConfig(), {"lr_step_1": 12, "lr_step_2": 8, "eta": 1.1})
+  cfg = search.trial_config(config.TrainConfig(), {"lr_step_1": 12, "lr_step_2": 8, "eta": 1.1})
   assert cfg.lr_steps == (8, 12) and cfg.eta == 1.1
 
 

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 import hypersparse_jax
-from hypersparse_jax import masking, models, text, train
+from hypersparse_jax import cli, masking, models, train
+from hypersparse_jax.data import pysource
+from hypersparse_jax.tasks import language_model
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 NUM_FILES = 60
@@ -110,7 +112,7 @@ def _metrics(outdir):
 def run_a(corpus, tmp_path_factory):
   """One uninterrupted tiny run (shared; tests only read it)."""
   outdir = str(tmp_path_factory.mktemp("text") / "a")
-  assert train.main(TINY + ["--data-dir", str(corpus), "--outdir", outdir]) == 0
+  assert cli.main(TINY + ["--data-dir", str(corpus), "--outdir", outdir]) == 0
   return outdir
 
 
@@ -121,20 +123,20 @@ def run_a(corpus, tmp_path_factory):
 
 def test_split_is_a_hash_of_the_relative_path_only():
   for rel in ("json/decoder.py", "email/mime/text.py", "os.py", "a/b/c/d.py"):
-    assert text.split_of(rel) == _expected_split(rel)
+    assert pysource.split_of(rel) == _expected_split(rel)
   # pinned: these must not move between versions (the corpus must stay comparable)
-  assert [text.split_of(f"pkg{i}/mod.py") for i in range(12)] == [
+  assert [pysource.split_of(f"pkg{i}/mod.py") for i in range(12)] == [
       _expected_split(f"pkg{i}/mod.py") for i in range(12)]
-  counts = {s: 0 for s in text.SPLITS}
+  counts = {s: 0 for s in pysource.SPLITS}
   for i in range(4000):
-    counts[text.split_of(f"m{i}.py")] += 1
+    counts[pysource.split_of(f"m{i}.py")] += 1
   assert 0.04 < counts["test"] / 4000 < 0.06 and 0.04 < counts["val"] / 4000 < 0.06
 
 
 def test_corpus_streams_and_provenance(corpus):
-  data = text.load_pysource(corpus, context=32)
+  data = pysource.load_pysource(corpus, context=32)
   files = sorted(f"pkg{i}/mod.py" for i in range(NUM_FILES))
-  for split in text.SPLITS:
+  for split in pysource.SPLITS:
     chosen = [rel for rel in files if _expected_split(rel) == split]
     assert chosen, f"the fake corpus has no {split} file; change NUM_FILES"
     expected = b"".join((corpus / rel).read_bytes() for rel in chosen)
@@ -150,20 +152,20 @@ def test_corpus_streams_and_provenance(corpus):
 
 def test_bad_corpus_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a folder"):
-    text.load_pysource(tmp_path / "missing", context=8)
+    pysource.load_pysource(tmp_path / "missing", context=8)
   with pytest.raises(ValueError, match="no \\*.py file"):
-    text.load_pysource(tmp_path, context=8)
+    pysource.load_pysource(tmp_path, context=8)
   (tmp_path / "a.py").write_text("x = 1\n")
   with pytest.raises(ValueError, match="fewer than one window"):
-    text.load_pysource(tmp_path, context=8)
+    pysource.load_pysource(tmp_path, context=8)
 
 
 def test_training_windows_are_seeded_resumable_substrings(corpus):
-  data = text.load_pysource(corpus, context=16)
-  a = list(text.train_batches(data, 4, 6, seed=3, epoch=2))
-  b = list(text.train_batches(data, 4, 6, seed=3, epoch=2))
-  tail = list(text.train_batches(data, 4, 6, seed=3, epoch=2, start_step=4))
-  other = list(text.train_batches(data, 4, 6, seed=3, epoch=3))
+  data = pysource.load_pysource(corpus, context=16)
+  a = list(pysource.train_batches(data, 4, 6, seed=3, epoch=2))
+  b = list(pysource.train_batches(data, 4, 6, seed=3, epoch=2))
+  tail = list(pysource.train_batches(data, 4, 6, seed=3, epoch=2, start_step=4))
+  other = list(pysource.train_batches(data, 4, 6, seed=3, epoch=3))
   assert len(a) == 6 and all(x["tokens"].shape == (4, 17) for x in a)
   assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
   assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a[4:], tail))
@@ -176,15 +178,15 @@ def test_training_windows_are_seeded_resumable_substrings(corpus):
 
 
 def test_fixed_windows_do_not_overlap_and_subset_evenly(corpus):
-  data = text.load_pysource(corpus, context=15)
-  full = text.fixed_windows(data.test, 15)
+  data = pysource.load_pysource(corpus, context=15)
+  full = pysource.fixed_windows(data.test, 15)
   assert full.shape == (len(data.test) // 16, 16)
   assert full.tobytes() == data.test.tobytes()[:full.size]  # back to back, in order
-  sub = text.fixed_windows(data.test, 15, 5)
+  sub = pysource.fixed_windows(data.test, 15, 5)
   picks = np.round(np.linspace(0, len(full) - 1, 5)).astype(int)
   np.testing.assert_array_equal(sub, full[picks])
   pruned = data.pruned_eval_windows()
-  assert len(pruned) == text.PRUNED_EVAL_WINDOWS
+  assert len(pruned) == pysource.PRUNED_EVAL_WINDOWS
   np.testing.assert_array_equal(pruned[0], data.train[:16])
   np.testing.assert_array_equal(pruned[-1], data.train[-16:])
 
@@ -233,7 +235,7 @@ def test_model_is_causal_and_checks_its_sizes(small_model):
 def test_bits_per_byte_against_numpy(small_model):
   model, params = small_model
   windows = np.random.default_rng(1).integers(0, 256, (7, 17)).astype(np.uint8)
-  result = text.evaluate(text.make_eval_step(model), params, windows, batch_size=3)  # padded
+  result = language_model.evaluate(language_model.make_eval_step(model), params, windows, batch_size=3)  # padded
   logits = np.asarray(model.apply({"params": params}, windows[:, :-1].astype(np.int32)),
                       np.float64)
   logp = logits - logits.max(-1, keepdims=True)
@@ -309,7 +311,7 @@ def _start(argv, outdir, extra_env=None, *, cache=True):
     env = {k: v for k, v in env.items() if k not in CACHE_ENV}
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   env.update(extra_env or {})
-  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.train", *argv, "--outdir",
+  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.cli", *argv, "--outdir",
                            outdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT)
 
@@ -425,7 +427,7 @@ def test_two_forced_host_devices_match_one_device(run_a, corpus, tmp_path):
 ])
 def test_bad_text_options_are_refused(extra, needle, tmp_path, capsys):
   try:
-    code = train.main(extra + ["--outdir", str(tmp_path / "x"), "--no-progress"])
+    code = cli.main(extra + ["--outdir", str(tmp_path / "x"), "--no-progress"])
   except SystemExit as e:
     code = e.code
   assert code == 2
@@ -435,7 +437,7 @@ def test_bad_text_options_are_refused(extra, needle, tmp_path, capsys):
 
 def test_prune_embeddings_adds_the_token_embedding_to_what_art_prunes(corpus, tmp_path):
   def trainer(*extra):
-    cfg = train.config_from_args(train.build_parser().parse_args(
+    cfg = cli.config_from_args(cli.build_parser().parse_args(
         TINY + ["--data-dir", str(corpus), *extra]))
     return train.Trainer(cfg, str(tmp_path / "-".join(extra or ("plain",))), progress=False)
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of ``hypersparse-train`` (``hypersparse_jax.train``) on the bundled digits.
+"""End-to-end tests of ``hypersparse-train`` (``hypersparse_jax.cli``, ``hypersparse_jax.train``) on the bundled digits.
 
 Every run uses a tiny ART protocol (1 warm-up epoch, at most 3 regularisation epochs, 2 fine-tune
 epochs). Compilation dominates the cost of such a run, so this module switches on JAX's
@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import hypersparse_jax
-from hypersparse_jax import checkpointing, input_pipeline, train
+from hypersparse_jax import checkpointing, cli, config, train
+from hypersparse_jax import data as hs_data
 
 TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3",
         "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
@@ -82,9 +83,9 @@ def tiny(**options):
 
 
 def call_main(argv):
-  """``train.main(argv)``'s exit code, argparse's SystemExit included."""
+  """``cli.main(argv)``'s exit code, argparse's SystemExit included."""
   try:
-    return train.main([str(a) for a in argv])
+    return cli.main([str(a) for a in argv])
   except SystemExit as e:
     return e.code
 
@@ -215,7 +216,7 @@ def test_run_writes_files_and_consistent_summary(run_a):
   assert_trees_equal(exported["params"], latest["train"]["params"])
 
   # Final test accuracy recomputed with NumPy from the exported weights (ReLU MLP).
-  data = input_pipeline.load_dataset("digits")
+  data = hs_data.load_dataset("digits")
   x = (data.test_images.astype(np.float32) / 255 - np.asarray(data.mean, np.float32)) / np.asarray(
       data.std, np.float32)
   h = x.reshape(len(x), -1)
@@ -294,7 +295,7 @@ def test_pruned_weights_stay_zero_during_finetune(run_a):
 def _start(outdir, argv=TINY):
   env = dict(os.environ, **CACHE_ENV)
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.train", *argv, "--outdir",
+  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.cli", *argv, "--outdir",
                            outdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT)
 
@@ -635,27 +636,27 @@ def test_resume_ignores_download_data_dir_of_digits_and_trailing_slash(run_a, tm
 
 
 def test_resume_differences_compares_only_what_changes_the_result():
-  base = dataclasses.asdict(train.TrainConfig(dataset="cifar10", data_dir="/data/tfds"))
+  base = dataclasses.asdict(config.TrainConfig(dataset="cifar10", data_dir="/data/tfds"))
   base["lr_steps"] = list(base["lr_steps"])
-  assert train.resume_differences(base, dict(base, data_dir="/data/tfds/")) == {}
-  assert train.resume_differences(base, dict(base, data_dir="/data/x/../tfds")) == {}
-  assert train.resume_differences(dict(base, download=True), base) == {}
-  assert set(train.resume_differences(base, dict(base, data_dir="/data/other"))) == {"data_dir"}
-  assert set(train.resume_differences(base, dict(base, lr=0.2))) == {"lr"}
+  assert config.resume_differences(base, dict(base, data_dir="/data/tfds/")) == {}
+  assert config.resume_differences(base, dict(base, data_dir="/data/x/../tfds")) == {}
+  assert config.resume_differences(dict(base, download=True), base) == {}
+  assert set(config.resume_differences(base, dict(base, data_dir="/data/other"))) == {"data_dir"}
+  assert set(config.resume_differences(base, dict(base, lr=0.2))) == {"lr"}
   # lr steps at or past --epochs never fire: same result
   epochs = base["epochs"]
-  assert train.resume_differences(dict(base, lr_steps=[1, epochs + 5]),
+  assert config.resume_differences(dict(base, lr_steps=[1, epochs + 5]),
                                   dict(base, lr_steps=[1])) == {}
   # A key that a config.json of 0.1 lacks counts as what 0.1 did; an unknown one differs.
   old = {k: v for k, v in base.items() if k not in ("val_fraction", "art_rule", "pruned_eval")}
-  assert train.resume_differences(old, dict(old, val_fraction=0.0, art_rule="best_mean",
+  assert config.resume_differences(old, dict(old, val_fraction=0.0, art_rule="best_mean",
                                             pruned_eval="clean")) == {}
-  assert set(train.resume_differences(old, dict(old, val_fraction=0.1))) == {"val_fraction"}
-  diff = train.resume_differences(old, dict(old, art_rule="reference"))
+  assert set(config.resume_differences(old, dict(old, val_fraction=0.1))) == {"val_fraction"}
+  diff = config.resume_differences(old, dict(old, art_rule="reference"))
   assert set(diff) == {"art_rule"} and "'best_mean'" in diff["art_rule"][0]
-  assert set(train.resume_differences(old, dict(old, pruned_eval="augmented"))) == {
+  assert set(config.resume_differences(old, dict(old, pruned_eval="augmented"))) == {
       "pruned_eval"}
-  assert train.resume_differences(old, dict(old, future_option=1)) == {
+  assert config.resume_differences(old, dict(old, future_option=1)) == {
       "future_option": ("<missing>", 1)}
 
 
@@ -775,12 +776,12 @@ def test_init_from_checkpoint_kind_and_step_folders(run_a, tmp_path, capsys):
   assert init_source.identify(run_a) == ("orbax", ckpts, None, None)
   # End to end on the step folder of an older `latest` (not what a run dir would give).
   outdir = str(tmp_path / "from_step")
-  trainer = train.Trainer(train.TrainConfig(
+  trainer = train.Trainer(config.TrainConfig(
       model="mlp", init_from=os.path.join(ckpts, "latest", str(latest_step))), outdir,
       progress=False, log=lambda *_: None)
   expected = read_ckpt(run_a, "latest", latest_step)["train"]["params"]
   assert_trees_equal(jax.device_get(trainer.params), expected)
-  trainer = train.Trainer(train.TrainConfig(model="mlp", init_from=os.path.join(ckpts, "best")),
+  trainer = train.Trainer(config.TrainConfig(model="mlp", init_from=os.path.join(ckpts, "best")),
                           str(tmp_path / "from_best"), progress=False, log=lambda *_: None)
   assert_trees_equal(jax.device_get(trainer.params), read_ckpt(run_a, "best", best_step)["params"])
 
@@ -875,7 +876,7 @@ def test_val_fraction_selects_on_validation_not_test(tmp_path, capsys):
   capsys.readouterr()
   summary = read_json(os.path.join(outdir, "summary.json"))
   records = read_metrics(outdir)
-  full = input_pipeline.load_dataset("digits")
+  full = hs_data.load_dataset("digits")
   assert summary["num_val"] == round(0.1 * full.num_train) == 135
   assert summary["num_train"] == full.num_train - 135 and summary["val_fraction"] == 0.1
   assert all(r["val_accuracy"] is not None for r in records)
@@ -889,7 +890,7 @@ def test_val_fraction_selects_on_validation_not_test(tmp_path, capsys):
   # the best_val checkpoint holds that epoch's weights: NumPy recomputes both accuracies
   assert ckpt_steps(outdir, "best_val")[-1] == chosen["epoch"]
   params = read_ckpt(outdir, "best_val")["params"]
-  data = input_pipeline.with_validation_split(full, 0.1, seed=0)
+  data = hs_data.with_validation_split(full, 0.1, seed=0)
   val_acc = np.mean(np.argmax(_mlp_logits(params, data.val_images, data.mean, data.std), -1)
                     == data.val_labels)
   test_acc = np.mean(np.argmax(_mlp_logits(params, data.test_images, data.mean, data.std), -1)
@@ -900,7 +901,7 @@ def test_val_fraction_selects_on_validation_not_test(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["augmented", "clean"])
 def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
-  cfg = train.config_from_args(train.build_parser().parse_args(
+  cfg = cli.config_from_args(cli.build_parser().parse_args(
       TINY + ["--pruned-eval", mode]))
   trainer = train.Trainer(cfg, "/nonexistent-unused", progress=False, log=lambda *_: None)
   data = trainer.dataset
@@ -917,7 +918,7 @@ def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     crops = []
     for j in range(n):
-      offsets, _ = input_pipeline.sample_augmentation(jax.random.fold_in(key, j), 1,
+      offsets, _ = hs_data.sample_augmentation(jax.random.fold_in(key, j), 1,
                                                       crop_padding=p, flip=False)
       oy, ox = (int(v) for v in np.asarray(offsets)[0])
       crops.append(padded[j, oy:oy + 8, ox:ox + 8])
@@ -964,7 +965,7 @@ def test_on_epoch_hook_and_resume_with_another_window_rule_is_refused(tmp_path):
       raise Stop
 
   def config(extra):
-    return train.config_from_args(train.build_parser().parse_args(TINY + extra))
+    return cli.config_from_args(cli.build_parser().parse_args(TINY + extra))
 
   quiet = dict(progress=False, log=lambda *_: None)
   with pytest.raises(Stop):

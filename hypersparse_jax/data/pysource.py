@@ -1,7 +1,7 @@
 """Byte-level language-model data: the Python standard library's source code (``pysource``).
 
-Data and evaluation arithmetic only (the model is :class:`hypersparse_jax.models.TransformerLM`,
-the protocol :class:`hypersparse_jax.train.Trainer`).
+Data only (the model is :class:`hypersparse_jax.models.TransformerLM`, the steps and metrics
+:mod:`hypersparse_jax.tasks.language_model`, the protocol :class:`hypersparse_jax.train.Trainer`).
 
 **Corpus.** Every ``*.py`` file under the running interpreter's standard library
 (``sysconfig.get_paths()['stdlib']``; ``site-packages`` and ``dist-packages`` left out), read as
@@ -25,20 +25,12 @@ permutation). Validation and test use fixed, non-overlapping windows of ``contex
 used), optionally an evenly spaced subset of them (``max_windows``). The model reads the first
 ``context`` bytes of a window and predicts each next byte, so a window scores ``context`` bytes.
 Everything is held in memory as uint8.
-
-**Metrics.** Next-byte accuracy and bits per byte, ``mean(−log2 p(next byte))`` over the scored
-bytes. There is no augmentation for text: the training windows are used as they are, so ART's
-"pruned copy measured on the training data as the loader serves it" (``pruned_eval='augmented'``)
-and on clean data (``'clean'``) are the same measurement: next-byte accuracy on
-:data:`PRUNED_EVAL_WINDOWS` fixed training windows at evenly spaced offsets of the train split
-(:meth:`TextData.pruned_eval_windows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import pathlib
 import platform
@@ -46,27 +38,20 @@ import sysconfig
 from collections.abc import Iterator
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-
-from hypersparse_jax import sharding
 
 __all__ = [
-    "TEXT_DATASETS",
-    "VOCAB_SIZE",
-    "PRUNED_EVAL_WINDOWS",
-    "TextData",
-    "split_of",
-    "stdlib_root",
-    "load_pysource",
-    "fixed_windows",
-    "train_batches",
-    "window_batches",
-    "make_train_step",
-    "make_eval_step",
-    "evaluate",
+  "TEXT_DATASETS",
+  "VOCAB_SIZE",
+  "PRUNED_EVAL_WINDOWS",
+  "TextData",
+  "split_of",
+  "stdlib_root",
+  "load_pysource",
+  "fixed_windows",
+  "window_offsets",
+  "train_batches",
+  "window_batches",
 ]
 
 TEXT_DATASETS = ("pysource",)
@@ -219,11 +204,6 @@ def load_pysource(root: str | os.PathLike | None = None, *, context: int,
                   max_eval_windows, info)
 
 
-# ------------------------------------------------------------------------------------------------
-# Windows and batches
-# ------------------------------------------------------------------------------------------------
-
-
 def fixed_windows(stream: np.ndarray, context: int, max_windows: Optional[int] = None):
   """Non-overlapping windows ``stream[k·(context+1) : (k+1)·(context+1)]`` as uint8
   ``(N, context + 1)``; with ``max_windows``, ``max_windows`` of them evenly spaced
@@ -277,74 +257,3 @@ def window_batches(windows: np.ndarray, batch_size: int, rows: slice | None = No
     if rows is not None:
       index, mask = index[rows], mask[rows]
     yield {"tokens": windows[index], "mask": mask}
-
-
-# ------------------------------------------------------------------------------------------------
-# Steps (pure, jit-compiled)
-# ------------------------------------------------------------------------------------------------
-
-
-def _next_byte_terms(model, params, tokens, mask, train):
-  """Per-window sums of cross-entropy (nats) and correct predictions, and the per-window
-  weight (``mask``); the model reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``."""
-  inputs, targets = tokens[:, :-1].astype(jnp.int32), tokens[:, 1:].astype(jnp.int32)
-  logits = model.apply({"params": params}, inputs, train=train).astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  weights = mask.astype(jnp.float32)
-  return jnp.sum(nll, -1) * weights, jnp.sum(correct, -1) * weights, weights
-
-
-def make_train_step(model, tx, *, state_shardings=None):
-  """``(state, batch, key) -> (state, metrics)`` for next-byte prediction; the metrics are sums
-  over the batch's scored bytes (``count``): ``loss_sum`` (nats) and ``correct``. The key is
-  unused (no dropout, no augmentation); it keeps the image step's signature."""
-
-  def step(state, batch, key):
-    del key
-    tokens, mask = batch["tokens"], batch["mask"]
-    per_window = tokens.shape[1] - 1
-
-    def loss_fn(params):
-      nll, correct, weights = _next_byte_terms(model, params, tokens, mask, True)
-      count = jnp.maximum(jnp.sum(weights), 1.0) * per_window
-      return jnp.sum(nll) / count, (nll, correct, weights)
-
-    (_, (nll, correct, weights)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct),
-               "count": jnp.sum(weights) * per_window}
-    new_state = {"params": params, "batch_stats": state["batch_stats"], "opt_state": opt_state}
-    return sharding.constrain(new_state, state_shardings), metrics
-
-  return jax.jit(step, donate_argnums=0)
-
-
-def make_eval_step(model):
-  """``(params, batch_stats, batch) -> (correct, nll_sum)`` summed over the batch's scored bytes
-  (nats); padding windows (``mask=False``) count nothing."""
-
-  def step(params, batch_stats, batch):
-    del batch_stats
-    nll, correct, _ = _next_byte_terms(model, params, batch["tokens"], batch["mask"], False)
-    return jnp.sum(correct), jnp.sum(nll)
-
-  return jax.jit(step)
-
-
-def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, place=None,
-             rows: slice | None = None) -> dict:
-  """``{'accuracy', 'bits_per_byte', 'bytes'}`` of next-byte prediction over fixed ``windows``
-  (uint8 ``(N, context + 1)``); ``place`` places each batch (e.g. on a mesh); ``rows``: this
-  process's rows of every batch in a multi-process run (the sums are global)."""
-  pending = []
-  for batch in window_batches(windows, batch_size, rows):
-    pending.append(eval_step(params, None, batch if place is None else place(batch)))
-  correct = nll = 0.0
-  for c, n in jax.device_get(pending):  # one sync at the end
-    correct, nll = correct + float(c), nll + float(n)
-  scored = windows.shape[0] * (windows.shape[1] - 1)
-  return {"accuracy": correct / scored, "bits_per_byte": nll / scored / math.log(2),
-          "bytes": scored}
