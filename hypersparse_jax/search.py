@@ -65,19 +65,25 @@ def default_space(base: train.TrainConfig) -> dict:
   ``lambda_init`` log-uniform over [preset / 10, preset × 10]; ``eta`` over
   [1 + (preset − 1) / 4, 1 + 2 (preset − 1)]; ``lr`` log over [preset / 5, preset × 2];
   ``lr_decay`` [0.05, 0.5]; the two lr steps (integers) over [0.3, 0.6] and [0.6, 0.95] of the
-  fine-tune epochs; ``momentum`` [0.8, 0.95]; ``warmup_epochs`` (integer) [preset / 2,
+  fine-tune epochs (below ``epochs``; left out when ``epochs`` leaves no room for two different
+  steps), step 2 drawn above step 1; ``momentum`` [0.8, 0.95]; ``warmup_epochs`` (integer) [preset / 2,
   1.5 × preset]; ``weight_decay`` log [1e-5, 1e-3]; ``window`` (integer) [1, 10].
   """
   e = base.epochs
+  # lr steps are fine-tune epochs in [0, e), and two equal steps are refused by the trainer:
+  # step 2 is drawn above step 1 (see _suggest), so the ranges need room for two values.
   step1 = (max(1, round(0.3 * e)), max(1, round(0.6 * e)))
-  step2 = (step1[1], max(step1[1], round(0.95 * e)))
+  step2 = (step1[1], min(e - 1, max(step1[1], round(0.95 * e))))
+  steps = {}
+  if step2[1] > step1[0]:
+    steps = {"lr_step_1": {"type": "int", "low": step1[0], "high": step1[1]},
+             "lr_step_2": {"type": "int", "low": step2[0], "high": step2[1]}}
   return {
       "lambda_init": {"low": base.lambda_init / 10, "high": base.lambda_init * 10, "log": True},
       "eta": {"low": 1 + (base.eta - 1) / 4, "high": 1 + 2 * (base.eta - 1)},
       "lr": {"low": base.lr / 5, "high": base.lr * 2, "log": True},
       "lr_decay": {"low": 0.05, "high": 0.5},
-      "lr_step_1": {"type": "int", "low": step1[0], "high": step1[1]},
-      "lr_step_2": {"type": "int", "low": step2[0], "high": step2[1]},
+      **steps,
       "momentum": {"low": 0.8, "high": 0.95},
       "warmup_epochs": {"type": "int", "low": max(1, base.warmup_epochs // 2),
                         "high": max(1, round(1.5 * base.warmup_epochs))},
@@ -141,19 +147,73 @@ def load_space(path: Optional[str], base: train.TrainConfig, fixed: Sequence[str
   space = {k: v for k, v in space.items() if k not in removed}
   if not space:
     raise SpaceError("nothing left to search: every setting of the space is fixed by an option")
+  _lr_step_bounds(space, base.lr_steps)
   return space
 
 
-def _suggest(trial, space: dict) -> dict:
+def _lr_step_bounds(space: dict, base_steps: Sequence[int]) -> dict:
+  """``{name: (low, high)}`` of the searched lr steps so that every draw is strictly increasing.
+
+  Step 2 is drawn after step 1, from above it; a step searched alone keeps clear of the other
+  step of ``base_steps`` (the preset's or ``--lr-steps``), which it joins (trial_config sorts).
+  Raises SpaceError when the ranges leave no valid pair.
+  """
+  searched = [k for k in ("lr_step_1", "lr_step_2") if k in space and "choices" not in space[k]]
+  bounds = {k: (space[k]["low"], space[k]["high"]) for k in searched}
+  if len(searched) == 2:
+    (low1, high1), (low2, high2) = bounds["lr_step_1"], bounds["lr_step_2"]
+    if not high2 > low1:
+      raise SpaceError(f"space entries lr_step_1 [{low1}, {high1}] and lr_step_2 [{low2}, "
+                       f"{high2}] leave no pair with step 2 > step 1; lr_step_2's high must "
+                       "exceed lr_step_1's low")
+    bounds["lr_step_1"] = (low1, min(high1, high2 - 1))
+  elif len(searched) == 1 and len(base_steps) >= 2:
+    name = searched[0]
+    other = int(base_steps[1] if name == "lr_step_1" else base_steps[0])
+    low, high = bounds[name]
+    if name == "lr_step_1":
+      bounds[name] = (low, min(high, other - 1))
+    else:
+      bounds[name] = (max(low, other + 1), high)
+    if bounds[name][0] > bounds[name][1]:
+      raise SpaceError(f"space entry {name} [{low}, {high}] has no value apart from the other "
+                       f"lr step {other} (--lr-steps / the preset); widen it")
+  return bounds
+
+
+def _suggest(trial, space: dict, base_steps: Sequence[int] = ()) -> dict:
+  """One trial's settings; lr steps only strictly increasing (see :func:`_lr_step_bounds`)."""
+  steps = _lr_step_bounds(space, base_steps)
   params = {}
   for name, spec in space.items():
     if "choices" in spec:
       params[name] = trial.suggest_categorical(name, spec["choices"])
     elif spec["type"] == "int":
-      params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec["log"])
+      low, high = steps.get(name, (spec["low"], spec["high"]))
+      if name == "lr_step_2" and "lr_step_1" in steps:
+        if "lr_step_1" not in params:  # draw step 1 first, whatever the space's key order
+          params["lr_step_1"] = trial.suggest_int("lr_step_1", *steps["lr_step_1"],
+                                                  log=space["lr_step_1"]["log"])
+        low = max(low, params["lr_step_1"] + 1)
+      if name in params:
+        continue
+      params[name] = trial.suggest_int(name, low, high, log=spec["log"])
     else:
       params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
-  return params
+  return {name: params[name] for name in space}
+
+
+class _LowestDraw:
+  """A stand-in trial that draws each setting's lowest value (first choice): the start-up check
+  that the space's settings are accepted by the trainer."""
+
+  def suggest_int(self, name, low, high, log=False):
+    return low
+
+  suggest_float = suggest_int
+
+  def suggest_categorical(self, name, choices):
+    return choices[0]
 
 
 def trial_config(base: train.TrainConfig, params: dict) -> train.TrainConfig:
@@ -218,7 +278,7 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
       trial.set_user_attr("surplus", True)
       trial.study.stop()
       raise _BudgetReached()
-    params = _suggest(trial, space)
+    params = _suggest(trial, space, base.lr_steps)
     cfg = trial_config(base, params)
     run_dir = _run_dir(outdir, trial, optuna)
     trial.set_user_attr("run_dir", os.path.relpath(run_dir, outdir))
@@ -439,8 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ValueError("--epochs must be >= 1: trials are compared on fine-tune validation "
                        "accuracy")
     space = load_space(args.space, base, _given(argv, parser))
-    trial_config(base, {k: (v["choices"][0] if "choices" in v else v["low"])
-                        for k, v in space.items()}).validate()
+    trial_config(base, _suggest(_LowestDraw(), space, base.lr_steps)).validate()
     outdir = args.outdir or os.path.join("runs", f"search-{base.dataset}-{base.model}"
                                          f"{base.depth or ''}")
     if args.storage is None:

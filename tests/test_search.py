@@ -291,3 +291,62 @@ def test_an_unexpected_trial_error_is_one_line_with_the_traceback_kept(tmp_path,
   assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
   with open(outdir / "trials.csv") as f:
     assert f.read().splitlines()[1].split(",")[1] == "FAIL"
+
+
+# ------------------------------------------------------------------------------------------------
+# Every draw of the space is a setting the trainer accepts
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epochs, lr_steps", [(20, (10, 15)), (160, (80, 120)), (4, (2, 3)),
+                                              (3, (1, 2))])
+def test_default_space_draws_only_increasing_lr_steps(epochs, lr_steps):
+  """Drawn independently, the two steps' ranges share a value (digits: 6–12 and 12–19), and a
+  draw of 12 and 12 is refused by the trainer. Over many draws of optuna's TPE and random
+  samplers every pair must be strictly increasing within [0, epochs), and (random sampler)
+  every value of each range must still be drawn."""
+  base = train.TrainConfig(epochs=epochs, lr_steps=lr_steps)
+  space = search.load_space(None, base, fixed=())
+  ranges = {k: range(space[k]["low"], space[k]["high"] + 1) for k in ("lr_step_1", "lr_step_2")}
+  for sampler in (optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)):
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    seen = {k: set() for k in ranges}
+    for i in range(300 if isinstance(sampler, optuna.samplers.RandomSampler) else 60):
+      trial = study.ask()
+      params = search._suggest(trial, space, base.lr_steps)
+      s1, s2 = params["lr_step_1"], params["lr_step_2"]
+      assert 0 <= s1 < s2 < epochs, params
+      assert s1 in ranges["lr_step_1"] and s2 in ranges["lr_step_2"], params
+      search.trial_config(base, params).validate()  # the trainer's own check
+      seen["lr_step_1"].add(s1)
+      seen["lr_step_2"].add(s2)
+      study.tell(trial, float(s1 + s2 + i % 3))
+    if isinstance(sampler, optuna.samplers.RandomSampler):
+      # every value of a range is drawable, except step 1's top when step 2 has no value above it
+      assert seen["lr_step_2"] == set(ranges["lr_step_2"])
+      assert seen["lr_step_1"] == {v for v in ranges["lr_step_1"] if v < max(ranges["lr_step_2"])}
+
+
+def test_digits_default_lr_step_ranges_are_the_readmes():
+  space = search.default_space(train.TrainConfig())
+  assert (space["lr_step_1"]["low"], space["lr_step_1"]["high"]) == (6, 12)
+  assert (space["lr_step_2"]["low"], space["lr_step_2"]["high"]) == (12, 19)
+
+
+def test_too_few_fine_tune_epochs_for_two_steps_leave_them_out():
+  assert "lr_step_1" not in search.default_space(train.TrainConfig(epochs=2, lr_steps=(1,)))
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"lr_step_1": {"type": "int", "low": 5, "high": 8},
+      "lr_step_2": {"type": "int", "low": 3, "high": 5}}, "no pair with step 2 > step 1"),
+    ({"lr_step_1": {"type": "int", "low": 15, "high": 18}}, "no value apart from the other"),
+])
+def test_lr_step_ranges_without_a_valid_pair_are_one_line(tmp_path, capsys, space, needle):
+  path = tmp_path / "space.json"
+  path.write_text(json.dumps(space))
+  argv = [*TINY, "--epochs", "20", "--space", str(path),  # the preset's steps: 10 and 15
+          "--outdir", str(tmp_path / "s"), "--storage", "sqlite:////nonexistent-dir/n.db"]
+  assert search.main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and needle in err[0], err
