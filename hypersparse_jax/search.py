@@ -12,9 +12,11 @@ or over ``--space FILE.json``. Each trial is an ordinary run directory
 its test accuracy is only recorded (user attribute ``test_accuracy``).
 
 ``--trials N`` is the study's total of finished (complete + pruned) trials: re-running the same
-command runs only the missing ones; with ``--heartbeat`` (on by default) a trial left RUNNING by
-a killed process is marked failed and run again with the same parameters, resuming its run
-directory. Outputs in ``OUTDIR``: ``study.db`` (default storage), ``best.json``,
+command runs only the missing ones, and a search ends only when the study has N (it waits for
+other workers' running trials). A trial cut short is run again with the same parameters,
+resuming its run directory from its last checkpoint: one interrupted by Ctrl-C (the search ends
+with one line and exit code 130), one whose worker on this host is no longer alive (seen at
+once, by its pid), and one of another host whose ``--heartbeat`` went silent. Outputs in ``OUTDIR``: ``study.db`` (default storage), ``best.json``,
 ``trials.csv``, ``search.png`` (optimisation history and parameter importances).
 
 Space file: a JSON object ``{name: spec}`` where ``spec`` is ``{"low": a, "high": b}`` (float;
@@ -29,16 +31,19 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Optional, Sequence
 
-from hypersparse_jax import train
-from hypersparse_jax.run_dir import first_line
+from hypersparse_jax import checkpointing, train
+from hypersparse_jax.run_dir import first_line, write_text_atomic
 
 __all__ = ["SEARCHABLE", "default_space", "load_space", "main"]
 
@@ -243,16 +248,109 @@ def _finished(study, optuna) -> int:
   return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _run_dir(outdir: str, trial, optuna) -> str:
-  # A retried trial (its first attempt was killed) resumes the first attempt's run directory.
-  import warnings
+def _run_dir(outdir: str, trial, optuna) -> tuple:
+  """``(run_dir, number of the first attempt or None)``: a retried trial (its first attempt was
+  interrupted or killed) resumes the first attempt's run directory."""
   frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
-    number = retry.retried_trial_number(frozen)
-  return os.path.join(outdir, "trials", f"trial-{trial.number if number is None else number:04d}")
+  number = frozen.system_attrs.get("failed_trial")  # optuna's retry callbacks' key too
+  return (os.path.join(outdir, "trials", f"trial-{trial.number if number is None else number:04d}"),
+          number)
+
+
+_MAX_KILLED_RETRIES = 3  # a trial whose process dies again and again is not retried for ever
+
+
+def _retry(study, frozen, why: str, optuna) -> bool:
+  """Queues ``frozen`` (an attempt that ended FAIL because it was interrupted or its worker
+  died) to run again: same parameters, same run directory (resumed from its checkpoint).
+
+  Written like optuna's ``RetryHeartbeatStaleTrialCallback`` (system attributes
+  ``failed_trial``, the first attempt's number, and ``retry_history``), so retries by either
+  agree; ``why`` ('interrupted', 'worker gone', 'heartbeat stale') goes in the user attribute
+  ``retry_reason``. An interrupted attempt is always retried (the user chose to stop it); one
+  whose worker died, at most ``_MAX_KILLED_RETRIES`` times. Returns whether it was queued.
+  """
+  system_attrs = {"failed_trial": frozen.number, **frozen.system_attrs}
+  history = list(system_attrs.get("retry_history", [])) + [frozen.number]
+  system_attrs["retry_history"] = history
+  if why != "interrupted" and len(history) > _MAX_KILLED_RETRIES:
+    return False
+  user_attrs = {"retry_reason": why, "retry_of": frozen.number}
+  if "run_dir" in frozen.user_attrs:
+    user_attrs["run_dir"] = frozen.user_attrs["run_dir"]
+  study.add_trial(optuna.trial.create_trial(
+      state=optuna.trial.TrialState.WAITING, params=frozen.params,
+      distributions=frozen.distributions, user_attrs=user_attrs, system_attrs=system_attrs))
+  return True
+
+
+def _heartbeat_retry(optuna):
+  """The storage's callback for trials whose heartbeat went stale: :func:`_retry`."""
+  base = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+          or optuna.storages.RetryFailedTrialCallback)
+
+  class Retry(base):
+    def __call__(self, study, trial):
+      _retry(study, trial, "heartbeat stale", optuna)
+
+  return Retry()
+
+
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(pid: int, since: float) -> bool:
+  """Whether no process ``pid`` of this host could have been running since ``since`` (a Unix
+  time): none exists, it is a zombie, or it started later (the pid was reused)."""
+  if pid == os.getpid():
+    return True  # asked only outside a trial: an earlier process that had our pid
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    pass  # exists, another user's
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/stat") as f:
+      boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return fields[0] in ("Z", "X") or started > since + 2  # btime is whole seconds
+  except (OSError, ValueError, IndexError, StopIteration):
+    return False  # no /proc: alive as far as we can tell
+
+
+def _dead_local_worker(trial) -> Optional[str]:
+  """The ``host:pid`` of a RUNNING trial's worker if it is this host's and has died, else
+  None (other hosts' trials wait for their heartbeat to go stale)."""
+  worker = trial.user_attrs.get("worker", "")
+  host, _, pid = worker.rpartition(":")
+  if host != socket.gethostname() or not pid.isdigit() or trial.datetime_start is None:
+    return None
+  return worker if _process_gone(int(pid), trial.datetime_start.timestamp()) else None
+
+
+def _recover_dead_trials(study, optuna, log) -> None:
+  """Fails and retries (:func:`_retry`) the RUNNING trials whose worker, on this host, is no
+  longer alive: a search killed mid-trial and rerun at once resumes that trial now instead of
+  counting it as running (its heartbeat is not stale yet)."""
+  for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    worker = _dead_local_worker(t)
+    if worker is None:
+      continue
+    try:
+      study._storage.set_trial_user_attr(t._trial_id, "failed_because", f"worker {worker} gone")
+      if not study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+        continue
+    except optuna.exceptions.UpdateFinishedTrialError:
+      continue  # another worker got there first
+    if _retry(study, t, "worker gone", optuna):
+      log(f"trial {t.number}: its worker {worker} is gone (killed?); queued again to resume "
+          f"{t.user_attrs.get('run_dir', 'its run directory')}")
+    else:
+      log(f"trial {t.number}: its worker {worker} is gone; not retried (its run directory "
+          f"died {_MAX_KILLED_RETRIES} times)")
 
 
 def _give_up(trial, reason: str, error: Exception, params: dict, log, optuna):
@@ -266,10 +364,21 @@ def _give_up(trial, reason: str, error: Exception, params: dict, log, optuna):
   raise optuna.TrialPruned(f"{reason}: {message}")
 
 
-def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
+def make_objective(base, space, outdir, n_trials, *, progress=False, log=print,
+                   current=None):
+  """The optuna objective: one trial is one ``train.Trainer`` run in ``OUTDIR/trials/``.
+
+  Every trial's end is logged (complete, pruned, diverged / infeasible, resumed). ``current``,
+  a dict, receives the running trial's ``trial``, ``run_dir`` and ``trainer`` (what an
+  interrupted search reports).
+  """
   import optuna
+  current = {} if current is None else current
 
   def objective(trial):
+    trial.set_user_attr("worker", _WORKER)  # first: who runs it (see _dead_local_worker)
+    current.clear()
+    current["trial"] = trial
     # Exact total with several workers: a trial whose start would exceed it yields to the
     # running trials with smaller numbers (it fails, marked 'surplus', nothing trained).
     running = [t for t in trial.study.get_trials(
@@ -280,15 +389,18 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
       raise _BudgetReached()
     params = _suggest(trial, space, base.lr_steps)
     cfg = trial_config(base, params)
-    run_dir = _run_dir(outdir, trial, optuna)
-    trial.set_user_attr("run_dir", os.path.relpath(run_dir, outdir))
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run_dir, first = _run_dir(outdir, trial, optuna)
+    current["run_dir"] = os.path.relpath(run_dir, outdir)
+    trial.set_user_attr("run_dir", current["run_dir"])
+    if first is not None:
+      why = trial.user_attrs.get("retry_reason", "failed")
+      log(f"trial {trial.number}: resumes trial {first} ({why}) in {current['run_dir']}")
     os.makedirs(run_dir, exist_ok=True)
     config = dataclasses.asdict(cfg)
     config["lr_steps"] = list(cfg.lr_steps)
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):
-      train._atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+      write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
 
     def on_epoch(record):
       if record["phase"] != "finetune" or record.get("val_accuracy") is None:
@@ -296,14 +408,22 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
       trial.report(record["val_accuracy"], record["phase_epoch"])
       if trial.should_prune():
         trial.set_user_attr("pruned_at_finetune_epoch", record["phase_epoch"])
+        log(f"trial {trial.number}: pruned at fine-tune epoch {record['phase_epoch']} "
+            f"(val {record['val_accuracy']:.4f}) {params}")
         raise optuna.TrialPruned()
+
+    def trainer_log(*parts):  # the trainer is quiet in a search, but for where it resumes
+      text = " ".join(map(str, parts))
+      if text.startswith("resuming "):
+        log(f"trial {trial.number}: {text}")
 
     start = time.time()
     try:
       trainer = train.Trainer(cfg, run_dir, progress=progress, on_epoch=on_epoch,
-                              log=lambda *a: None)
+                              log=trainer_log)
     except ValueError as e:  # a sampled combination the trainer refuses (e.g. λ overflow)
       _give_up(trial, "infeasible", e, params, log, optuna)
+    current["trainer"] = trainer
     try:
       summary = trainer.run()
     except train.TrainingDiverged as e:
@@ -315,11 +435,19 @@ def make_objective(base, space, outdir, n_trials, *, progress=False, log=print):
                 "selected_epoch"):
       trial.set_user_attr(key, summary.get(key))
     value = summary["best_val_accuracy"]
-    log(f"trial {trial.number}: val {value:.4f} test {summary['test_accuracy']:.4f} "
+    log(f"trial {trial.number}: complete: val {value:.4f} test {summary['test_accuracy']:.4f} "
         f"({time.time() - start:.0f}s) {params}")
+    current.clear()
     return value
 
-  return objective
+  def interruptible(trial):
+    try:
+      return objective(trial)
+    except KeyboardInterrupt:
+      trial.set_user_attr("interrupted", True)  # still RUNNING: optuna fails it next
+      raise
+
+  return interruptible
 
 
 def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
@@ -337,7 +465,7 @@ def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
     writer.writerow([t.number, t.state.name, "" if t.value is None else t.value, wall]
                     + [t.params.get(n, "") for n in names]
                     + [t.user_attrs.get(a, "") for a in attrs])
-  train._atomic_write(os.path.join(outdir, "trials.csv"), buffer.getvalue())
+  write_text_atomic(os.path.join(outdir, "trials.csv"), buffer.getvalue())
   if not complete:
     return None
   best = study.best_trial
@@ -346,7 +474,7 @@ def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
             "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
             "finished_trials": _finished(study, optuna),
             "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in rows)}
-  train._atomic_write(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
+  write_text_atomic(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
   _plot(study, os.path.join(outdir, "search.png"), len(complete))
   return result
 
@@ -442,11 +570,10 @@ def _storage(url: str, heartbeat: int, optuna):
   kwargs = {}
   if heartbeat > 0:
     kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    if retry is not None:  # optuna >= 4.9
-      kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
-    else:
-      kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    key = ("heartbeat_stale_trial_callback"  # optuna >= 4.9
+           if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+           else "failed_trial_callback")
+    kwargs[key] = _heartbeat_retry(optuna)
   # Workers started together on a new database race to create its schema: the loser sees
   # "table ... already exists", "UNIQUE constraint failed: alembic_version..." or a locked
   # database (all seen with two processes on one new SQLite file); the schema is complete once
@@ -473,10 +600,47 @@ def _pruner(name: str, cfg: train.TrainConfig, optuna):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs ``hypersparse-search``; returns the exit code (2 with a one-line error on bad input)."""
+  """Runs ``hypersparse-search``; returns the exit code (2 with a one-line error on bad input,
+  1 when a trial failed or no trial completed, 130 when interrupted: one line, and the same
+  command resumes the interrupted trial)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args = parser.parse_args(argv)
+  previous_sigint = None
+  if threading.current_thread() is threading.main_thread():
+    # the trainer's handler: Ctrl-C never cuts a checkpoint save, nor is it lost in a callback
+    checkpointing.clear_interrupt()
+    previous_sigint = signal.signal(signal.SIGINT, checkpointing.on_sigint)
+  study, current = None, {}
+  try:
+    setup = _setup(argv, parser, args)
+    if isinstance(setup, int):
+      return setup
+    study, base, space, outdir, optuna = setup
+    code = _search(study, args, base, space, outdir, current, optuna)
+    if code is None:
+      return 0 if _report(study, args, outdir, optuna) else 1
+    return code
+  except KeyboardInterrupt:
+    line = ("hypersparse-search: interrupted before the search started" if study is None
+            else _interrupted(study, current, optuna))
+    print(line, file=sys.stderr, flush=True)
+    return 130
+  finally:
+    if previous_sigint is not None:
+      signal.signal(signal.SIGINT, previous_sigint)
+
+
+class _QuietFailures(logging.Filter):
+  """Drops optuna's "Trial N failed ..." warnings (a traceback each, ~50 lines for Ctrl-C): the
+  search prints its own line for every trial's end."""
+
+  def filter(self, record):
+    return " failed with " not in record.getMessage()
+
+
+def _setup(argv, parser, args):
+  """``(study, base config, space, outdir, optuna)``, or the exit code 2 after a one-line error."""
   try:
     try:
       import warnings
@@ -509,6 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       url = args.storage
     try:
       optuna.logging.set_verbosity(optuna.logging.WARNING)
+      logging.getLogger("optuna.study._optimize").addFilter(_QuietFailures())
       storage = _storage(url, args.heartbeat, optuna)
     except Exception as e:
       raise ValueError(f"cannot open storage {url!r}: "
@@ -521,43 +686,137 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"hypersparse-search: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   os.makedirs(outdir, exist_ok=True)
+  return study, base, space, outdir, optuna
+
+
+def _search(study, args, base, space, outdir, current, optuna) -> Optional[int]:
+  """Runs trials until the study has ``--trials`` finished ones; None when it has, else the exit
+  code of an error. Trials left RUNNING by a dead worker of this host are retried at once; live
+  trials of other workers are waited for (a stale heartbeat retries them), so the search never
+  ends short of ``--trials``."""
   before = _finished(study, optuna)
   if before >= args.trials:
     print(f"study {args.study_name!r} already has {before} finished trials (--trials "
           f"{args.trials}): nothing to do")
-  else:
-    if args.retain_host_memory:
-      from hypersparse_jax import host_memory
-      host_memory.retain_freed_memory(warn=False)
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    objective = make_objective(base, space, outdir, args.trials, progress=args.progress)
-    try:
-      study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.trials, states)],
-                     catch=(_BudgetReached,), gc_after_trial=True)
-    except Exception as e:  # a bug or the environment (disk full, ...), not a bad trial
-      log_path = os.path.join(outdir, "errors.log")
-      with open(log_path, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}:{os.getpid()}\n"
-                + traceback.format_exc() + "\n")
-      _write_outputs(study, outdir, optuna)
-      first = str(e).splitlines()[0] if str(e) else ""
-      print(f"hypersparse-search: error: a trial failed: {type(e).__name__}: {first} "
-            f"(traceback in {log_path}); the failed trial does not count towards --trials: "
-            "the same command continues the search", file=sys.stderr)
+    return None
+  if args.retain_host_memory:
+    from hypersparse_jax import host_memory
+    host_memory.retain_freed_memory(warn=False)
+  states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+  objective = make_objective(base, space, outdir, args.trials, progress=args.progress,
+                             current=current)
+  waiting_for = None
+  while True:
+    _recover_dead_trials(study, optuna, print)
+    finished = _finished(study, optuna)
+    if finished >= args.trials:
+      return None
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if queued or finished + len(running) < args.trials:
+      try:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(args.trials, states)],
+                       catch=(_BudgetReached,), gc_after_trial=True)
+      except Exception as e:  # a bug or the environment (disk full, ...), not a bad trial
+        log_path = os.path.join(outdir, "errors.log")
+        with open(log_path, "a") as f:
+          f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {_WORKER}\n"
+                  + traceback.format_exc() + "\n")
+        _write_outputs(study, outdir, optuna)
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"hypersparse-search: error: a trial failed: {type(e).__name__}: {first} "
+              f"(traceback in {log_path}); the failed trial does not count towards --trials: "
+              "the same command continues the search", file=sys.stderr)
+        return 1
+      continue
+    # What is missing runs in other live workers: wait for them to finish (or go stale).
+    others = sorted(f"{t.number} ({t.user_attrs.get('worker', 'unknown worker')})"
+                    for t in running)
+    if args.heartbeat == 0:
+      print(f"hypersparse-search: error: the study has {finished} of --trials {args.trials} "
+            f"finished; trial(s) {', '.join(others)} are RUNNING elsewhere and, with "
+            "--heartbeat 0, cannot be told from dead ones: rerun once they ended",
+            file=sys.stderr)
       return 1
-  if before < args.trials or not os.path.exists(os.path.join(outdir, "trials.csv")):
+    if waiting_for != others:
+      print(f"{finished} of {args.trials} trials finished; waiting for trial(s) "
+            f"{', '.join(others)} of other workers (a worker silent for {2 * args.heartbeat} s "
+            "is taken for dead and its trial rerun here)", flush=True)
+      waiting_for = others
+    time.sleep(min(2.0, args.heartbeat))
+    optuna.storages.fail_stale_trials(study)
+
+
+def _report(study, args, outdir, optuna) -> bool:
+  """Writes the outputs (when trials ran) and prints what happened to the study's trials and
+  the best one; False when no trial completed."""
+  trials = study.get_trials(deepcopy=False)
+  if not os.path.exists(os.path.join(outdir, "trials.csv")) or _outputs_stale(study, outdir):
     best = _write_outputs(study, outdir, optuna)
   elif os.path.exists(os.path.join(outdir, "best.json")):
     with open(os.path.join(outdir, "best.json")) as f:
       best = json.load(f)
   else:
     best = None
+  print(_tally(trials, optuna))
   if best is None:
     print("no trial completed (all pruned or failed): no best.json")
-    return 1
+    return False
   print(f"best trial {best['trial']}: validation accuracy {best['value']:.4f}, test accuracy "
         f"{best['test_accuracy']:.4f}, params {json.dumps(best['params'])}")
-  return 0
+  return True
+
+
+def _outputs_stale(study, outdir: str) -> bool:
+  """Whether trials.csv lists fewer trials than the study (written before some trials ran)."""
+  with open(os.path.join(outdir, "trials.csv")) as f:
+    rows = sum(1 for line in csv.reader(f)) - 1
+  return rows != len(study.get_trials(deepcopy=False))
+
+
+def _tally(trials, optuna) -> str:
+  """One line: the study's trials by what happened to them."""
+  S = optuna.trial.TrialState
+  complete = sum(t.state == S.COMPLETE for t in trials)
+  pruned = [t for t in trials if t.state == S.PRUNED]
+  unusable = sum(any(k in t.user_attrs for k in ("diverged", "infeasible")) for t in pruned)
+  failed = [t for t in trials if t.state == S.FAIL and not t.user_attrs.get("surplus")]
+  resumed = sum("retry_of" in t.user_attrs or "failed_trial" in t.system_attrs
+                for t in trials if t.state in (S.COMPLETE, S.PRUNED))
+  interrupted = sum(bool(t.user_attrs.get("interrupted")) for t in failed)
+  killed = sum("failed_because" in t.user_attrs for t in failed)
+  parts = [f"{complete} complete", f"{len(pruned)} pruned"
+           + (f" ({unusable} diverged or infeasible)" if unusable else "")]
+  parts.append(f"{len(failed)} failed attempts ({interrupted} interrupted, {killed} of dead "
+               f"workers, {len(failed) - interrupted - killed} other)")
+  parts.append(f"{resumed} finished by resuming a failed attempt")
+  return f"trials: {', '.join(parts)}"
+
+
+def _interrupted(study, current: dict, optuna) -> str:
+  """Ctrl-C: queues the interrupted trial to resume (same parameters and run directory) and
+  returns the one line to print."""
+  trial = current.get("trial")
+  if trial is None:
+    return "hypersparse-search: interrupted; run the same command to continue the search"
+  frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial.number), None)
+  run_dir = current.get("run_dir", "")
+  trainer = current.get("trainer")
+  epoch = "" if trainer is None or trainer.epoch is None else f" at epoch {trainer.epoch}"
+  if frozen is not None and frozen.state == optuna.trial.TrialState.RUNNING:
+    # interrupted in optuna's own code: ended here, as optuna ends a trial its objective left
+    try:
+      study._storage.set_trial_user_attr(frozen._trial_id, "interrupted", True)
+      study._storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.FAIL)
+      frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    except optuna.exceptions.UpdateFinishedTrialError:
+      pass
+  if (frozen is not None and frozen.state == optuna.trial.TrialState.FAIL and run_dir
+      and not frozen.user_attrs.get("surplus")):
+    _retry(study, frozen, "interrupted", optuna)
+    return (f"hypersparse-search: interrupted in trial {trial.number}{epoch} ({run_dir}); run the "
+            "same command to resume it from its last checkpoint")
+  return "hypersparse-search: interrupted; run the same command to continue the search"
 
 
 if __name__ == "__main__":

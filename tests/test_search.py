@@ -350,3 +350,119 @@ def test_lr_step_ranges_without_a_valid_pair_are_one_line(tmp_path, capsys, spac
   assert search.main(argv) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C and a killed worker: the interrupted trial resumes, the study ends with --trials
+# ------------------------------------------------------------------------------------------------
+
+# ~0.1 s per warm-up epoch (batch 8): a trial is still training when its first epoch is logged
+SLOW = ["--warmup-epochs", "40", "--batch-size", "8", "--epochs", "2"]
+
+
+def _lines(path):
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def _wait_for_a_trained_epoch(proc, outdir):
+  """Polls the study for a RUNNING trial whose run directory has logged an epoch; its number."""
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    assert proc.poll() is None, "the search ended before a trial trained an epoch"
+    if (outdir / "study.db").exists():
+      try:
+        running = _study(outdir).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+      except Exception:  # the schema is still being created
+        running = []
+      for t in running:
+        if "run_dir" in t.user_attrs and _lines(outdir / t.user_attrs["run_dir"] / "metrics.jsonl"):
+          return t.number
+    time.sleep(0.05)
+  raise AssertionError("no trial trained an epoch within 300 s")
+
+
+def _retry_of(study, number):
+  return next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == number)
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes_the_interrupted_trial(tmp_path, env,
+                                                                         space_file):
+  outdir = tmp_path / "study"
+  cmd = _command(outdir, space_file, 2, "--pruner", "none", *SLOW)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    number = _wait_for_a_trained_epoch(proc, outdir)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 130, out + err
+  err = [line for line in err.splitlines() if line.strip()]
+  assert len(err) == 1 and f"interrupted in trial {number}" in err[0], err
+  run_dir = outdir / "trials" / f"trial-{number:04d}"
+  before = _lines(run_dir / "metrics.jsonl")
+  assert before and not (run_dir / "summary.json").exists()
+  interrupted = _study(outdir).trials[number]
+  assert interrupted.state == optuna.trial.TrialState.FAIL
+
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  assert len(_finished(study)) == 2  # the interrupted attempt does not count, its retry does
+  retry = _retry_of(study, number)
+  assert retry.state == optuna.trial.TrialState.COMPLETE
+  assert retry.params == interrupted.params
+  assert retry.user_attrs["run_dir"] == f"trials/trial-{number:04d}"
+  assert f"trial {retry.number}: resumes trial {number} (interrupted)" in run.stdout
+  # resumed from the checkpoint after the last logged epoch: the earlier lines are kept as
+  # they were, and every epoch is logged once, in order
+  assert f"at epoch {len(before)} (warmup)" in run.stdout, run.stdout
+  after = _lines(run_dir / "metrics.jsonl")
+  assert after[:len(before)] == before and len(after) > len(before)
+  assert [json.loads(line)["epoch"] for line in after] == list(range(len(after)))
+  assert "1 interrupted" in run.stdout and "1 finished by resuming" in run.stdout
+  _assert_outputs_match_study(outdir, study)
+
+
+def test_a_search_killed_mid_trial_and_rerun_at_once_ends_with_all_trials(tmp_path, env,
+                                                                          space_file):
+  """With a 300 s heartbeat the killed trial is not stale for 600 s: the rerun must see at
+  once that its worker (this host's, by pid) is gone, and resume it (the rerun is given 300 s)."""
+  outdir = tmp_path / "study"
+  cmd = _command(outdir, space_file, 2, "--pruner", "none", "--heartbeat", "300", *SLOW)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    number = _wait_for_a_trained_epoch(proc, outdir)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed = _study(outdir).trials[number]
+  assert killed.state == optuna.trial.TrialState.RUNNING  # as the dead worker left it
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  assert len(_finished(study)) == 2
+  assert study.trials[number].state == optuna.trial.TrialState.FAIL
+  retry = _retry_of(study, number)
+  assert retry.params == killed.params and retry.user_attrs["run_dir"] == killed.user_attrs[
+      "run_dir"]
+  assert f"trial {number}: its worker {killed.user_attrs['worker']} is gone" in run.stdout
+  _assert_outputs_match_study(outdir, study)
+
+
+def test_process_gone_tells_live_dead_zombie_and_reused_pids():
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    time.sleep(0.5)
+    assert not search._process_gone(child.pid, time.time() - 0.2)  # running since before
+    assert search._process_gone(child.pid, time.time() - 3600)  # started after: a reused pid
+    child.kill()
+    time.sleep(0.5)  # killed, not yet reaped: a zombie
+    assert search._process_gone(child.pid, time.time() - 0.2)
+  finally:
+    child.kill()
+    child.wait()
+  assert search._process_gone(child.pid, time.time())  # reaped: no such process
