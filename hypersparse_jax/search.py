@@ -8,8 +8,9 @@ Every ``hypersparse-train`` option is accepted and fixes that setting for all tr
 others are searched (TPE sampler) over the default space below, scaled to the dataset's preset,
 or over ``--space FILE.json``. Each trial is an ordinary run directory
 ``OUTDIR/trials/trial-NNNN`` (resumable like any run); its value is its best fine-tune
-*validation* accuracy (``--val-fraction``, default 0.1, held out of the training data by seed);
-its test accuracy is only recorded (user attribute ``test_accuracy``).
+*validation* accuracy (``--val-fraction``, default 0.1, held out of the training data by seed;
+``--dataset pysource``: next-byte accuracy on its own validation split's windows); its test
+accuracy is only recorded (user attribute ``test_accuracy``).
 
 ``--trials N`` is the study's total of finished (complete + pruned) trials: re-running the same
 command runs only the missing ones, and a search ends only when the study has N (it waits for
@@ -43,11 +44,13 @@ import traceback
 from typing import Any, Optional, Sequence
 
 from hypersparse_jax import checkpointing, train
+from hypersparse_jax import text as text_lib
 from hypersparse_jax.run_dir import first_line, write_text_atomic
 
 __all__ = ["SEARCHABLE", "default_space", "load_space", "main"]
 
-_EXTRA_HINT = "pip install 'hypersparse-jax[search]'"
+_EXTRA_HINT = "pip install -e '.[search]' (in the repository's clone)"
+_DEFAULT_VAL_FRACTION = 0.1  # of the training images; text tasks have their own split
 
 # name -> kind: settings a space may search (TrainConfig fields; lr_step_1/2 are the two lr steps)
 SEARCHABLE = {
@@ -527,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
       description="Hyper-parameter search for ART + HyperSparse with optuna (TPE). Every "
                   "hypersparse-train option fixes that setting for all trials; the rest is "
                   "searched. The objective is the best fine-tune validation accuracy.")
-  p.add_argument("--val-fraction", type=float, default=0.1,
-                 help="part of the training data held out for the objective (default 0.1)")
+  p.add_argument("--val-fraction", type=float, default=None,
+                 help="part of the training data held out for the objective (default 0.1; "
+                      "--dataset pysource has its own validation split and takes none)")
   p.add_argument("--outdir", default=None,
                  help="study folder: study.db, trials/, best.json, trials.csv, search.png "
                       "(default runs/search-<dataset>-<model>)")
@@ -654,9 +658,15 @@ def _setup(argv, parser, args):
                        f"{args.trials}")
     if args.heartbeat < 0:
       raise ValueError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat}")
+    text = args.dataset in text_lib.TEXT_DATASETS
+    if text and args.val_fraction:
+      raise ValueError(f"--val-fraction is not used by --dataset {args.dataset}: the objective "
+                       f"is on its own validation split, got {args.val_fraction}")
+    if args.val_fraction is None:
+      args.val_fraction = 0.0 if text else _DEFAULT_VAL_FRACTION
     base = train.config_from_args(args)
     base.validate()
-    if not base.val_fraction > 0:
+    if not (text or base.val_fraction > 0):
       raise ValueError("--val-fraction must be > 0: the search's objective is the validation "
                        "accuracy, never the test set")
     if base.epochs < 1:

@@ -466,3 +466,60 @@ def test_process_gone_tells_live_dead_zombie_and_reused_pids():
     child.kill()
     child.wait()
   assert search._process_gone(child.pid, time.time())  # reaped: no such process
+
+
+# ------------------------------------------------------------------------------------------------
+# The byte-level language model: its own validation split is the objective
+# ------------------------------------------------------------------------------------------------
+
+
+def _python_folder(root):
+  """Real standard-library sources (first 6 kB) as m<i>.py until each split of pysource's rule
+  (sha256 of the relative path: < 0.05 test, < 0.10 validation, else train) has two files."""
+  import hashlib as _h
+  import sysconfig
+  sources = sorted(p for p in os.listdir(sysconfig.get_paths()["stdlib"]) if p.endswith(".py"))
+  counts = {"train": 0, "val": 0, "test": 0}
+  i = 0
+  while min(counts.values()) < 2:
+    name = f"m{i}.py"
+    u = int(_h.sha256(name.encode()).hexdigest()[:16], 16) / 2.0**64
+    split = "test" if u < 0.05 else "val" if u < 0.10 else "train"
+    if split != "train" or counts["train"] < 12:
+      src = os.path.join(sysconfig.get_paths()["stdlib"], sources[i % len(sources)])
+      with open(src, "rb") as f:
+        (root / name).write_bytes(f.read()[:6000])
+      counts[split] += 1
+    i += 1
+  return str(root)
+
+
+def test_a_pysource_search_runs_on_its_own_validation_windows(tmp_path, env, space_file):
+  (tmp_path / "src").mkdir()
+  data = _python_folder(tmp_path / "src")
+  outdir = tmp_path / "study"
+  cmd = [sys.executable, "-m", "hypersparse_jax.search", "--dataset", "pysource",
+         "--data-dir", data, "--layers", "1", "--d-model", "32", "--heads", "2", "--context",
+         "32", "--steps-per-epoch", "2", "--batch-size", "8", "--eval-windows", "8",
+         "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "1", "--lr-steps", "1",
+         "--no-progress", "--pruner", "none", "--space", space_file, "--trials", "2",
+         "--outdir", str(outdir)]
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+  assert len(complete) == 2
+  for t in complete:
+    summary = _summary(outdir, t)
+    assert summary["dataset"] == "pysource" and summary["val_fraction"] == 0
+    with open(os.path.join(outdir, t.user_attrs["run_dir"], "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    finetune = [r["val_accuracy"] for r in records if r["phase"] == "finetune"]
+    # the objective: the best per-epoch next-byte accuracy on the validation windows
+    assert len(finetune) == 2 and t.value == max(finetune)
+    assert t.user_attrs["test_accuracy"] == summary["test_accuracy"]
+  # a split fraction is refused for the language model, in one line
+  bad = subprocess.run(cmd + ["--val-fraction", "0.1"], env=env, capture_output=True,
+                       text=True, timeout=300)
+  err = [line for line in bad.stderr.splitlines() if line.strip()]
+  assert bad.returncode == 2 and len(err) == 1 and "--val-fraction" in err[0], bad.stderr
