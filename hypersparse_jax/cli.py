@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "or pysource's folder of *.py files (default: this Python's standard library)")
   p.add_argument("--download", action="store_true",
                  help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
-                      "install 'hypersparse-jax[download]')")
+                      "install -e '.[download]' in the repository's clone)")
   p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
                  help=f"reference: {ref['model']}; digits: mlp")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "

@@ -1,7 +1,15 @@
 """ONNX export of (pruned) Flax models: ``export_onnx`` and the ``hypersparse-export`` command.
 
-    hypersparse-export RUN_DIR OUT.onnx            # the run's selected fine-tuned model
+    hypersparse-export RUN_DIR OUT.onnx            # the model of the run's headline
     hypersparse-export RUN_DIR OUT.onnx --final    # the last fine-tune epoch instead
+    hypersparse-export RUN_DIR OUT.onnx --checkpoint best-test   # selected on the test set
+
+By default the exported model is the one ``summary.json``'s headline ``test_accuracy``
+describes (its ``selection`` and ``selected_epoch``); the reference's best-*test* epoch only on
+request. The file's ``metadata_props`` say what a deployment needs: ``preprocessing`` (JSON:
+layout NHWC, dtype uint8, scale 1/255, per-channel mean and std: the input is
+``(image * scale - mean) / std``), ``input_shape``, ``num_classes``, ``dataset``,
+``selected_epoch`` and ``selection``.
 
 The model is traced in eval mode (BatchNorm with its running statistics) and converted by
 jax2onnx; the variables become the graph's initializers, so pruned weights are stored as exact
@@ -37,6 +45,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -44,9 +53,10 @@ import numpy as np
 
 from hypersparse_jax.run_dir import first_line, write_bytes_atomic
 
-__all__ = ["DATASET_IMAGE_SHAPES", "OnnxExportError", "export_onnx", "load_run_variables", "main"]
+__all__ = ["DATASET_IMAGE_SHAPES", "OnnxExportError", "check_output_path", "export_onnx",
+           "load_run_variables", "main", "preprocessing"]
 
-_EXTRA_HINT = "pip install 'hypersparse-jax[onnx]'"
+_EXTRA_HINT = "pip install -e '.[onnx]' (in the repository's clone)"
 _INPUT_NAME = "images"
 _OUTPUT_NAME = "logits"
 _BATCH_DIM = "batch"
@@ -189,7 +199,7 @@ def export_onnx(model, variables: Mapping[str, Any], path: str | os.PathLike, *,
 
   Raises:
     ImportError: jax2onnx / onnx (or onnxruntime for ``verify``) missing; the message names
-      ``pip install 'hypersparse-jax[onnx]'``.
+      ``pip install -e '.[onnx]'``.
     ValueError: bad ``input_shape`` or ``variables``.
     OnnxExportError: jax2onnx cannot convert an operation of the model, or onnxruntime's result
       does not match the model.
@@ -320,59 +330,113 @@ def _steps(directory: str) -> list:
     mngr.close()
 
 
-def load_run_variables(run_dir: str, *, final: bool = False):
+# --checkpoint choices: what each exports, and why (the ``selection_reason`` of the report)
+CHECKPOINTS = ("selected", "final", "best-test")
+_REASONS = {
+    "best_val": "the fine-tune epoch with the best validation accuracy: the run's headline "
+                "(summary.json's selection)",
+    "final": "the last fine-tune epoch: the run's headline (summary.json's selection; the run "
+             "has no validation split)",
+    "final_asked": "the last fine-tune epoch (--checkpoint final)",
+    "best_test": "the fine-tune epoch with the best test accuracy: selected on the test set, "
+                 "the reference's convention (--checkpoint best-test; its test accuracy is "
+                 "not an unbiased estimate)",
+}
+
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _selection(run_dir: str, config: dict, summary: Optional[dict], checkpoint: str) -> tuple:
+  """``(checkpoint folder, selection, reason)`` for ``--checkpoint``: ``selected`` is what the
+  run's headline reports (``summary.json``'s ``selection``; before the run has finished,
+  ``best_val`` with a validation split, else the last fine-tune epoch so far)."""
+  if checkpoint == "best-test":
+    return "best", "best_test", _REASONS["best_test"]
+  if checkpoint == "final":
+    return "latest", "final", _REASONS["final_asked"]
+  if summary is not None and "selection" in summary:
+    selection = summary["selection"]
+  else:
+    selection = "best_val" if (config.get("val_fraction") or 0) > 0 else "final"
+  if selection not in ("best_val", "final"):
+    raise ValueError(f"{run_dir!r}: summary.json's selection {selection!r} is not one this "
+                     "version knows (best_val, final); pass --checkpoint final or best-test")
+  return ("best_val" if selection == "best_val" else "latest"), selection, _REASONS[selection]
+
+
+def load_run_variables(run_dir: str, *, checkpoint: str = "selected", final: bool = False):
   """The model, its eval variables and a description of the checkpoint of a training run.
 
-  ``run_dir`` is a ``hypersparse-train --outdir``. The default is the run's selected fine-tuned
-  model: checkpoint ``best_val`` (best validation accuracy) when the run has a validation
-  split, else ``best`` (best test accuracy, the reference's choice); ``final=True`` takes the
-  last fine-tune epoch from ``latest``.
+  ``run_dir`` is a ``hypersparse-train --outdir``. ``checkpoint``:
+
+  * ``'selected'`` (default): the model the run's headline ``test_accuracy`` describes,
+    ``summary.json``'s ``selection`` and ``selected_epoch``: checkpoint ``best_val`` (best
+    validation accuracy) when the run had ``--val-fraction``, else the last fine-tune epoch
+    (``latest``). Before the run finishes: the same rule on the epochs so far.
+  * ``'final'``: the last fine-tune epoch (``final=True`` is the same).
+  * ``'best-test'``: checkpoint ``best``, the fine-tune epoch with the best *test* accuracy
+    (the reference's convention: selected on the test set).
 
   Returns:
-    ``(model, variables, info)`` with ``info = {'checkpoint', 'epoch', 'dataset', ...}``.
+    ``(model, variables, info)`` with ``info = {'checkpoint', 'epoch', 'selection',
+    'selection_reason', 'dataset', 'num_classes', ...}``.
 
   Raises:
-    FileNotFoundError: not a run directory, or no fine-tuned checkpoint yet.
-    CheckpointError: the checkpoint cannot be read or does not fit the run's configuration.
+    FileNotFoundError: not a run directory, or no such fine-tuned checkpoint yet.
+    CheckpointError: the checkpoint cannot be read, does not fit the run's configuration, or
+      holds another epoch than ``summary.json`` selected.
+    ValueError: an unknown ``checkpoint``.
   """
   import jax
   import jax.numpy as jnp
   from hypersparse_jax import checkpointing, models
 
+  if final:
+    checkpoint = "final"
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
   config_path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{run_dir!r} is not a hypersparse-train run directory (no "
                             "config.json)")
   with open(config_path) as f:
     config = json.load(f)
+  summary = _read_json(os.path.join(run_dir, "summary.json"))
+  kind, selection, reason = _selection(run_dir, config, summary, checkpoint)
   ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
-  if final:
-    steps = _steps(os.path.join(ckpt_dir, "latest"))
-    if not steps:
-      raise FileNotFoundError(f"{run_dir!r} has no checkpoint in checkpoints/latest")
-    state, meta = _restore_untyped(os.path.join(ckpt_dir, "latest"), steps[-1])
+  steps = _steps(os.path.join(ckpt_dir, kind))
+  if not steps:
+    raise FileNotFoundError(f"{run_dir!r} has no fine-tuned checkpoint in checkpoints/{kind} "
+                            f"(for --checkpoint {checkpoint}): the run has not fine-tuned an "
+                            "epoch yet")
+  state, meta = _restore_untyped(os.path.join(ckpt_dir, kind), steps[-1])
+  if kind == "latest":
     if meta.get("phase") != "finetune":
       raise FileNotFoundError(
           f"{run_dir!r} has not reached fine-tuning yet (latest checkpoint: epoch "
           f"{meta.get('epoch')}, phase {meta.get('phase')}): there is no pruned model to export")
-    kind, epoch = "latest", meta.get("epoch")
+    epoch = meta.get("epoch")
     params, batch_stats = state["train"]["params"], state["train"].get("batch_stats") or {}
     finished = bool(meta.get("finished"))
   else:
-    for kind in ("best_val", "best"):
-      steps = _steps(os.path.join(ckpt_dir, kind))
-      if steps:
-        break
-    else:
-      raise FileNotFoundError(f"{run_dir!r} has no fine-tuned checkpoint (checkpoints/best_val "
-                              "or checkpoints/best): the run has not fine-tuned an epoch yet")
-    state, meta = _restore_untyped(os.path.join(ckpt_dir, kind), steps[-1])
     epoch = meta.get("epoch", steps[-1])
     params, batch_stats = state["params"], state.get("batch_stats") or {}
-    finished = None
+    finished = summary is not None
+  if checkpoint == "selected" and summary is not None and "selected_epoch" in summary \
+      and epoch != summary["selected_epoch"]:
+    raise checkpointing.CheckpointError(
+        f"{run_dir!r}: checkpoints/{kind} holds epoch {epoch}, but summary.json selected epoch "
+        f"{summary['selected_epoch']} ({selection}); the run directory was changed after it "
+        "finished")
   dataset = config.get("dataset")
   if dataset not in DATASET_IMAGE_SHAPES:
-    raise ValueError(f"{config_path}: unknown dataset {dataset!r}")
+    raise ValueError(f"{config_path}: dataset {dataset!r} cannot be exported; ONNX export "
+                     f"takes the image datasets {', '.join(DATASET_IMAGE_SHAPES)}")
   image_shape = DATASET_IMAGE_SHAPES[dataset]
   if dataset == "tinyimagenet":  # the class count is the folder's: read it from the head
     head = params.get("fc") or params.get("classifier")  # ResNet / VGG heads
@@ -391,12 +455,56 @@ def load_run_variables(run_dir: str, *, final: bool = False):
     raise checkpointing.CheckpointError(
         f"the {kind} checkpoint of {run_dir!r} does not fit the model of its config.json "
         f"({config['model']}, depth {config.get('depth')})")
-  info = {"checkpoint": kind, "epoch": epoch, "dataset": dataset, "model": config["model"],
+  info = {"checkpoint": kind, "epoch": epoch, "selection": selection,
+          "selection_reason": reason, "dataset": dataset, "model": config["model"],
           "depth": config.get("depth"), "sparsity_target": config.get("sparsity"),
-          "image_shape": image_shape}
-  if finished is not None:
-    info["finished"] = finished
+          "num_classes": num_classes, "image_shape": image_shape, "finished": finished}
   return model, variables, info
+
+
+def preprocessing(run_dir: str) -> dict:
+  """What a deployed model's input needs: ``{'layout': 'NHWC', 'dtype': 'uint8', 'scale':
+  1/255, 'mean': [...], 'std': [...]}``, i.e. ``(image * scale - mean) / std`` per channel on
+  uint8 NHWC images, as the run was trained.
+
+  Read from ``summary.json``'s ``preprocessing`` when the run recorded it; else computed as
+  the trainer does: CIFAR and TinyImageNet from the reference's fixed constants
+  (:data:`hypersparse_jax.data.NORMALIZATION`), others (digits: bundled, no download) from
+  their training split.
+  """
+  from hypersparse_jax import data
+  summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+  recorded = summary.get("preprocessing")
+  if isinstance(recorded, dict) and {"mean", "std"} <= set(recorded):
+    return {"layout": "NHWC", "dtype": "uint8", "scale": 1 / 255, **recorded}
+  config = _read_json(os.path.join(run_dir, "config.json")) or {}
+  dataset = config.get("dataset")
+  if dataset in data.NORMALIZATION:  # fixed constants: no pass over the data
+    mean, std = data.NORMALIZATION[dataset]
+  elif dataset in data.DATASET_NAMES:  # computed from the training split (digits: bundled)
+    loaded = data.load_dataset(dataset, config.get("data_dir"))
+    mean, std = loaded.mean, loaded.std
+  else:
+    raise ValueError(f"no image preprocessing for dataset {dataset!r}")
+  return {"layout": "NHWC", "dtype": "uint8", "scale": 1 / 255,
+          "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def check_output_path(path: str) -> None:
+  """Raises (one line) unless a file can be written at ``path``: checked before the minutes of
+  loading and conversion, not after."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"output {path!r} is a directory; pass a file name such as "
+                            f"{os.path.join(path, 'model.onnx')!r}")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+  try:  # the write itself is a temporary file renamed into this folder: try one
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".hypersparse-export-check-"):
+      pass
+  except OSError as e:
+    raise PermissionError(f"cannot write {path}: folder {folder} is not writable "
+                          f"({e.strerror or first_line(e)})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,12 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
       prog="hypersparse-export",
       description="Export the pruned model of a hypersparse-train run directory as ONNX "
                   "(eval mode, dynamic batch; input: float32 NHWC images normalised as in "
-                  "training, (x / 255 - mean) / std). Needs: " + _EXTRA_HINT)
+                  "training, (x / 255 - mean) / std, with mean and std in the file's metadata "
+                  "'preprocessing'). Needs: " + _EXTRA_HINT)
   p.add_argument("run_dir", help="a hypersparse-train --outdir")
   p.add_argument("output", help="the .onnx file to write")
-  p.add_argument("--final", action="store_true",
-                 help="the last fine-tune epoch instead of the selected one (best_val if the "
-                      "run has a validation split, else best)")
+  p.add_argument("--checkpoint", choices=CHECKPOINTS, default="selected",
+                 help="selected (default): the model the run's headline test accuracy "
+                      "describes (summary.json's selection: best validation epoch with "
+                      "--val-fraction, else the last epoch); final: the last fine-tune epoch; "
+                      "best-test: the epoch with the best test accuracy, i.e. selected on the "
+                      "test set, the reference's convention")
+  p.add_argument("--final", action="store_const", const="final", dest="checkpoint",
+                 help="the same as --checkpoint final")
   p.add_argument("--sparse-initializers", action="store_true",
                  help="store pruned weight tensors as ONNX sparse_initializers (smaller file)")
   p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -423,29 +537,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   from hypersparse_jax import checkpointing, masking
   try:
+    check_output_path(args.output)  # first: a bad path fails in a second, not after the export
     _import_onnx_stack()
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-      raise FileNotFoundError(f"cannot write {args.output}: folder {folder} does not exist")
-    model, variables, info = load_run_variables(args.run_dir, final=args.final)
-    if info.get("finished") is False:
+    model, variables, info = load_run_variables(args.run_dir, checkpoint=args.checkpoint)
+    if not info["finished"]:
       print(f"hypersparse-export: note: the run has not finished; exporting fine-tune epoch "
             f"{info['epoch']}", file=sys.stderr)
-    report = export_onnx(
-        model, variables, args.output, input_shape=(None,) + info["image_shape"],
-        sparse_initializers=args.sparse_initializers, verify=args.verify,
-        metadata={k: v for k, v in info.items() if k != "image_shape"})
+    shape = (None,) + info["image_shape"]
+    metadata = {k: v for k, v in info.items() if k != "image_shape"}
+    metadata.update(
+        selected_epoch=info["epoch"],
+        input_shape=json.dumps([None, *info["image_shape"]]),
+        preprocessing=json.dumps(preprocessing(args.run_dir)))
+    report = export_onnx(model, variables, args.output, input_shape=shape,
+                         sparse_initializers=args.sparse_initializers, verify=args.verify,
+                         metadata=metadata)
     sparsity = masking.sparsity(variables["params"])
-  except (ValueError, TypeError, FileNotFoundError, ImportError,
-          checkpointing.CheckpointError) as e:
-    print(f"hypersparse-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+  except (ValueError, TypeError, OSError, ImportError, checkpointing.CheckpointError) as e:
+    print(f"hypersparse-export: error: {first_line(e)}", file=sys.stderr)
     return 2
   check = ("" if report["max_rel_error"] is None else
            f", onnxruntime max |error| {report['max_rel_error']:.1e} x max |logit|")
   print(f"wrote {args.output}: {info['model']}{info['depth'] or ''} {info['dataset']}, "
-        f"checkpoint {info['checkpoint']} epoch {info['epoch']}, sparsity {sparsity:.4f}, "
-        f"{report['bytes']:,} bytes ({report['sparse_initializers']} sparse initializers)"
-        + check)
+        f"checkpoint {info['checkpoint']} epoch {info['epoch']} ({info['selection_reason']}), "
+        f"sparsity {sparsity:.4f}, {report['bytes']:,} bytes "
+        f"({report['sparse_initializers']} sparse initializers)" + check)
   print(json.dumps({**report, **{k: v for k, v in info.items() if k != "image_shape"},
                     "sparsity": sparsity}))
   return 0

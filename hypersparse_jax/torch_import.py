@@ -182,7 +182,8 @@ def load_torch_checkpoint(path: str | os.PathLike, model: nn.Module, *,
         import torch
     except ImportError as e:
         raise ImportError(
-            "loading PyTorch checkpoints needs PyTorch: pip install hypersparse-jax[torch]"
+            "loading PyTorch checkpoints needs PyTorch: pip install -e '.[torch]' "
+            "(in the repository's clone)"
         ) from e
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

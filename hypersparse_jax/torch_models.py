@@ -18,7 +18,8 @@ try:
     import torch.nn.functional as F
 except ImportError as e:  # torch is an optional extra
     raise ImportError(
-        "hypersparse_jax.torch_models needs PyTorch: pip install hypersparse-jax[torch]"
+        "hypersparse_jax.torch_models needs PyTorch: pip install -e '.[torch]' "
+        "(in the repository's clone)"
     ) from e
 
 from hypersparse_jax.models import VGG_CONFIGS, resnet_blocks_per_stage

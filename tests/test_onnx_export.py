@@ -251,12 +251,12 @@ def test_bad_variables_error(exported, tmp_path):
 def test_missing_extra_names_the_pip_command(exported, tmp_path, monkeypatch, capsys):
   model, variables, _, _ = exported["mlp"]
   monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import jax2onnx -> ImportError
-  with pytest.raises(ImportError, match=r"pip install 'hypersparse-jax\[onnx\]'"):
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
     hypersparse_jax.export_onnx(model, variables, str(tmp_path / "x.onnx"),
                                 input_shape=(None, 8, 8, 1))
   assert onnx_export.main([str(tmp_path), str(tmp_path / "x.onnx")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "hypersparse-jax[onnx]" in err[0]
+  assert len(err) == 1 and "pip install -e '.[onnx]'" in err[0]  # what works from a clone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,16 +295,27 @@ def _records(run_dir):
     return {r["epoch"]: r for r in map(json.loads, f)}
 
 
-def test_cli_exports_the_selected_checkpoint(run_dir, tmp_path, capsys):
-  out = str(tmp_path / "model.onnx")
-  assert onnx_export.main([run_dir, out]) == 0
-  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def selected_onnx(run_dir, tmp_path_factory):
+  """``hypersparse-export RUN_DIR digits.onnx`` (the default checkpoint): (path, JSON report)."""
+  out = str(tmp_path_factory.mktemp("selected") / "digits.onnx")
+  import contextlib
+  import io
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    assert onnx_export.main([run_dir, out]) == 0
+  return out, json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+def test_cli_exports_the_selected_checkpoint(run_dir, selected_onnx):
+  out, report = selected_onnx
   with open(os.path.join(run_dir, "summary.json")) as f:
     summary = json.load(f)
   # With a validation split the selected model is the best-validation epoch (checkpoint best_val).
   assert summary["selection"] == "best_val"
   step, state = _restore(run_dir, "best_val")
   assert report["checkpoint"] == "best_val" and report["epoch"] == step == summary["selected_epoch"]
+  assert report["selection"] == "best_val" and "validation" in report["selection_reason"]
   # onnxruntime's accuracy on the test split is the run's headline test accuracy.
   accuracy, x = _onnx_test_accuracy(out)
   assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-12)
@@ -315,6 +326,51 @@ def test_cli_exports_the_selected_checkpoint(run_dir, tmp_path, capsys):
   np.testing.assert_allclose(got, expected, rtol=0, atol=RTOL * np.max(np.abs(expected)))
   assert_kernels_stored_exactly(out, state)
   assert report["zero_weights"] >= int(SPARSITY * report["weights"])
+
+
+def test_the_file_carries_what_deployment_needs(run_dir, selected_onnx):
+  """The metadata's preprocessing, applied to the raw uint8 test images, gives onnxruntime the
+  run's own headline test accuracy; mean and std are the ones the trainer normalised with."""
+  out, report = selected_onnx
+  meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+  pre = json.loads(meta["preprocessing"])
+  assert pre["layout"] == "NHWC" and pre["dtype"] == "uint8" and pre["scale"] == 1 / 255
+  data = input_pipeline.load_dataset("digits")
+  np.testing.assert_allclose(pre["mean"], data.mean, rtol=1e-12)
+  np.testing.assert_allclose(pre["std"], data.std, rtol=1e-12)
+  assert json.loads(meta["input_shape"]) == [None, 8, 8, 1]
+  assert meta["num_classes"] == "10" and meta["dataset"] == "digits"
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  assert meta["selected_epoch"] == str(summary["selected_epoch"])
+  assert meta["selection"] == summary["selection"]
+  images = np.asarray(data.test_images)  # uint8 NHWC
+  x = ((images * pre["scale"] - np.asarray(pre["mean"])) / np.asarray(pre["std"]))
+  logits = ort.InferenceSession(out).run(None, {"images": x.astype(np.float32)})[0]
+  accuracy = float(np.mean(np.argmax(logits, -1) == data.test_labels))
+  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+
+def test_readme_onnxruntime_snippet_runs(selected_onnx, tmp_path, monkeypatch, capsys):
+  import re
+  readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+  with open(readme) as f:
+    text = f.read()
+  body = text[text.index("**Deploying the file.**"):]
+  code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+  out, report = selected_onnx
+  shutil.copy(out, tmp_path / "digits.onnx")
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "readme_snippet"}
+  exec(compile(code, "README.md", "exec"), namespace)
+  printed = capsys.readouterr().out
+  # the snippet's class is the one onnxruntime gives the first digit normalised as in training
+  data = input_pipeline.load_dataset("digits")
+  from sklearn.datasets import load_digits
+  first = np.rint(load_digits().images[0] * 255 / 16).astype(np.uint8)[None, :, :, None]
+  x = np.asarray(input_pipeline.normalize(first, data.mean, data.std))
+  expected = int(np.argmax(ort.InferenceSession(out).run(None, {"images": x})[0], -1)[0])
+  assert printed.startswith(f"class {expected} (label 0), 10 classes, epoch {report['epoch']}")
 
 
 def test_cli_final_with_sparse_initializers(run_dir, tmp_path, capsys):
@@ -341,6 +397,8 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
   shutil.rmtree(os.path.join(no_best, "checkpoints", "best"))
   shutil.rmtree(os.path.join(no_best, "checkpoints", "best_val"), ignore_errors=True)
   cases.append(([no_best, str(tmp_path / "b.onnx")], "no fine-tuned checkpoint"))
+  cases.append(([no_best, "--checkpoint", "best-test", str(tmp_path / "c.onnx")],
+                "no fine-tuned checkpoint in checkpoints/best "))
   for argv, needle in cases:
     assert onnx_export.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -348,19 +406,74 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
   assert not any(name.endswith(".onnx") for name in os.listdir(tmp_path))
 
 
-def test_cli_without_best_val_exports_best(run_dir, tmp_path, capsys):
-  """A run without a validation split has only ``best`` (the reference's best-test epoch)."""
-  copy = str(tmp_path / "no_val")
-  shutil.copytree(run_dir, copy)
-  shutil.rmtree(os.path.join(copy, "checkpoints", "best_val"))
-  out = str(tmp_path / "best.onnx")
-  assert onnx_export.main([copy, out]) == 0
+def test_a_bad_output_path_is_refused_before_anything_is_loaded(run_dir, tmp_path, capsys,
+                                                               monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError("loaded or converted before the output path was checked")
+
+  monkeypatch.setattr(onnx_export, "load_run_variables", never)
+  monkeypatch.setattr(onnx_export, "export_onnx", never)
+  (tmp_path / "folder.onnx").mkdir()
+  cases = [(str(tmp_path / "folder.onnx"), "is a directory"),
+           (str(tmp_path / "missing" / "a.onnx"), "does not exist"),
+           ("/proc/hypersparse-export-test.onnx", "not writable")]  # even root cannot write
+  for output, needle in cases:
+    assert onnx_export.main([run_dir, output]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and output in err[0], err
+
+
+@pytest.fixture(scope="module")
+def run_no_val(tmp_path_factory):
+  """A tiny digits MLP run without a validation split: its headline is the final epoch."""
+  outdir = str(tmp_path_factory.mktemp("run") / "mlp")
+  argv = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "3", "--max-art-epochs", "2",
+          "--lambda-init", "1e-3", "--eta", "2", "--no-progress", "--outdir", outdir]
+  assert train.main(argv) == 0
+  return outdir
+
+
+def test_cli_without_a_validation_split_exports_the_final_epoch(run_no_val, tmp_path, capsys):
+  """Not checkpoint ``best`` (the best *test* epoch): the model summary.json's headline is."""
+  out = str(tmp_path / "final.onnx")
+  assert onnx_export.main([run_no_val, out, "--no-verify"]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  with open(os.path.join(run_dir, "summary.json")) as f:
+  with open(os.path.join(run_no_val, "summary.json")) as f:
+    summary = json.load(f)
+  records = _records(run_no_val)
+  assert summary["selection"] == "final" and summary["selected_epoch"] == max(records)
+  assert report["epoch"] == max(records) and report["selection"] == "final"
+  assert report["checkpoint"] == "latest"
+  accuracy, _ = _onnx_test_accuracy(out)
+  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-12)
+  assert accuracy == pytest.approx(records[max(records)]["test_accuracy"], abs=1e-12)
+
+
+def test_cli_best_test_only_when_asked(run_no_val, tmp_path, capsys):
+  out = str(tmp_path / "best.onnx")
+  assert onnx_export.main([run_no_val, out, "--checkpoint", "best-test", "--no-verify"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  with open(os.path.join(run_no_val, "summary.json")) as f:
     summary = json.load(f)
   assert report["checkpoint"] == "best" and report["epoch"] == summary["best_test_epoch"]
+  assert report["selection"] == "best_test" and "test set" in report["selection_reason"]
   accuracy, _ = _onnx_test_accuracy(out)
   assert accuracy == pytest.approx(summary["best_test_accuracy"], abs=1e-12)
+  assert "selected on the test set" in " ".join(onnx_export.build_parser().format_help().split())
+
+
+def test_preprocessing_is_read_from_summary_json_when_recorded(run_no_val, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(run_no_val, copy, ignore=shutil.ignore_patterns("checkpoints"))
+  summary = json.loads((copy / "summary.json").read_text())
+  recorded = {"layout": "NHWC", "dtype": "uint8", "scale": 1 / 255, "mean": [0.25],
+              "std": [0.5]}
+  (copy / "summary.json").write_text(json.dumps({**summary, "preprocessing": recorded}))
+  assert onnx_export.preprocessing(str(copy)) == recorded
+  summary.pop("preprocessing", None)
+  (copy / "summary.json").write_text(json.dumps(summary))
+  data = input_pipeline.load_dataset("digits")  # else: as the trainer computes it
+  assert onnx_export.preprocessing(str(copy))["mean"] == pytest.approx(list(data.mean))
 
 
 def test_plain_convolutions_context_traces_lax_convolution():

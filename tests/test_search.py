@@ -291,3 +291,235 @@ def test_an_unexpected_trial_error_is_one_line_with_the_traceback_kept(tmp_path,
   assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
   with open(outdir / "trials.csv") as f:
     assert f.read().splitlines()[1].split(",")[1] == "FAIL"
+
+
+# ------------------------------------------------------------------------------------------------
+# Every draw of the space is a setting the trainer accepts
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epochs, lr_steps", [(20, (10, 15)), (160, (80, 120)), (4, (2, 3)),
+                                              (3, (1, 2))])
+def test_default_space_draws_only_increasing_lr_steps(epochs, lr_steps):
+  """Drawn independently, the two steps' ranges share a value (digits: 6–12 and 12–19), and a
+  draw of 12 and 12 is refused by the trainer. Over many draws of optuna's TPE and random
+  samplers every pair must be strictly increasing within [0, epochs), and (random sampler)
+  every value of each range must still be drawn."""
+  base = config.TrainConfig(epochs=epochs, lr_steps=lr_steps)
+  space = search.load_space(None, base, fixed=())
+  ranges = {k: range(space[k]["low"], space[k]["high"] + 1) for k in ("lr_step_1", "lr_step_2")}
+  for sampler in (optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)):
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    seen = {k: set() for k in ranges}
+    for i in range(300 if isinstance(sampler, optuna.samplers.RandomSampler) else 60):
+      trial = study.ask()
+      params = search._suggest(trial, space, base.lr_steps)
+      s1, s2 = params["lr_step_1"], params["lr_step_2"]
+      assert 0 <= s1 < s2 < epochs, params
+      assert s1 in ranges["lr_step_1"] and s2 in ranges["lr_step_2"], params
+      search.trial_config(base, params).validate()  # the trainer's own check
+      seen["lr_step_1"].add(s1)
+      seen["lr_step_2"].add(s2)
+      study.tell(trial, float(s1 + s2 + i % 3))
+    if isinstance(sampler, optuna.samplers.RandomSampler):
+      # every value of a range is drawable, except step 1's top when step 2 has no value above it
+      assert seen["lr_step_2"] == set(ranges["lr_step_2"])
+      assert seen["lr_step_1"] == {v for v in ranges["lr_step_1"] if v < max(ranges["lr_step_2"])}
+
+
+def test_digits_default_lr_step_ranges_are_the_readmes():
+  space = search.default_space(config.TrainConfig())
+  assert (space["lr_step_1"]["low"], space["lr_step_1"]["high"]) == (6, 12)
+  assert (space["lr_step_2"]["low"], space["lr_step_2"]["high"]) == (12, 19)
+
+
+def test_too_few_fine_tune_epochs_for_two_steps_leave_them_out():
+  assert "lr_step_1" not in search.default_space(config.TrainConfig(epochs=2, lr_steps=(1,)))
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"lr_step_1": {"type": "int", "low": 5, "high": 8},
+      "lr_step_2": {"type": "int", "low": 3, "high": 5}}, "no pair with step 2 > step 1"),
+    ({"lr_step_1": {"type": "int", "low": 15, "high": 18}}, "no value apart from the other"),
+])
+def test_lr_step_ranges_without_a_valid_pair_are_one_line(tmp_path, capsys, space, needle):
+  path = tmp_path / "space.json"
+  path.write_text(json.dumps(space))
+  argv = [*TINY, "--epochs", "20", "--space", str(path),  # the preset's steps: 10 and 15
+          "--outdir", str(tmp_path / "s"), "--storage", "sqlite:////nonexistent-dir/n.db"]
+  assert search.main(argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C and a killed worker: the interrupted trial resumes, the study ends with --trials
+# ------------------------------------------------------------------------------------------------
+
+# ~0.1 s per warm-up epoch (batch 8): a trial is still training when its first epoch is logged
+SLOW = ["--warmup-epochs", "40", "--batch-size", "8", "--epochs", "2"]
+
+
+def _lines(path):
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def _wait_for_a_trained_epoch(proc, outdir):
+  """Polls the study for a RUNNING trial whose run directory has logged an epoch; its number."""
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    assert proc.poll() is None, "the search ended before a trial trained an epoch"
+    if (outdir / "study.db").exists():
+      try:
+        running = _study(outdir).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+      except Exception:  # the schema is still being created
+        running = []
+      for t in running:
+        if "run_dir" in t.user_attrs and _lines(outdir / t.user_attrs["run_dir"] / "metrics.jsonl"):
+          return t.number
+    time.sleep(0.05)
+  raise AssertionError("no trial trained an epoch within 300 s")
+
+
+def _retry_of(study, number):
+  return next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == number)
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes_the_interrupted_trial(tmp_path, env,
+                                                                         space_file):
+  outdir = tmp_path / "study"
+  cmd = _command(outdir, space_file, 2, "--pruner", "none", *SLOW)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    number = _wait_for_a_trained_epoch(proc, outdir)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 130, out + err
+  err = [line for line in err.splitlines() if line.strip()]
+  assert len(err) == 1 and f"interrupted in trial {number}" in err[0], err
+  run_dir = outdir / "trials" / f"trial-{number:04d}"
+  before = _lines(run_dir / "metrics.jsonl")
+  assert before and not (run_dir / "summary.json").exists()
+  interrupted = _study(outdir).trials[number]
+  assert interrupted.state == optuna.trial.TrialState.FAIL
+
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  assert len(_finished(study)) == 2  # the interrupted attempt does not count, its retry does
+  retry = _retry_of(study, number)
+  assert retry.state == optuna.trial.TrialState.COMPLETE
+  assert retry.params == interrupted.params
+  assert retry.user_attrs["run_dir"] == f"trials/trial-{number:04d}"
+  assert f"trial {retry.number}: resumes trial {number} (interrupted)" in run.stdout
+  # resumed from the checkpoint after the last logged epoch: the earlier lines are kept as
+  # they were, and every epoch is logged once, in order
+  assert f"at epoch {len(before)} (warmup)" in run.stdout, run.stdout
+  after = _lines(run_dir / "metrics.jsonl")
+  assert after[:len(before)] == before and len(after) > len(before)
+  assert [json.loads(line)["epoch"] for line in after] == list(range(len(after)))
+  assert "1 interrupted" in run.stdout and "1 finished by resuming" in run.stdout
+  _assert_outputs_match_study(outdir, study)
+
+
+def test_a_search_killed_mid_trial_and_rerun_at_once_ends_with_all_trials(tmp_path, env,
+                                                                          space_file):
+  """With a 300 s heartbeat the killed trial is not stale for 600 s: the rerun must see at
+  once that its worker (this host's, by pid) is gone, and resume it (the rerun is given 300 s)."""
+  outdir = tmp_path / "study"
+  cmd = _command(outdir, space_file, 2, "--pruner", "none", "--heartbeat", "300", *SLOW)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    number = _wait_for_a_trained_epoch(proc, outdir)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed = _study(outdir).trials[number]
+  assert killed.state == optuna.trial.TrialState.RUNNING  # as the dead worker left it
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  assert len(_finished(study)) == 2
+  assert study.trials[number].state == optuna.trial.TrialState.FAIL
+  retry = _retry_of(study, number)
+  assert retry.params == killed.params and retry.user_attrs["run_dir"] == killed.user_attrs[
+      "run_dir"]
+  assert f"trial {number}: its worker {killed.user_attrs['worker']} is gone" in run.stdout
+  _assert_outputs_match_study(outdir, study)
+
+
+def test_process_gone_tells_live_dead_zombie_and_reused_pids():
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    time.sleep(0.5)
+    assert not search._process_gone(child.pid, time.time() - 0.2)  # running since before
+    assert search._process_gone(child.pid, time.time() - 3600)  # started after: a reused pid
+    child.kill()
+    time.sleep(0.5)  # killed, not yet reaped: a zombie
+    assert search._process_gone(child.pid, time.time() - 0.2)
+  finally:
+    child.kill()
+    child.wait()
+  assert search._process_gone(child.pid, time.time())  # reaped: no such process
+
+
+# ------------------------------------------------------------------------------------------------
+# The byte-level language model: its own validation split is the objective
+# ------------------------------------------------------------------------------------------------
+
+
+def _python_folder(root):
+  """Real standard-library sources (first 6 kB) as m<i>.py until each split of pysource's rule
+  (sha256 of the relative path: < 0.05 test, < 0.10 validation, else train) has two files."""
+  import hashlib as _h
+  import sysconfig
+  sources = sorted(p for p in os.listdir(sysconfig.get_paths()["stdlib"]) if p.endswith(".py"))
+  counts = {"train": 0, "val": 0, "test": 0}
+  i = 0
+  while min(counts.values()) < 2:
+    name = f"m{i}.py"
+    u = int(_h.sha256(name.encode()).hexdigest()[:16], 16) / 2.0**64
+    split = "test" if u < 0.05 else "val" if u < 0.10 else "train"
+    if split != "train" or counts["train"] < 12:
+      src = os.path.join(sysconfig.get_paths()["stdlib"], sources[i % len(sources)])
+      with open(src, "rb") as f:
+        (root / name).write_bytes(f.read()[:6000])
+      counts[split] += 1
+    i += 1
+  return str(root)
+
+
+def test_a_pysource_search_runs_on_its_own_validation_windows(tmp_path, env, space_file):
+  (tmp_path / "src").mkdir()
+  data = _python_folder(tmp_path / "src")
+  outdir = tmp_path / "study"
+  cmd = [sys.executable, "-m", "hypersparse_jax.search", "--dataset", "pysource",
+         "--data-dir", data, "--layers", "1", "--d-model", "32", "--heads", "2", "--context",
+         "32", "--steps-per-epoch", "2", "--batch-size", "8", "--eval-windows", "8",
+         "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "1", "--lr-steps", "1",
+         "--no-progress", "--pruner", "none", "--space", space_file, "--trials", "2",
+         "--outdir", str(outdir)]
+  run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  study = _study(outdir)
+  complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+  assert len(complete) == 2
+  for t in complete:
+    summary = _summary(outdir, t)
+    assert summary["dataset"] == "pysource" and summary["val_fraction"] == 0
+    with open(os.path.join(outdir, t.user_attrs["run_dir"], "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    finetune = [r["val_accuracy"] for r in records if r["phase"] == "finetune"]
+    # the objective: the best per-epoch next-byte accuracy on the validation windows
+    assert len(finetune) == 2 and t.value == max(finetune)
+    assert t.user_attrs["test_accuracy"] == summary["test_accuracy"]
+  # a split fraction is refused for the language model, in one line
+  bad = subprocess.run(cmd + ["--val-fraction", "0.1"], env=env, capture_output=True,
+                       text=True, timeout=300)
+  err = [line for line in bad.stderr.splitlines() if line.strip()]
+  assert bad.returncode == 2 and len(err) == 1 and "--val-fraction" in err[0], bad.stderr

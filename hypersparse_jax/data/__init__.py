@@ -28,11 +28,12 @@ from hypersparse_jax.data.augmentation import (apply_augmentation, augment, norm
 from hypersparse_jax.data.batching import (epoch_permutation, eval_batches, prefetch,
                                            steps_per_epoch, train_batches)
 from hypersparse_jax.data.dataset import Dataset, with_validation_split
-from hypersparse_jax.data.loading import DATASET_NAMES, SOURCES, load_dataset
+from hypersparse_jax.data.loading import DATASET_NAMES, NORMALIZATION, SOURCES, load_dataset
 from hypersparse_jax.data.records import RecordArray
 
 __all__ = [
     "DATASET_NAMES",
+    "NORMALIZATION",
     "SOURCES",
     "Dataset",
     "RecordArray",

@@ -36,8 +36,8 @@ def load_cifar(name: str, data_dir, download: bool, *, lazy: bool = False) -> Da
         if not prepared:
             raise ImportError(
                 f"downloading and preparing {name} with TFDS needs TensorFlow, which is not "
-                "installed: pip install 'hypersparse-jax[download]' (or prepare it once where "
-                "TensorFlow is installed, then use data_dir=<that TFDS directory>)"
+                "installed: pip install -e '.[download]' in the repository's clone (or prepare "
+                "it once where TensorFlow is installed, then use data_dir=<that TFDS directory>)"
             )
     try:
         # Explicit split names: with split=None TFDS needs the split metadata, which mocks lack.

@@ -43,6 +43,13 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "tinyimagenet": _tinyimagenet,
 }
 DATASET_NAMES = tuple(SOURCES)
+# Datasets whose normalisation is a fixed constant (the reference's), ``name -> (mean, std)``
+# in [0, 1] units; the others compute theirs from the training split when loaded.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": (cifar._CIFAR10_MEAN, cifar._CIFAR10_STD),
+    "cifar100": (cifar._CIFAR100_MEAN, cifar._CIFAR100_STD),
+    "tinyimagenet": (tinyimagenet._TINYIMAGENET_MEAN, tinyimagenet._TINYIMAGENET_STD),
+}
 
 
 def load_dataset(
