@@ -2,31 +2,51 @@
 
 Glandorf, Kaiser, Rosenhahn: "HyperSparse Neural Networks: Shifting Exploration to Exploitation
 through Adaptive Regularization", ICCV 2023 workshops (arXiv:2308.07163).
+
+The public names below are imported on first use (PEP 562), so that ``import hypersparse_jax``
+is instant and the command-line tools can catch a Ctrl-C during JAX's start-up
+(:mod:`hypersparse_jax.console`); ``from hypersparse_jax import art`` and
+``hypersparse_jax.art`` work as usual.
 """
 
-from hypersparse_jax.transform import (ARTState, FixedMaskState, art, check_steps_per_epoch,
-                                       fixed_mask, lambda_schedule)
-from hypersparse_jax.controller import ARTController, ARTDecision
-from hypersparse_jax.masking import (SparsityReport, apply_mask, default_where, magnitude_mask,
-                                     magnitude_threshold, sparsity, sparsity_report)
-from hypersparse_jax.models import (MODEL_NAMES, VGG_CONFIGS, CIFARResNet, DigitsCNN, DigitsMLP,
-                                    TransformerLM, VGG, create_model)
-from hypersparse_jax.penalties import (hypersparse_grad, hypersparse_penalty, l1_grad, l1_penalty,
-                                       l2_grad, l2_penalty)
-from hypersparse_jax.sparse_export import export_sparse, load_sparse
-# jax2onnx / onnx / onnxruntime are imported when export_onnx runs (the optional [onnx] extra).
-from hypersparse_jax.onnx_export import OnnxExportError, export_onnx
-from hypersparse_jax.torch_import import from_torch_state_dict, load_torch_checkpoint
-from hypersparse_jax import host_memory
+from __future__ import annotations
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
-    "FixedMaskState", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "TransformerLM", "VGG", "VGG_CONFIGS",
-    "apply_mask", "art", "check_steps_per_epoch", "create_model", "default_where", "export_onnx",
-    "export_sparse", "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad",
-    "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule",
-    "load_sparse", "load_torch_checkpoint", "magnitude_mask", "magnitude_threshold", "sparsity",
-    "sparsity_report",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("ARTState", "FixedMaskState", "art", "check_steps_per_epoch", "fixed_mask",
+                     "lambda_schedule"), "transform"),
+    **dict.fromkeys(("ARTController", "ARTDecision"), "controller"),
+    **dict.fromkeys(("SparsityReport", "apply_mask", "default_where", "magnitude_mask",
+                     "magnitude_threshold", "sparsity", "sparsity_report"), "masking"),
+    **dict.fromkeys(("MODEL_NAMES", "VGG_CONFIGS", "CIFARResNet", "DigitsCNN", "DigitsMLP",
+                     "TransformerLM", "VGG", "create_model"), "models"),
+    **dict.fromkeys(("hypersparse_grad", "hypersparse_penalty", "l1_grad", "l1_penalty",
+                     "l2_grad", "l2_penalty"), "penalties"),
+    **dict.fromkeys(("export_sparse", "load_sparse"), "sparse_export"),
+    # jax2onnx / onnx / onnxruntime are imported when export_onnx runs (the optional [onnx] extra)
+    **dict.fromkeys(("OnnxExportError", "export_onnx"), "onnx_export"),
+    **dict.fromkeys(("from_torch_state_dict", "load_torch_checkpoint"), "torch_import"),
+}
+_SUBMODULES = ("host_memory",)
+
+__all__ = sorted((*_EXPORTS, *_SUBMODULES))
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  elif name in _SUBMODULES or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    value = importlib.import_module(f"{__name__}.{name}")  # hypersparse_jax.masking etc.
+  else:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  globals()[name] = value  # imported once
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

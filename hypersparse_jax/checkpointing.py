@@ -28,25 +28,13 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
 
 
-_INTERRUPT = threading.Event()
+# The commands' Ctrl-C flag and handler (kept here under their earlier names).
+from hypersparse_jax import console as _console  # noqa: E402
 
-
-def on_sigint(signum, frame):
-  """``hypersparse-train``'s SIGINT handler: raises KeyboardInterrupt as Python's default does,
-  and remembers it. A KeyboardInterrupt raised while Python runs a garbage-collection callback
-  (JAX registers one) is reported as unraisable and swallowed, so Ctrl-C could be lost; the
-  training loop therefore also checks :func:`interrupt_pending` at every step and epoch."""
-  _INTERRUPT.set()
-  raise KeyboardInterrupt
-
-
-def interrupt_pending() -> bool:
-  """Whether :func:`on_sigint` has seen Ctrl-C since :func:`clear_interrupt`."""
-  return _INTERRUPT.is_set()
-
-
-def clear_interrupt() -> None:
-  _INTERRUPT.clear()
+_INTERRUPT = _console._INTERRUPT
+on_sigint = _console.on_sigint
+interrupt_pending = _console.interrupt_pending
+clear_interrupt = _console.clear_interrupt
 
 
 @contextlib.contextmanager

@@ -34,12 +34,11 @@ import os
 import re
 import signal
 import sys
-import threading
 from typing import Optional, Sequence
 
 import jax
 
-from hypersparse_jax import checkpointing, distributed, host_memory, models, run_dir
+from hypersparse_jax import checkpointing, console, distributed, host_memory, models, run_dir
 from hypersparse_jax.config import (DATASETS, DIGITS_PRESET, OPTIMIZERS, PRESETS, PRUNED_EVALS,
                                     PYSOURCE_PRESET, REFERENCE_DEFAULTS, TrainConfig,
                                     _normalized_path, check_devices, resume_differences)
@@ -275,11 +274,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return distributed.supervise(argv, "hypersparse-train", who)
   if args.retain_host_memory:
     host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
-  lock, trainer, previous_sigint = None, None, None
-  if threading.current_thread() is threading.main_thread():
-    checkpointing.clear_interrupt()
-    previous_sigint = signal.signal(signal.SIGINT, checkpointing.on_sigint)
+  lock, trainer = None, None
+  previous_sigint = console.install_sigint_handler()
   try:
+    if console.interrupt_pending():  # a Ctrl-C of start-up that a callback swallowed
+      raise KeyboardInterrupt
     if several:
       distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                              heartbeat_timeout=args.heartbeat_timeout)
@@ -325,4 +324,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  console.train()

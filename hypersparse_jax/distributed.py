@@ -186,7 +186,8 @@ def _lost_peers_reason(held: Sequence[str]) -> str:
 def supervise(argv: Sequence[str], prog: str, process: str) -> int:
   """Runs ``main(argv)`` of :mod:`hypersparse_jax.cli` in a child process (see the module
   docstring) and returns its exit status; a dead peer becomes one line and status 1."""
-  code = "import sys; from hypersparse_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+  code = ("import sys; from hypersparse_jax.console import run; "
+          f"sys.exit(run({prog!r}, 'cli', sys.argv[1:]))")
   child = subprocess.Popen([sys.executable, "-c", code, *argv],
                            env=dict(os.environ, **{WORKER_ENV: "1"}), stderr=subprocess.PIPE,
                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)

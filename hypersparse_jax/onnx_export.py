@@ -568,4 +568,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from hypersparse_jax import console
+  console.export()

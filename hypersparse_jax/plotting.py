@@ -288,4 +288,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hypersparse_jax import console
+    console.plot()

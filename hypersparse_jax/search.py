@@ -38,12 +38,11 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from typing import Any, Optional, Sequence
 
-from hypersparse_jax import checkpointing, cli, train
+from hypersparse_jax import cli, console, train
 from hypersparse_jax.config import TrainConfig
 from hypersparse_jax.data import pysource
 from hypersparse_jax.run_dir import first_line, write_text_atomic
@@ -611,13 +610,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args = parser.parse_args(argv)
-  previous_sigint = None
-  if threading.current_thread() is threading.main_thread():
-    # the trainer's handler: Ctrl-C never cuts a checkpoint save, nor is it lost in a callback
-    checkpointing.clear_interrupt()
-    previous_sigint = signal.signal(signal.SIGINT, checkpointing.on_sigint)
+  # the trainer's handler: Ctrl-C never cuts a checkpoint save, nor is it lost in a callback
+  previous_sigint = console.install_sigint_handler()
   study, current = None, {}
   try:
+    if console.interrupt_pending():  # a Ctrl-C of start-up that a callback swallowed
+      raise KeyboardInterrupt
     setup = _setup(argv, parser, args)
     if isinstance(setup, int):
       return setup
@@ -831,4 +829,4 @@ def _interrupted(study, current: dict, optuna) -> str:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  console.search()

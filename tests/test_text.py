@@ -55,6 +55,8 @@ def _expected_split(rel: str) -> str:
 
 
 CACHE_ENV = {}
+# hypersparse-train as its console script runs it
+TRAIN_CMD = "from hypersparse_jax.console import train; train()"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -311,7 +313,7 @@ def _start(argv, outdir, extra_env=None, *, cache=True):
     env = {k: v for k, v in env.items() if k not in CACHE_ENV}
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   env.update(extra_env or {})
-  return subprocess.Popen([sys.executable, "-m", "hypersparse_jax.cli", *argv, "--outdir",
+  return subprocess.Popen([sys.executable, "-c", TRAIN_CMD, *argv, "--outdir",
                            outdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                           cwd=REPO_ROOT)
 
