@@ -1,0 +1,233 @@
+"""Tests of the MNIST / Fashion-MNIST IDX reader (:mod:`hypersparse_jax.data.mnist`).
+
+The real-file tests read Debian's ``dataset-fashion-mnist`` package (60,000 + 10,000 images) and
+compare with figures computed here from the same files with ``gzip`` + ``struct`` + NumPy, not
+with the module. Where the package is missing they fail (no silent skip) with the command that
+installs it. The error paths run on small IDX files the tests write.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from hypersparse_jax import data
+from hypersparse_jax.data import mnist
+
+REAL_DIR = "/usr/share/datasets/fashion-mnist"
+NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+         "t10k-labels-idx1-ubyte")
+
+
+def _real_path(name):
+  path = os.path.join(REAL_DIR, name + ".gz")
+  if not os.path.isfile(path):
+    pytest.fail(f"{path} is missing: install Debian's package with "
+                "`apt-get install dataset-fashion-mnist` (as root; .ci/run does)")
+  return path
+
+
+def _raw_idx(name):
+  """``(dims, body bytes)`` of a real IDX file, read with gzip + struct only."""
+  with gzip.open(_real_path(name), "rb") as f:
+    raw = f.read()
+  magic, = struct.unpack(">I", raw[:4])
+  ndim = raw[3]
+  assert magic >> 8 == 0x08  # unsigned bytes
+  dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+  return dims, raw[4 + 4 * ndim:]
+
+
+@pytest.fixture(scope="module")
+def real():
+  for name in NAMES:
+    _real_path(name)
+  return data.load_dataset("fashion_mnist")
+
+
+def _write_idx(path, magic, dims, body, *, gz):
+  raw = struct.pack(">I", magic) + struct.pack(">" + "I" * len(dims), *dims) + bytes(body)
+  if gz:
+    with gzip.open(str(path) + ".gz", "wb") as f:
+      f.write(raw)
+  else:
+    with open(path, "wb") as f:
+      f.write(raw)
+
+
+def _write_set(folder, *, n_train=12, n_test=5, gz=True, seed=0):
+  """Writes a small valid IDX set; returns its arrays (images (N, 28, 28), labels)."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    _write_idx(folder / f"{split}-images-idx3-ubyte", 2051, (n, 28, 28), images.tobytes(), gz=gz)
+    _write_idx(folder / f"{split}-labels-idx1-ubyte", 2049, (n,), labels.tobytes(), gz=gz)
+    arrays[split] = (images, labels)
+  return arrays
+
+
+# ----- the real files ------------------------------------------------------------------------
+
+
+def test_real_counts_shapes_and_dtypes(real):
+  assert real.train_images.shape == (60000, 28, 28, 1)
+  assert real.test_images.shape == (10000, 28, 28, 1)
+  assert real.train_images.dtype == np.uint8 and real.train_labels.dtype == np.int32
+  assert (real.num_classes, real.crop_padding, real.flip) == (10, 4, True)
+
+
+def test_real_label_histograms(real):
+  assert np.bincount(real.train_labels, minlength=10).tolist() == [6000] * 10
+  assert np.bincount(real.test_labels, minlength=10).tolist() == [1000] * 10
+
+
+def test_real_pixels_and_labels_match_an_independent_read(real):
+  for images_name, labels_name, images, labels in (
+      (NAMES[0], NAMES[1], real.train_images, real.train_labels),
+      (NAMES[2], NAMES[3], real.test_images, real.test_labels)):
+    (n, rows, cols), body = _raw_idx(images_name)
+    size = rows * cols
+    for i in (0, 1, 1234, n - 1):
+      assert int(images[i].sum()) == sum(body[i * size:(i + 1) * size])
+    # row-major pixels: image 0's first row as stored
+    assert images[0, 0, :, 0].tolist() == list(body[:cols])
+    (m,), label_body = _raw_idx(labels_name)
+    assert m == n == len(labels)
+    assert labels[:20].tolist() == list(label_body[:20])
+    assert labels[-1] == label_body[-1]
+  # Zalando's first training and test images are both class 9 (ankle boot)
+  assert real.train_labels[0] == 9 and real.test_labels[0] == 9
+
+
+def test_fashion_mnist_normalisation_constants_match_the_training_file():
+  _, body = _raw_idx(NAMES[0])
+  pixels = np.frombuffer(body, np.uint8).astype(np.float64) / 255.0
+  assert mnist.FASHION_MNIST_MEAN[0] == pytest.approx(pixels.mean(), rel=1e-12)
+  assert mnist.FASHION_MNIST_STD[0] == pytest.approx(pixels.std(), rel=1e-12)
+  # the values the module docstring states
+  assert f"{pixels.mean():.6f}, {pixels.std():.6f}" == "0.286041, 0.353024"
+
+
+# ----- written files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_written_set_round_trips(tmp_path, gz):
+  arrays = _write_set(tmp_path, gz=gz)
+  ds = data.load_dataset("mnist", tmp_path)
+  np.testing.assert_array_equal(ds.train_images[..., 0], arrays["train"][0])
+  np.testing.assert_array_equal(ds.train_labels, arrays["train"][1].astype(np.int32))
+  np.testing.assert_array_equal(ds.test_images[..., 0], arrays["t10k"][0])
+  np.testing.assert_array_equal(ds.test_labels, arrays["t10k"][1].astype(np.int32))
+  # MNIST: mean / std of its own training pixels, no flip
+  pixels = arrays["train"][0].astype(np.float64) / 255.0
+  assert ds.mean[0] == pytest.approx(pixels.mean(), rel=1e-12)
+  assert ds.std[0] == pytest.approx(pixels.std(), rel=1e-12)
+  assert (ds.crop_padding, ds.flip) == (4, False)
+
+
+def test_fashion_mnist_from_a_folder_keeps_its_constants(tmp_path):
+  _write_set(tmp_path, gz=False)
+  ds = data.load_dataset("fashion_mnist", tmp_path)
+  assert (ds.mean, ds.std) == ((0.2860405969887955,), (0.35302424451492254,))
+  assert ds.num_train == 12 and ds.flip
+
+
+def _one_line(err):
+  message = str(err.value)
+  assert "\n" not in message
+  return message
+
+
+def test_truncated_gzip_is_named(tmp_path):
+  _write_set(tmp_path)
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  path.write_bytes(path.read_bytes()[:-100])
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist", tmp_path)
+  assert _one_line(err).startswith(f"{path}: unreadable")
+
+
+def test_truncated_raw_file_reports_header_and_size(tmp_path):
+  _write_set(tmp_path, gz=False)
+  path = tmp_path / "t10k-images-idx3-ubyte"
+  path.write_bytes(path.read_bytes()[:-28])
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist", tmp_path)
+  message = _one_line(err)
+  assert message.startswith(f"{path}: header says 5x28x28")
+  assert f"file holds {16 + 5 * 784 - 28} bytes" in message
+
+
+def test_file_shorter_than_its_header(tmp_path):
+  _write_set(tmp_path, gz=False)
+  (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+  with pytest.raises(ValueError, match="train-labels-idx1-ubyte: 3 bytes, too short"):
+    data.load_dataset("mnist", tmp_path)
+
+
+def test_wrong_magic_is_named(tmp_path):
+  _write_set(tmp_path)
+  # an image file where the labels belong
+  _write_idx(tmp_path / "train-labels-idx1-ubyte", 2051, (12, 28, 28), bytes(12 * 784), gz=True)
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist", tmp_path)
+  assert "train-labels-idx1-ubyte.gz: magic number 2051" in _one_line(err)
+  assert "expected 2049" in str(err.value)
+
+
+def test_wrong_image_size_is_named(tmp_path):
+  _write_set(tmp_path)
+  _write_idx(tmp_path / "t10k-images-idx3-ubyte", 2051, (5, 32, 32), bytes(5 * 1024), gz=True)
+  with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: images are 32x32, expected "
+                     r"28x28$"):
+    data.load_dataset("mnist", tmp_path)
+
+
+def test_label_out_of_range_is_named(tmp_path):
+  _write_set(tmp_path)
+  labels = np.zeros(5, np.uint8)
+  labels[3] = 10
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte", 2049, (5,), labels.tobytes(), gz=True)
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist", tmp_path)
+  assert _one_line(err).endswith(
+      "t10k-labels-idx1-ubyte.gz: labels must lie in 0..9, found 10 at index 3 (1 such labels)")
+
+
+def test_count_mismatch_names_both_files(tmp_path):
+  _write_set(tmp_path)
+  _write_idx(tmp_path / "train-labels-idx1-ubyte", 2049, (11,), bytes(11), gz=True)
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist", tmp_path)
+  assert _one_line(err) == (f"{tmp_path}/train-images-idx3-ubyte.gz holds 12 images but "
+                            f"{tmp_path}/train-labels-idx1-ubyte.gz holds 11 labels")
+
+
+def test_missing_file_is_named(tmp_path):
+  _write_set(tmp_path)
+  os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(FileNotFoundError) as err:
+    data.load_dataset("mnist", tmp_path)
+  assert _one_line(err) == (f"{tmp_path}: neither t10k-labels-idx1-ubyte.gz nor "
+                            "t10k-labels-idx1-ubyte found")
+
+
+def test_missing_folder_says_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError) as err:
+    data.load_dataset("fashion_mnist", tmp_path / "nowhere")
+  message = _one_line(err)
+  assert f"folder {tmp_path / 'nowhere'} does not exist" in message
+  assert "apt-get install dataset-fashion-mnist" in message and "data_dir=" in message
+
+
+def test_mnist_needs_a_folder():
+  with pytest.raises(ValueError) as err:
+    data.load_dataset("mnist")
+  assert _one_line(err).startswith("mnist needs data_dir=")
