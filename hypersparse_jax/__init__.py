@@ -10,7 +10,7 @@ from hypersparse_jax.controller import ARTController, ARTDecision
 from hypersparse_jax.masking import (SparsityReport, apply_mask, default_where, magnitude_mask,
                                      magnitude_threshold, sparsity, sparsity_report)
 from hypersparse_jax.models import (MODEL_NAMES, VGG_CONFIGS, CIFARResNet, DigitsCNN, DigitsMLP,
-                                    TransformerLM, VGG, create_model)
+                                    LeNet300, LeNet5, TransformerLM, VGG, create_model)
 from hypersparse_jax.penalties import (hypersparse_grad, hypersparse_penalty, l1_grad, l1_penalty,
                                        l2_grad, l2_penalty)
 from hypersparse_jax.sparse_export import export_sparse, load_sparse
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
-    "FixedMaskState", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "TransformerLM", "VGG", "VGG_CONFIGS",
+    "FixedMaskState", "LeNet300", "LeNet5", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "TransformerLM", "VGG", "VGG_CONFIGS",
     "apply_mask", "art", "check_steps_per_epoch", "create_model", "default_where", "export_onnx",
     "export_sparse", "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad",
     "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule",

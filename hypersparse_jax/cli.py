@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
                       "install 'hypersparse-jax[download]')")
   p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
-                 help=f"reference: {ref['model']}; digits: mlp")
+                 help=f"reference: {ref['model']}; digits: mlp; lenet300 / lenet5: for 28x28 "
+                      "(fashion_mnist, mnist)")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
                  f"(reference: {ref['depth']})")
   p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", default=None,
@@ -165,7 +166,7 @@ def config_from_args(args) -> TrainConfig:
     given = getattr(args, name, None)
     if given is not None:
       values[name] = given
-  if args.model is not None and args.depth is None and args.model in ("mlp", "cnn"):
+  if args.model is not None and args.depth is None and args.model in models.FIXED_DEPTH_MODELS:
     values["depth"] = None
   if args.model == "vgg" and args.depth is None:
     values["depth"] = 19

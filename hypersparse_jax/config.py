@@ -132,7 +132,7 @@ class TrainConfig:
       raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
                        f"got {self.optimizer!r}")
     self._validate_text()
-    if self.model in ("mlp", "cnn", "transformer") and self.depth is not None:
+    if self.model in models.FIXED_DEPTH_MODELS and self.depth is not None:
       raise ValueError(f"--depth is not used by --model {self.model} (its depth is fixed), "
                        f"got {self.depth}; leave --depth out")
     if self.model == "resnet" and not self.batch_norm:
