@@ -231,3 +231,59 @@ def test_mnist_needs_a_folder():
   with pytest.raises(ValueError) as err:
     data.load_dataset("mnist")
   assert _one_line(err).startswith("mnist needs data_dir=")
+
+
+# ----- --no-augment --------------------------------------------------------------------------
+
+
+def _image_task(**options):
+  from hypersparse_jax import config, sharding, tasks
+  cfg = config.TrainConfig(**options)
+  cfg.validate()
+  return tasks.create_task(cfg, sharding.Placement(None), eval_batch_size=450)
+
+
+def test_no_augment_trains_and_measures_the_pruned_copy_on_clean_images():
+  import jax
+  import jax.numpy as jnp
+  task = _image_task(dataset="digits", augment=False, pruned_eval="augmented")
+  assert (task.data.crop_padding, task.data.flip) == (0, False)
+  images, labels = task.data.train_images, task.data.train_labels
+  clean = (images.astype(np.float32) / 255.0 - np.float32(task.data.mean[0])) / np.float32(
+      task.data.std[0])
+  # what the training step does to a batch with these settings: normalisation only
+  served = jax.jit(lambda key, x: data.augment(
+      key, x, mean=task.data.mean, std=task.data.std, crop_padding=task.data.crop_padding,
+      flip=task.data.flip))(jax.random.PRNGKey(3), jnp.asarray(images[:64]))
+  np.testing.assert_allclose(np.asarray(served), clean[:64], rtol=1e-6, atol=1e-6)
+  # the pruned copy's accuracy: the clean training images' (any epoch)
+  variables = task.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  logits = np.asarray(task.model.apply(variables, clean, train=False))
+  expected = float(np.mean(logits.argmax(-1) == labels))
+  for epoch in (1, 2):
+    assert task.pruned_train_accuracy(variables["params"], {}, epoch) == pytest.approx(expected)
+
+
+def test_augmentation_stays_on_by_default():
+  task = _image_task(dataset="digits")
+  assert (task.data.crop_padding, task.data.flip) == (1, False)  # the digits loader's own
+
+
+def test_no_augment_is_refused_for_text():
+  from hypersparse_jax import config
+  cfg = config.TrainConfig(dataset="pysource", model="transformer", **{
+      k: v for k, v in config.PYSOURCE_PRESET.items() if k != "model"}, augment=False)
+  with pytest.raises(ValueError) as err:
+    cfg.validate()
+  assert _one_line(err).startswith("--no-augment is for the image datasets (digits, cifar10")
+  assert "--dataset pysource has no augmentation" in str(err.value)
+
+
+def test_runs_without_the_augment_key_resume_as_augmented():
+  import dataclasses
+  from hypersparse_jax import config
+  new = dataclasses.asdict(config.TrainConfig(dataset="fashion_mnist"))
+  old = {k: v for k, v in new.items() if k != "augment"}
+  assert config.resume_differences(old, new) == {}
+  diff = config.resume_differences(old, dict(new, augment=False))
+  assert set(diff) == {"augment"} and "True" in diff["augment"][0]
