@@ -9,6 +9,7 @@ installs it. The error paths run on small IDX files the tests write.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 
@@ -287,3 +288,77 @@ def test_runs_without_the_augment_key_resume_as_augmented():
   assert config.resume_differences(old, new) == {}
   diff = config.resume_differences(old, dict(new, augment=False))
   assert set(diff) == {"augment"} and "True" in diff["augment"][0]
+
+
+# ----- hypersparse-train end to end ----------------------------------------------------------
+
+# what summary.json holds for every image run (train.py's Trainer._finish): no new keys
+SUMMARY_KEYS = {
+    "dataset", "model", "depth", "penalty", "seed", "sparsity_target", "sparsity_achieved",
+    "test_accuracy", "selection", "selected_epoch", "val_accuracy", "best_val_accuracy",
+    "best_test_accuracy", "best_test_epoch", "final_test_accuracy", "val_fraction", "num_train",
+    "num_val", "num_test", "art_rule", "pruned_eval", "art_epochs", "art_best_epoch",
+    "stop_reason", "lambda_final", "num_weights", "num_nonzero_weights", "dense_bytes",
+    "sparse_bytes", "compression_ratio", "dense_test_accuracy"}
+TINY = ["--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3", "--lambda-init", "1e-3",
+        "--eta", "2", "--lr", "0.05", "--eval-batch-size", "200", "--sparsity", "0.9",
+        "--no-progress"]
+
+
+def _call_main(argv):
+  from hypersparse_jax import cli
+  try:
+    return cli.main([str(a) for a in argv])
+  except SystemExit as e:
+    return e.code
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+  """The first 600 training and 200 test examples of the real files, as gzip IDX files."""
+  folder = tmp_path_factory.mktemp("fashion_small")
+  for (images_name, labels_name), n in (((NAMES[0], NAMES[1]), 600), ((NAMES[2], NAMES[3]), 200)):
+    (_, rows, cols), body = _raw_idx(images_name)
+    _write_idx(folder / images_name, 2051, (n, rows, cols), body[:n * rows * cols], gz=True)
+    _, label_body = _raw_idx(labels_name)
+    _write_idx(folder / labels_name, 2049, (n,), label_body[:n], gz=True)
+  return folder
+
+
+def test_hypersparse_train_on_a_fashion_mnist_slice(small_folder, tmp_path, capsys):
+  outdir = tmp_path / "run"
+  rc = _call_main(["--dataset", "fashion_mnist", "--model", "lenet300", "--data-dir",
+                   small_folder, "--outdir", outdir] + TINY)
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  with open(outdir / "summary.json") as f:
+    summary = json.load(f)
+  assert set(summary) == SUMMARY_KEYS
+  assert (summary["dataset"], summary["model"], summary["depth"]) == ("fashion_mnist",
+                                                                       "lenet300", None)
+  assert (summary["num_train"], summary["num_test"], summary["num_weights"]) == (600, 200,
+                                                                                 266_200)
+  # the global magnitude mask keeps |w| > sort(|w|)[floor(0.9 * 266,200) = 239,580]: the
+  # 239,581 smallest go (no ties among trained float weights)
+  assert summary["num_nonzero_weights"] == 266_200 - 239_581
+  assert summary["sparsity_achieved"] == pytest.approx(239_581 / 266_200, abs=1e-9)
+  assert 0.1 < summary["test_accuracy"] <= 1.0  # learnt something in 4+ epochs on 600 images
+  with open(outdir / "config.json") as f:
+    assert json.load(f)["augment"] is True
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent/fashion"],
+     ["folder /nonexistent/fashion does not exist",
+      "apt-get install dataset-fashion-mnist", "--data-dir <a folder"]),
+    (["--dataset", "mnist"], ["mnist needs --data-dir <a folder with train-images-idx3-ubyte"]),
+    (["--dataset", "pysource", "--no-augment"], ["--no-augment is for the image datasets"]),
+    (["--dataset", "fashion_mnist", "--model", "lenet5", "--depth", "5"],
+     ["--depth is not used by --model lenet5"]),
+])
+def test_hypersparse_train_start_errors_are_one_line(argv, expected, tmp_path, capsys):
+  assert _call_main(argv + ["--outdir", tmp_path / "run"] + TINY) == 2
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("hypersparse-train: error: "), lines
+  for part in expected:
+    assert part in lines[0], lines[0]
