@@ -345,6 +345,11 @@ def test_hypersparse_train_on_a_fashion_mnist_slice(small_folder, tmp_path, caps
   assert 0.1 < summary["test_accuracy"] <= 1.0  # learnt something in 4+ epochs on 600 images
   with open(outdir / "config.json") as f:
     assert json.load(f)["augment"] is True
+  # the run's fine-tuned model reads back for export (28x28x1, LeNet-300-100's shapes)
+  from hypersparse_jax import onnx_export
+  model, variables, info = onnx_export.load_run_variables(str(outdir))
+  assert info["image_shape"] == (28, 28, 1) and type(model).__name__ == "LeNet300"
+  assert variables["params"]["fc3"]["kernel"].shape == (100, 10)
 
 
 @pytest.mark.parametrize("argv, expected", [
