@@ -367,3 +367,25 @@ def test_hypersparse_train_start_errors_are_one_line(argv, expected, tmp_path, c
   assert len(lines) == 1 and lines[0].startswith("hypersparse-train: error: "), lines
   for part in expected:
     assert part in lines[0], lines[0]
+
+
+def test_init_from_a_pytorch_lenet5(small_folder, tmp_path):
+  import jax
+  import torch
+  from hypersparse_jax import config, train
+  from hypersparse_jax.torch_models import TorchLeNet5
+  torch.manual_seed(0)
+  torch_model = TorchLeNet5().eval()
+  path = tmp_path / "lenet5.pth.tar"
+  torch.save({"epoch": 1, "state_dict": torch_model.state_dict()}, path)
+  cfg = config.TrainConfig(dataset="fashion_mnist", data_dir=str(small_folder), model="lenet5",
+                           init_from=str(path))
+  cfg.validate()
+  trainer = train.Trainer(cfg, str(tmp_path / "run"), progress=False)
+  images = trainer.dataset.test_images[:16]  # real Fashion-MNIST images
+  x = (images.astype(np.float32) / 255.0 - 0.2860406) / 0.3530242
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  params = jax.device_get(trainer.params)
+  logits = np.asarray(trainer.model.apply({"params": params}, x, train=False))
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
