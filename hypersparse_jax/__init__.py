@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARTController", "ARTDecision", "ARTState", "CIFARResNet", "DigitsCNN", "DigitsMLP",
-    "FixedMaskState", "LeNet300", "LeNet5", "MODEL_NAMES", "OnnxExportError", "SparsityReport", "TransformerLM", "VGG", "VGG_CONFIGS",
+    "FixedMaskState", "LeNet300", "LeNet5", "MODEL_NAMES", "OnnxExportError", "SparsityReport",
+    "TransformerLM", "VGG", "VGG_CONFIGS",
     "apply_mask", "art", "check_steps_per_epoch", "create_model", "default_where", "export_onnx",
     "export_sparse", "fixed_mask", "from_torch_state_dict", "host_memory", "hypersparse_grad",
     "hypersparse_penalty", "l1_grad", "l1_penalty", "l2_grad", "l2_penalty", "lambda_schedule",
