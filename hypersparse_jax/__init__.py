@@ -24,7 +24,7 @@ _EXPORTS = {
     **dict.fromkeys(("SparsityReport", "apply_mask", "default_where", "magnitude_mask",
                      "magnitude_threshold", "sparsity", "sparsity_report"), "masking"),
     **dict.fromkeys(("MODEL_NAMES", "VGG_CONFIGS", "CIFARResNet", "DigitsCNN", "DigitsMLP",
-                     "TransformerLM", "VGG", "create_model"), "models"),
+                     "LeNet300", "LeNet5", "TransformerLM", "VGG", "create_model"), "models"),
     **dict.fromkeys(("hypersparse_grad", "hypersparse_penalty", "l1_grad", "l1_penalty",
                      "l2_grad", "l2_penalty"), "penalties"),
     **dict.fromkeys(("export_sparse", "load_sparse"), "sparse_export"),

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="let TFDS download and prepare CIFAR if missing (needs TensorFlow: pip "
                       "install -e '.[download]' in the repository's clone)")
   p.add_argument("--model", default=None, choices=models.MODEL_NAMES,
-                 help=f"reference: {ref['model']}; digits: mlp")
+                 help=f"reference: {ref['model']}; digits: mlp; lenet300 / lenet5: for 28x28 "
+                      "(fashion_mnist, mnist)")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
                  f"(reference: {ref['depth']})")
   p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", default=None,
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--pruned-eval", default="augmented", choices=PRUNED_EVALS,
                  help="data for the pruned copy's accuracy in ART: 'augmented' training batches "
                       "as the reference's training loader serves them (default) or 'clean' images")
+  p.add_argument("--no-augment", dest="augment", action="store_false",
+                 help="image datasets: train on the clean images (no random crop, no flip); "
+                      "ART's pruned copy is then measured on them too")
   tr = PYSOURCE_PRESET
   p.add_argument("--layers", type=int, default=None,
                  help=f"transformer blocks (pysource: {tr['layers']})")
@@ -164,7 +168,7 @@ def config_from_args(args) -> TrainConfig:
     given = getattr(args, name, None)
     if given is not None:
       values[name] = given
-  if args.model is not None and args.depth is None and args.model in ("mlp", "cnn"):
+  if args.model is not None and args.depth is None and args.model in models.FIXED_DEPTH_MODELS:
     values["depth"] = None
   if args.model == "vgg" and args.depth is None:
     values["depth"] = 19
@@ -180,7 +184,7 @@ def config_from_args(args) -> TrainConfig:
   return TrainConfig(dataset=args.dataset, data_dir=data_dir, download=download,
                      seed=args.seed, init_from=_normalized_path(args.init_from),
                      val_fraction=args.val_fraction, art_rule=args.art_rule,
-                     pruned_eval=args.pruned_eval, **values)
+                     pruned_eval=args.pruned_eval, augment=args.augment, **values)
 
 
 def default_outdir(cfg: TrainConfig) -> str:

@@ -74,6 +74,7 @@ class TrainConfig:
   val_fraction: float = 0.0        # held out of the training data for selection (0: none)
   art_rule: str = "reference"      # ARTController rule: 'reference' or 'best_mean'
   pruned_eval: str = "augmented"   # pruned copy measured on 'augmented' or 'clean' train data
+  augment: bool = True             # images: random crop / flip while training (False: clean)
   # --model transformer / --dataset pysource only (None elsewhere)
   layers: Optional[int] = None
   d_model: Optional[int] = None
@@ -116,6 +117,10 @@ class TrainConfig:
                        f"validation split), got {self.val_fraction}")
     if self.init_from:
       raise ValueError("--init-from is not supported with --dataset pysource yet")
+    if not self.augment:
+      raise ValueError(f"--no-augment is for the image datasets "
+                       f"({', '.join(data.DATASET_NAMES)}); --dataset {self.dataset} has no "
+                       "augmentation to turn off")
 
   def validate(self):
     """Raises ValueError (one line naming the option, the value and what is allowed) for any
@@ -132,7 +137,7 @@ class TrainConfig:
       raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
                        f"got {self.optimizer!r}")
     self._validate_text()
-    if self.model in ("mlp", "cnn", "transformer") and self.depth is not None:
+    if self.model in models.FIXED_DEPTH_MODELS and self.depth is not None:
       raise ValueError(f"--depth is not used by --model {self.model} (its depth is fixed), "
                        f"got {self.depth}; leave --depth out")
     if self.model == "resnet" and not self.batch_norm:
@@ -199,7 +204,9 @@ LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": 
                    # options added with the transformer (0.1 knew image models only)
                    "layers": None, "d_model": None, "heads": None, "context": None,
                    "optimizer": "sgd", "prune_embeddings": False, "steps_per_epoch": None,
-                   "eval_windows": None}
+                   "eval_windows": None,
+                   # --no-augment came with Fashion-MNIST; runs before it always augmented
+                   "augment": True}
 
 
 def _normalized_path(path):

@@ -1,4 +1,5 @@
-"""Flax Linen models used with HyperSparse / ART: CIFAR ResNet, VGG and two small digits models.
+"""Flax Linen models used with HyperSparse / ART: CIFAR ResNet, VGG, two small digits models and
+the two LeNets of the pruning literature (LeNet-300-100, LeNet-5) for 28x28 MNIST / Fashion-MNIST.
 
 All models take NHWC images and are called as ``model.apply(variables, x, train=...)``.
 BatchNorm follows PyTorch's defaults (running-average momentum 0.1, written ``momentum=0.9`` in
@@ -32,6 +33,8 @@ __all__ = [
     "VGG",
     "DigitsMLP",
     "DigitsCNN",
+    "LeNet300",
+    "LeNet5",
     "TransformerLM",
     "transformer_where",
     "VGG_CONFIGS",
@@ -278,7 +281,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """Return logits ``(N, num_classes)`` for NHWC images ``x`` (H, W multiples of 16).
+        """Return logits ``(N, num_classes)`` for NHWC images ``x`` (H, W multiples of 16, or
+        any size >= 16, such as 28x28, whose pools floor odd sizes as PyTorch's do).
 
         Args:
           x: images ``(N, H, W, C)``.
@@ -392,6 +396,85 @@ class DigitsCNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
                         dtype=self.dtype, name="fc")(x)
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998; the pruning literature's MNIST MLP), input
+    ``(N, 28, 28, 1)``.
+
+    Flatten (784), ``fc1`` 784 -> 300, ReLU, ``fc2`` 300 -> 100, ReLU, ``fc3`` 100 -> classes:
+    266,200 weights and 410 biases for 10 classes. No BatchNorm. Init as :class:`DigitsMLP`
+    (He-normal fan-in for the hidden layers, N(0, 0.01) for the head, zero biases).
+
+    Attributes:
+      num_classes: output logits.
+      dtype: computation dtype.
+    """
+
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 28, 28, 1)
+
+    def __post_init__(self):
+        _check_num_classes(self.num_classes)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
+        del train  # no dropout / BatchNorm
+        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
+        for i, width in enumerate((300, 100), start=1):
+            x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros,
+                                 dtype=self.dtype, name=f"fc{i}")(x))
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name="fc3")(x)
+
+
+class LeNet5(nn.Module):
+    """The Caffe LeNet-5 of the pruning literature (Han et al. 2015), input ``(N, 28, 28, 1)``.
+
+    ``conv1`` 5x5 -> 20, ReLU, 2x2 max-pool, ``conv2`` 5x5 -> 50, ReLU, 2x2 max-pool (no padding:
+    28 -> 24 -> 12 -> 8 -> 4), flatten (4 * 4 * 50 = 800), ``fc1`` 800 -> 500, ReLU, ``fc2``
+    500 -> classes: 430,500 weights and 580 biases for 10 classes. No BatchNorm. (Caffe's
+    prototxt has no ReLU after the convolutions; PyTorch versions usually do, and so does this.)
+    Convs and ``fc1`` He-normal (fan-in), the head N(0, 0.01), zero biases.
+
+    Flattening is Flax's NHWC order (h, w, c), whereas PyTorch flattens its NCHW map as
+    (c, h, w): :mod:`hypersparse_jax.torch_import` reorders ``fc1``'s rows accordingly, guided by
+    :attr:`torch_flatten_channels`.
+
+    Attributes:
+      num_classes: output logits.
+      dtype: computation dtype.
+    """
+
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    default_input_shape = (1, 28, 28, 1)
+    # dense layers that read a flattened conv map, with the map's channel count
+    torch_flatten_channels = {"fc1": 50}
+
+    def __post_init__(self):
+        _check_num_classes(self.num_classes)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
+        del train  # no dropout / BatchNorm
+        x = jnp.asarray(x, self.dtype)
+        for i, width in enumerate((20, 50), start=1):
+            x = _Conv(width, (5, 5), padding="VALID", kernel_init=_he_fan_in, bias_init=_zeros,
+                      dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(500, kernel_init=_he_fan_in, bias_init=_zeros, dtype=self.dtype,
+                             name="fc1")(x))
+        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
+                        dtype=self.dtype, name="fc2")(x)
 
 
 def _check_vgg_depth(depth: int) -> None:
@@ -527,7 +610,9 @@ def transformer_where(prune_embeddings: bool = False):
     return where
 
 
-MODEL_NAMES = ("resnet", "vgg", "mlp", "cnn", "transformer")
+MODEL_NAMES = ("resnet", "vgg", "mlp", "cnn", "lenet300", "lenet5", "transformer")
+# models whose depth is fixed (``depth`` must be None)
+FIXED_DEPTH_MODELS = ("mlp", "cnn", "lenet300", "lenet5", "transformer")
 
 
 def create_model(name: str, *, num_classes: int, depth: int | None = None,
@@ -537,12 +622,14 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
 
     Args:
       name: ``'resnet'`` (:class:`CIFARResNet`), ``'vgg'`` (:class:`VGG`), ``'mlp'``
-        (:class:`DigitsMLP`) or ``'cnn'`` (:class:`DigitsCNN`); case-insensitive.
+        (:class:`DigitsMLP`), ``'cnn'`` (:class:`DigitsCNN`), ``'lenet300'``
+        (:class:`LeNet300`), ``'lenet5'`` (:class:`LeNet5`) or ``'transformer'``;
+        case-insensitive.
       num_classes: output logits.
       depth: required for ``'resnet'`` (``6n + 2``) and ``'vgg'`` (11/13/16/19); must be None
-        for ``'mlp'`` and ``'cnn'``.
-      batch_norm: BatchNorm for ``'vgg'`` and ``'cnn'`` (ResNet always has it, the MLP never;
-        False is refused for ``'resnet'`` and ignored for ``'mlp'``).
+        for the others (:data:`FIXED_DEPTH_MODELS`).
+      batch_norm: BatchNorm for ``'vgg'`` and ``'cnn'`` (ResNet always has it, the MLP and the
+        LeNets never; False is refused for ``'resnet'`` and ignored for the others).
       dtype: computation dtype.
       transformer: for ``'transformer'`` (:class:`TransformerLM`, ``num_classes`` is its
         vocabulary): ``{'layers', 'd_model', 'heads', 'context'}`` (missing keys: the class
@@ -561,7 +648,7 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
     if key in ("resnet", "vgg") and depth is None:
         allowed = "6n+2, e.g. 20, 32, 56" if key == "resnet" else f"one of {sorted(VGG_CONFIGS)}"
         raise ValueError(f"model {key!r} needs a depth ({allowed})")
-    if key in ("mlp", "cnn", "transformer") and depth is not None:
+    if key in FIXED_DEPTH_MODELS and depth is not None:
         raise ValueError(f"model {key!r} has a fixed depth; pass depth=None, got {depth!r}")
     if key == "transformer":
         return TransformerLM(vocab_size=num_classes, dtype=dtype, **(transformer or {}))
@@ -576,4 +663,8 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
         return VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)
     if key == "mlp":
         return DigitsMLP(num_classes=num_classes, dtype=dtype)
+    if key == "lenet300":
+        return LeNet300(num_classes=num_classes, dtype=dtype)
+    if key == "lenet5":
+        return LeNet5(num_classes=num_classes, dtype=dtype)
     return DigitsCNN(batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)

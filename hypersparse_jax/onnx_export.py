@@ -66,7 +66,8 @@ _INDEX_BYTES = 8  # ONNX sparse tensor indices are int64
 
 # One image's (H, W, C) per dataset: what hypersparse-export builds the input from.
 DATASET_IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3),
-                        "cifar100": (32, 32, 3), "tinyimagenet": (64, 64, 3)}
+                        "cifar100": (32, 32, 3), "tinyimagenet": (64, 64, 3),
+                        "fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
 
 
 class OnnxExportError(ValueError):
@@ -444,7 +445,7 @@ def load_run_variables(run_dir: str, *, checkpoint: str = "selected", final: boo
       raise checkpointing.CheckpointError(f"{run_dir!r}: no fc/classifier layer in the checkpoint")
     num_classes = int(np.shape(head["bias"])[0])
   else:
-    num_classes = 10 if dataset in ("digits", "cifar10") else 100
+    num_classes = 100 if dataset == "cifar100" else 10
   model = models.create_model(config["model"], num_classes=num_classes, depth=config.get("depth"),
                               batch_norm=config.get("batch_norm", True))
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),

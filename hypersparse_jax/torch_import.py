@@ -15,6 +15,11 @@ Flax                        PyTorch key suffix       layout
 
 Module paths map by writing each Flax submodule name's ``_`` as ``.`` (``layer1_0/downsample_0``
 is ``layer1.0.downsample.0``), the naming convention of :mod:`hypersparse_jax.models`.
+
+A dense layer that reads a flattened convolution map (LeNet-5's ``fc1``) sees its inputs in
+(h, w, c) order in Flax (NHWC) but in (c, h, w) order in PyTorch (``x.flatten(1)`` on NCHW). A
+model lists such layers in ``torch_flatten_channels`` (``{'fc1': 50}``: the map's channels);
+their PyTorch ``(out, C·H·W)`` weight is reordered to Flax's ``(H·W·C, out)`` kernel.
 Conversions are transposes and exact casts, so pruned (exactly zero) weights stay exactly zero.
 """
 
@@ -39,11 +44,25 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)  # BatchNorm counter, no Flax count
 _MAX_LISTED = 20  # keys listed per error category; a wrong architecture mismatches hundreds
 
 
-def _torch_key_and_converter(collection: str, names: tuple[str, ...], shape: tuple[int, ...]):
-    """Return ``(torch_key, torch_shape, to_flax)`` for one Flax leaf, or raise ValueError."""
+def _torch_key_and_converter(collection: str, names: tuple[str, ...], shape: tuple[int, ...],
+                             flatten_channels: Mapping[str, int] | None = None):
+    """Return ``(torch_key, torch_shape, to_flax)`` for one Flax leaf, or raise ValueError.
+
+    ``flatten_channels``: Flax module path -> channels of the NCHW map its 2-D kernel reads.
+    """
     module = ".".join(name.replace("_", ".") for name in names[:-1])
     leaf = names[-1]
     same = lambda a: a  # noqa: E731
+    channels = (flatten_channels or {}).get("/".join(names[:-1]))
+    if (collection == "params" and leaf == "kernel" and len(shape) == 2 and channels
+            and shape[0] % channels == 0):
+        positions = shape[0] // channels  # H·W
+
+        def from_nchw(a):  # (out, C·HW) -> (out, C, HW) -> (HW, C, out) -> (HW·C, out)
+            return np.transpose(a.reshape(a.shape[0], channels, positions), (2, 1, 0)).reshape(
+                positions * channels, a.shape[0])
+
+        return f"{module}.weight", (shape[1], shape[0]), from_nchw
     if collection == "params" and leaf == "kernel" and len(shape) == 4:
         h, w, i, o = shape
         return f"{module}.weight", (o, i, h, w), lambda a: np.transpose(a, (2, 3, 1, 0))
@@ -105,7 +124,7 @@ def from_torch_state_dict(state_dict: Mapping, model: nn.Module, *,
       model: a Flax model of :mod:`hypersparse_jax.models` (or one following its naming).
       input_shape: NHWC shape used to trace ``model.init`` for the variable shapes; defaults to
         ``model.default_input_shape`` (CIFAR 32 px for ResNet / VGG, 8x8x1 for the digits
-        models). Matters where parameter shapes depend on the input size (digits models).
+        models, 28x28x1 for the LeNets). Matters where parameter shapes depend on the input size (digits models).
 
     Returns:
       Variables with the structure of ``model.init(...)``: ``{'params': ..., 'batch_stats':
@@ -127,9 +146,11 @@ def from_torch_state_dict(state_dict: Mapping, model: nn.Module, *,
 
     converted: dict[tuple[str, ...], jnp.ndarray] = {}
     missing, mismatched, used = [], [], set()
+    flatten_channels = getattr(model, "torch_flatten_channels", None)
     for path, spec in traverse_util.flatten_dict(dict(abstract)).items():
         collection, names = path[0], path[1:]
-        key, torch_shape, to_flax = _torch_key_and_converter(collection, names, tuple(spec.shape))
+        key, torch_shape, to_flax = _torch_key_and_converter(collection, names, tuple(spec.shape),
+                                                             flatten_channels)
         if key not in state_dict:
             missing.append(key)
             continue

@@ -3,7 +3,8 @@
 They use the module names of the authors' PyTorch reference (GreenAutoML4FAS/HyperSparse), so
 their ``state_dict()`` has the reference's keys — ``conv1.weight``, ``layer1.0.bn1.running_mean``,
 ``layer2.0.downsample.0.weight``, ``fc.weight`` for the ResNet; ``features.N.weight`` and
-``classifier.weight`` for VGG — and loads into the Flax models with
+``classifier.weight`` for VGG; ``fc1``–``fc3`` (LeNet-300-100) and ``conv1``, ``conv2``,
+``fc1``, ``fc2`` (LeNet-5) as PyTorch users write them — and loads into the Flax models with
 :func:`hypersparse_jax.torch_import.from_torch_state_dict`. They serve as an independent
 reference in tests and as the PyTorch side of the speed benchmark. Inputs are NCHW.
 """
@@ -24,8 +25,8 @@ except ImportError as e:  # torch is an optional extra
 
 from hypersparse_jax.models import VGG_CONFIGS, resnet_blocks_per_stage
 
-__all__ = ["TorchCIFARResNet", "TorchVGG", "TorchDigitsMLP", "TorchDigitsCNN",
-           "create_torch_model"]
+__all__ = ["TorchCIFARResNet", "TorchVGG", "TorchDigitsMLP", "TorchDigitsCNN", "TorchLeNet300",
+           "TorchLeNet5", "create_torch_model"]
 
 
 def _init_reference(model: nn.Module, conv_fan: str) -> None:
@@ -230,12 +231,58 @@ class TorchDigitsCNN(nn.Module):
         return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
 
 
+class TorchLeNet300(nn.Module):
+    """LeNet-300-100 as PyTorch users write it (see ``models.LeNet300``): ``fc1`` 784 -> 300,
+    ``fc2`` 300 -> 100, ``fc3`` 100 -> classes, ReLU; PyTorch's default init.
+
+    Args:
+      num_classes: output logits.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits for NCHW images ``x`` ``(N, 1, 28, 28)``."""
+        x = x.flatten(1)  # one channel: NCHW and NHWC flatten alike
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class TorchLeNet5(nn.Module):
+    """The Caffe LeNet-5 as PyTorch users write it (see ``models.LeNet5``): ``conv1`` 5x5 -> 20,
+    ``conv2`` 5x5 -> 50 (no padding), each ReLU + 2x2 max-pool, then ``fc1`` 800 -> 500, ReLU,
+    ``fc2`` 500 -> classes; PyTorch's default init.
+
+    ``fc1`` reads the NCHW map flattened as (c, h, w), PyTorch's usual ``x.flatten(1)``;
+    :mod:`hypersparse_jax.torch_import` reorders it for Flax's (h, w, c).
+
+    Args:
+      num_classes: output logits.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(4 * 4 * 50, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits for NCHW images ``x`` ``(N, 1, 28, 28)``."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
 def create_torch_model(name: str, *, num_classes: int, depth: int | None = None,
                        batch_norm: bool = True) -> nn.Module:
     """PyTorch twin of :func:`hypersparse_jax.models.create_model` (same names and rules).
 
     Args:
-      name: ``'resnet'``, ``'vgg'``, ``'mlp'`` or ``'cnn'``.
+      name: ``'resnet'``, ``'vgg'``, ``'mlp'``, ``'cnn'``, ``'lenet300'`` or ``'lenet5'``.
       num_classes: output logits.
       depth: for ``'resnet'`` and ``'vgg'``.
       batch_norm: for ``'vgg'`` and ``'cnn'``.
@@ -259,4 +306,9 @@ def create_torch_model(name: str, *, num_classes: int, depth: int | None = None,
         return TorchDigitsMLP(num_classes=num_classes)
     if key == "cnn":
         return TorchDigitsCNN(batch_norm=batch_norm, num_classes=num_classes)
-    raise ValueError(f"unknown model name {name!r}; choose one of ['resnet', 'vgg', 'mlp', 'cnn']")
+    if key == "lenet300":
+        return TorchLeNet300(num_classes)
+    if key == "lenet5":
+        return TorchLeNet5(num_classes)
+    raise ValueError(f"unknown model name {name!r}; choose one of ['resnet', 'vgg', 'mlp', "
+                     "'cnn', 'lenet300', 'lenet5']")

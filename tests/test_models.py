@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hypersparse_jax.models import VGG, CIFARResNet, DigitsCNN, DigitsMLP, create_model
+from hypersparse_jax.models import (VGG, CIFARResNet, DigitsCNN, DigitsMLP, LeNet300, LeNet5,
+                                    create_model)
 
 
 # Threefry's random-bit kernels take about a second to compile per shape on CPU; the 'rbg'
@@ -40,6 +41,51 @@ def test_resnet32_has_exact_reference_weight_count():
     expected = 864 + 92160 + 352256 + 1409024 + 1280
     assert expected == 1_855_584
     assert _kernel_weight_count(CIFARResNet(depth=32, num_classes=10), (1, 32, 32, 3)) == expected
+
+
+def _bias_count(model, shape):
+    return sum(int(np.prod(leaf.shape))
+               for path, leaf in jax.tree_util.tree_leaves_with_path(
+                   _abstract_variables(model, shape)["params"])
+               if path[-1].key == "bias")
+
+
+def test_lenet300_has_the_literature_weight_count_and_names():
+    # 784*300 + 300*100 + 100*10 weights, 300 + 100 + 10 biases
+    assert 784 * 300 + 300 * 100 + 100 * 10 == 266_200
+    model = LeNet300()
+    assert _kernel_weight_count(model, (1, 28, 28, 1)) == 266_200
+    assert _bias_count(model, (1, 28, 28, 1)) == 410
+    params = _abstract_variables(model, (1, 28, 28, 1))
+    assert set(params) == {"params"}  # no BatchNorm
+    assert {k: v["kernel"].shape for k, v in params["params"].items()} == {
+        "fc1": (784, 300), "fc2": (300, 100), "fc3": (100, 10)}
+
+
+def test_lenet5_has_the_literature_weight_count_and_names():
+    # conv1 5*5*1*20, conv2 5*5*20*50, fc1 (4*4*50)*500, fc2 500*10; biases 20 + 50 + 500 + 10
+    assert 5 * 5 * 20 + 5 * 5 * 20 * 50 + 800 * 500 + 500 * 10 == 430_500
+    model = LeNet5()
+    assert _kernel_weight_count(model, (1, 28, 28, 1)) == 430_500
+    assert _bias_count(model, (1, 28, 28, 1)) == 580
+    params = _abstract_variables(model, (1, 28, 28, 1))
+    assert set(params) == {"params"}
+    assert {k: v["kernel"].shape for k, v in params["params"].items()} == {
+        "conv1": (5, 5, 1, 20), "conv2": (5, 5, 20, 50), "fc1": (800, 500), "fc2": (500, 10)}
+
+
+def test_lenet5_convolutions_are_unpadded():
+    # A single bright pixel in the corner: VALID 5x5 convs + 2x2 pools keep only the
+    # 24x24 / 8x8 interior, so with zero biases conv1's map at that corner sees it once.
+    model = LeNet5()
+    variables = _init(model, jnp.zeros((1, 28, 28, 1)))
+    x = jnp.zeros((1, 28, 28, 1)).at[0, 0, 0, 0].set(1.0)
+    conv1 = model.apply(variables, x, train=False, capture_intermediates=True,
+                        mutable=["intermediates"])[1]["intermediates"]["conv1"]["__call__"][0]
+    assert conv1.shape == (1, 24, 24, 20)
+    kernel = variables["params"]["conv1"]["kernel"]
+    np.testing.assert_allclose(conv1[0, 0, 0], kernel[0, 0, 0], rtol=1e-6)
+    assert float(jnp.abs(conv1[0, 1:, 1:]).max()) == 0.0
 
 
 def test_vgg19_bn_has_exact_reference_weight_count():
@@ -77,6 +123,9 @@ def test_resnet44_uses_basic_blocks():
     (CIFARResNet(depth=56, num_classes=100), (2, 32, 32, 3), 100),
     (VGG(depth=19, batch_norm=True, num_classes=100), (2, 32, 32, 3), 100),
     (VGG(depth=11, batch_norm=False, num_classes=200), (2, 64, 64, 3), 200),
+    # Fashion-MNIST / MNIST: 28x28x1 through the global average pool
+    (CIFARResNet(depth=20, num_classes=10), (2, 28, 28, 1), 10),
+    (VGG(depth=11, batch_norm=True, num_classes=10), (2, 28, 28, 1), 10),
 ])
 def test_large_model_output_shapes(model, shape, num_classes):
     # Shapes only: traced, not run (the PyTorch parity tests run these models for real).
@@ -109,6 +158,16 @@ def test_digits_model_outputs(model, num_classes):
     else:
         train_logits = model.apply(variables, x, train=True)
     assert train_logits.shape == (3, num_classes)
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5"])
+def test_lenet_outputs(name):
+    model = create_model(name, num_classes=10)
+    x = np.random.default_rng(1).normal(size=(3, 28, 28, 1)).astype(np.float32)
+    variables = _init(model, jnp.asarray(x))
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (3, 10) and np.all(np.isfinite(logits))
+    np.testing.assert_array_equal(model.apply(variables, x, train=True), logits)
 
 
 def test_prunable_leaves_are_kernels_and_biases_are_separate():
@@ -242,6 +301,8 @@ def test_create_model_builds_each_architecture():
     assert isinstance(create_model("mlp", num_classes=10), DigitsMLP)
     cnn = create_model("cnn", num_classes=10, batch_norm=False)
     assert isinstance(cnn, DigitsCNN) and not cnn.batch_norm
+    assert isinstance(create_model("lenet300", num_classes=10), LeNet300)
+    assert isinstance(create_model("LeNet5", num_classes=10), LeNet5)
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -251,6 +312,8 @@ def test_create_model_builds_each_architecture():
     (dict(name="resnet", num_classes=10, depth=30), r"6n\+2.*got 30"),
     (dict(name="vgg", num_classes=10, depth=17), r"got 17"),
     (dict(name="mlp", num_classes=10, depth=3), r"depth=None, got 3"),
+    (dict(name="lenet5", num_classes=10, depth=5), r"'lenet5' has a fixed depth.*got 5"),
+    (dict(name="lenet300", num_classes=0), r"num_classes.*got 0"),
     (dict(name="resnet", num_classes=10, depth=20, batch_norm=False), r"always uses BatchNorm"),
     (dict(name="cnn", num_classes=0), r"num_classes.*got 0"),
 ])

@@ -10,7 +10,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hypersparse_jax.models import VGG, CIFARResNet, DigitsCNN, DigitsMLP  # noqa: E402
+from hypersparse_jax.models import (  # noqa: E402
+    VGG,
+    CIFARResNet,
+    DigitsCNN,
+    DigitsMLP,
+    LeNet300,
+    LeNet5,
+)
 from hypersparse_jax.torch_import import (  # noqa: E402
     from_torch_state_dict,
     load_torch_checkpoint,
@@ -19,6 +26,8 @@ from hypersparse_jax.torch_models import (  # noqa: E402
     TorchCIFARResNet,
     TorchDigitsCNN,
     TorchDigitsMLP,
+    TorchLeNet300,
+    TorchLeNet5,
     TorchVGG,
 )
 
@@ -127,6 +136,58 @@ def test_digits_models_match_pytorch_from_numpy_state_dict(make_torch, model):
     variables = from_torch_state_dict(state, model)
     np.testing.assert_allclose(_flax_logits(model, variables, x), _torch_logits(torch_model, x),
                                rtol=0, atol=1e-5)
+
+
+def _lenet_twins(name, seed):
+    """A PyTorch LeNet with PyTorch's default init, a third of its weights exactly zero."""
+    torch.manual_seed(seed)
+    torch_model = TorchLeNet300() if name == "lenet300" else TorchLeNet5()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in torch_model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.mul_(torch.rand(module.weight.shape, generator=gen) >= 0.3)
+    return torch_model.eval(), LeNet300() if name == "lenet300" else LeNet5()
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5"])
+def test_lenets_match_pytorch_logits(name, tmp_path):
+    torch_model, model = _lenet_twins(name, seed=7)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    expected = _torch_logits(torch_model, x)
+    assert np.abs(expected).max() > 0.05
+    variables = from_torch_state_dict(torch_model.state_dict(), model)
+    assert set(variables) == {"params"}
+    np.testing.assert_allclose(_flax_logits(model, variables, x), expected, rtol=0, atol=1e-5)
+    assert _kernel_zeros_flax(variables["params"]) == _prunable_zeros_torch(torch_model)
+    # the same through files, as PyTorch users save them: bare and under 'state_dict'
+    torch.save(torch_model.state_dict(), tmp_path / "bare.pth")
+    torch.save({"epoch": 3, "state_dict": torch_model.state_dict()}, tmp_path / "ckpt.pth.tar")
+    for path in (tmp_path / "bare.pth", tmp_path / "ckpt.pth.tar"):
+        loaded = load_torch_checkpoint(path, model)
+        np.testing.assert_allclose(_flax_logits(model, loaded, x), expected, rtol=0, atol=1e-5)
+
+
+def test_lenet5_fc1_rows_follow_pytorch_nchw_flattening():
+    # One nonzero weight per channel c at map position (h, w): PyTorch's column c*16 + h*4 + w
+    # (NCHW flattened) must become Flax's kernel row (h*4 + w)*50 + c (NHWC flattened).
+    state = {k: v.numpy() * 0 for k, v in TorchLeNet5().state_dict().items()}
+    picks = [(0, 0, 0), (1, 0, 1), (49, 3, 3), (17, 2, 1)]  # (c, h, w)
+    for out, (c, h, w) in enumerate(picks):
+        state["fc1.weight"][out, c * 16 + h * 4 + w] = out + 1.0
+    kernel = np.asarray(from_torch_state_dict(state, LeNet5())["params"]["fc1"]["kernel"])
+    assert kernel.shape == (800, 500)
+    expected = np.zeros((800, 500), np.float32)
+    for out, (c, h, w) in enumerate(picks):
+        expected[(h * 4 + w) * 50 + c, out] = out + 1.0
+    np.testing.assert_array_equal(kernel, expected)
+
+
+def test_lenet5_fc1_of_another_size_is_a_shape_mismatch():
+    state = dict(TorchLeNet5().state_dict())
+    state["fc1.weight"] = torch.zeros(500, 801)
+    with pytest.raises(ValueError, match=r"fc1.weight: expected \(500, 800\), found \(500, 801\)"):
+        from_torch_state_dict(state, LeNet5())
 
 
 @pytest.fixture(scope="module")

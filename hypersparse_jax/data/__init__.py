@@ -6,7 +6,8 @@ Data only (no model or training code), one module per concept:
   normalisation constants and augmentation settings) and :func:`with_validation_split`;
 * :mod:`~hypersparse_jax.data.loading`: :func:`load_dataset` by name, over the sources
   :mod:`~hypersparse_jax.data.digits` (bundled, no download), :mod:`~hypersparse_jax.data.cifar`
-  (TFDS ``data_source``) and :mod:`~hypersparse_jax.data.tinyimagenet` (an image folder);
+  (TFDS ``data_source``), :mod:`~hypersparse_jax.data.tinyimagenet` (an image folder) and
+  :mod:`~hypersparse_jax.data.mnist` (MNIST / Fashion-MNIST IDX files);
 * :mod:`~hypersparse_jax.data.records`: :class:`RecordArray`, a split read on demand
   (``load_dataset(..., lazy=True)``), so each process reads only its own rows;
 * :mod:`~hypersparse_jax.data.batching`: epoch orders, padded batches, prefetch;

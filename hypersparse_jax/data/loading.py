@@ -10,7 +10,7 @@ import os
 import pathlib
 from collections.abc import Callable
 
-from hypersparse_jax.data import cifar, digits, tinyimagenet
+from hypersparse_jax.data import cifar, digits, mnist, tinyimagenet
 from hypersparse_jax.data.dataset import Dataset
 
 
@@ -35,12 +35,19 @@ def _tinyimagenet(name, data_dir, download, *, cache, lazy):
                                           lazy=lazy)
 
 
+def _mnist(name, data_dir, download, *, cache, lazy):
+    del download, cache, lazy  # never downloaded; small enough to hold in memory
+    return mnist.load_mnist(name, data_dir)
+
+
 # name -> loader; the order is the command line's.
 SOURCES: dict[str, Callable[..., Dataset]] = {
     "digits": _digits,
     "cifar10": _cifar,
     "cifar100": _cifar,
     "tinyimagenet": _tinyimagenet,
+    "fashion_mnist": _mnist,
+    "mnist": _mnist,
 }
 DATASET_NAMES = tuple(SOURCES)
 # Datasets whose normalisation is a fixed constant (the reference's), ``name -> (mean, std)``
@@ -74,6 +81,10 @@ def load_dataset(
       reference). Decoded arrays are cached in ``<data_dir>/hypersparse_jax_cache.npz`` when
       ``cache`` is true and the folder is writable; the cache is keyed on the file list, sizes and
       modification times.
+    * ``'fashion_mnist'`` / ``'mnist'``: the four original IDX files (``.gz`` or not) in
+      ``data_dir`` (Fashion-MNIST's default: Debian's ``/usr/share/datasets/fashion-mnist``,
+      ``apt-get install dataset-fashion-mnist``; MNIST needs ``data_dir``); 28x28x1 images,
+      crop padding 4, flip for Fashion-MNIST only (:mod:`hypersparse_jax.data.mnist`).
 
     With ``lazy=True``, CIFAR's splits and TinyImageNet's images are :class:`RecordArray` s:
     nothing but the file list (TinyImageNet) is read when loading, and a batch reads (decodes)
@@ -81,13 +92,13 @@ def load_dataset(
     of its own rows (``train_batches(..., rows=...)``). The batches are the same as eagerly loaded
     ones. Mean and std are the reference's fixed constants for these datasets, so no pass over
     the data is needed; the TinyImageNet cache is neither read nor written; CIFAR labels are
-    range-checked as they are read. The digits set is always held in memory.
+    range-checked as they are read. The digits set and the IDX datasets are always held in memory.
 
     Args:
       name: one of ``DATASET_NAMES``.
-      data_dir: TFDS data directory (CIFAR) or the dataset folder (TinyImageNet).
+      data_dir: TFDS data directory (CIFAR) or the dataset folder (TinyImageNet, IDX files).
       download: allow TFDS to download and prepare CIFAR data. Ignored for digits; TinyImageNet
-        cannot be downloaded by this library.
+        and the IDX datasets cannot be downloaded by this library.
       cache: TinyImageNet only: read/write the decoded-array cache (eager loading only).
       lazy: read records on demand instead of loading them (CIFAR, TinyImageNet).
 
@@ -95,9 +106,10 @@ def load_dataset(
       A ``Dataset``.
 
     Raises:
-      ValueError: unknown name, or malformed TinyImageNet folder contents.
+      ValueError: unknown name, malformed TinyImageNet folder contents or IDX files, MNIST
+        without ``data_dir``.
       FileNotFoundError: CIFAR data not prepared in ``data_dir`` with ``download=False``, or a missing
-        TinyImageNet folder, file or image.
+        TinyImageNet or IDX folder, file or image.
     """
     if name not in SOURCES:
         raise ValueError(f'Unknown dataset {name!r}; allowed: {", ".join(DATASET_NAMES)}')

@@ -4,11 +4,13 @@ The training step augments on the device (random crop with zero padding, flip, p
 normalisation: :mod:`hypersparse_jax.data.augmentation`) and minimises the mean cross-entropy of
 the batch's valid rows. ART's pruned copy is measured on the training data as the training
 loader serves it, i.e. augmented (``pruned_eval='augmented'``, the reference's way), or on the
-clean training images (``'clean'``).
+clean training images (``'clean'``). With ``augment=False`` (``--no-augment``) training sees the
+clean images (no crop, no flip), so the pruned copy is measured on them under either setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -122,6 +124,8 @@ class ImageClassification(Task):
     # several processes: each reads only the records of its own rows (same batches)
     dataset = data.load_dataset(config.dataset, config.data_dir, config.download,
                                 lazy=jax.process_count() > 1)
+    if not config.augment:
+      dataset = dataclasses.replace(dataset, crop_padding=0, flip=False)
     if config.val_fraction > 0:
       dataset = data.with_validation_split(dataset, config.val_fraction, seed=config.seed)
     self.data = dataset
@@ -130,8 +134,9 @@ class ImageClassification(Task):
     self.steps_per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
     self.example_input = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
     self.eval_step = make_eval_step(self.model, dataset)
-    self.pruned_eval_step = make_eval_step(self.model, dataset,
-                                           augmented=config.pruned_eval == "augmented")
+    # without augmentation the training loader serves the clean images: measure on those
+    self._pruned_augmented = config.pruned_eval == "augmented" and config.augment
+    self.pruned_eval_step = make_eval_step(self.model, dataset, augmented=self._pruned_augmented)
     self._pruned_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PRUNED_EVAL_TAG)
 
   def train_batches(self, epoch, rows):
@@ -157,9 +162,10 @@ class ImageClassification(Task):
 
   def pruned_train_accuracy(self, params, batch_stats, epoch):
     """Augmented as the training loader serves it (a fresh augmentation per epoch, a function
-    of ``(seed, epoch)``), or on the clean images with ``pruned_eval='clean'``."""
+    of ``(seed, epoch)``), or on the clean images with ``pruned_eval='clean'`` or
+    ``augment=False``."""
     key = None
-    if self.cfg.pruned_eval == "augmented":
+    if self._pruned_augmented:
       key = jax.random.fold_in(self._pruned_key, epoch)
     return self._accuracy(self.pruned_eval_step, params, batch_stats, self.data.train_images,
                           self.data.train_labels, key)
