@@ -335,7 +335,7 @@ def test_the_file_carries_what_deployment_needs(run_dir, selected_onnx):
   meta = {p.key: p.value for p in onnx.load(out).metadata_props}
   pre = json.loads(meta["preprocessing"])
   assert pre["layout"] == "NHWC" and pre["dtype"] == "uint8" and pre["scale"] == 1 / 255
-  data = input_pipeline.load_dataset("digits")
+  data = hs_data.load_dataset("digits")
   np.testing.assert_allclose(pre["mean"], data.mean, rtol=1e-12)
   np.testing.assert_allclose(pre["std"], data.std, rtol=1e-12)
   assert json.loads(meta["input_shape"]) == [None, 8, 8, 1]
@@ -365,10 +365,10 @@ def test_readme_onnxruntime_snippet_runs(selected_onnx, tmp_path, monkeypatch, c
   exec(compile(code, "README.md", "exec"), namespace)
   printed = capsys.readouterr().out
   # the snippet's class is the one onnxruntime gives the first digit normalised as in training
-  data = input_pipeline.load_dataset("digits")
+  data = hs_data.load_dataset("digits")
   from sklearn.datasets import load_digits
   first = np.rint(load_digits().images[0] * 255 / 16).astype(np.uint8)[None, :, :, None]
-  x = np.asarray(input_pipeline.normalize(first, data.mean, data.std))
+  x = np.asarray(hs_data.normalize(first, data.mean, data.std))
   expected = int(np.argmax(ort.InferenceSession(out).run(None, {"images": x})[0], -1)[0])
   assert printed.startswith(f"class {expected} (label 0), 10 classes, epoch {report['epoch']}")
 
@@ -429,7 +429,7 @@ def run_no_val(tmp_path_factory):
   outdir = str(tmp_path_factory.mktemp("run") / "mlp")
   argv = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "3", "--max-art-epochs", "2",
           "--lambda-init", "1e-3", "--eta", "2", "--no-progress", "--outdir", outdir]
-  assert train.main(argv) == 0
+  assert cli.main(argv) == 0
   return outdir
 
 
@@ -472,7 +472,7 @@ def test_preprocessing_is_read_from_summary_json_when_recorded(run_no_val, tmp_p
   assert onnx_export.preprocessing(str(copy)) == recorded
   summary.pop("preprocessing", None)
   (copy / "summary.json").write_text(json.dumps(summary))
-  data = input_pipeline.load_dataset("digits")  # else: as the trainer computes it
+  data = hs_data.load_dataset("digits")  # else: as the trainer computes it
   assert onnx_export.preprocessing(str(copy))["mean"] == pytest.approx(list(data.mean))
 
 
