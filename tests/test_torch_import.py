@@ -295,5 +295,5 @@ def test_checkpoint_that_is_not_a_dict_is_refused(tmp_path):
 
 def test_missing_torch_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install hypersparse-jax\[torch\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[torch\]'"):
         load_torch_checkpoint(tmp_path / "any.pth", DigitsMLP())

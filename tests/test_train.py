@@ -695,22 +695,42 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path):
              for e in (last, last + 1)), out
 
 
+def _importing_numpy(pid: int) -> bool:
+  """Whether process ``pid`` has NumPy's core extension mapped: the command's own imports have
+  begun (hypersparse_jax.console imports JAX, and NumPy first, after installing its handler).
+  Earlier, in the interpreter's own start-up (``site``), Ctrl-C is Python's business."""
+  try:
+    with open(f"/proc/{pid}/maps") as f:
+      return "_multiarray_umath" in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
   """SIGINT during the imports, the data loading, the first compilations and training, with
   six runs starting at once on a busy machine: every one ends with exit 130 and one line, never
   a traceback or a crash. (Before hypersparse_jax.console ended interrupted runs with
   os._exit, the interpreter's final garbage collection destroyed JAX's CPU client while an
-  interrupted asynchronous compilation still used it: SIGSEGV, exit 139, in start-up.) The
-  run interrupted last resumes to the end."""
-  delays = (0.2, 0.8, 1.6, 2.6, 4.0, 6.0)
-  procs = {}
-  for delay in delays:
-    procs[delay] = (_start(str(tmp_path / f"run{delay}")), time.time() + delay)
-  for delay, (proc, when) in procs.items():
-    time.sleep(max(0.0, when - time.time()))
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGINT)
-  for delay, (proc, _) in procs.items():
+  interrupted asynchronous compilation still used it: SIGSEGV, exit 139, in start-up.) Delays
+  count from the moment the command's imports begin. The run interrupted last resumes."""
+  delays = (0.0, 0.6, 1.4, 2.4, 4.0, 6.0)
+  procs = {delay: _start(str(tmp_path / f"run{delay}")) for delay in delays}
+  ready, signalled, deadline = {}, set(), time.time() + 120
+  while len(signalled) < len(delays) and time.time() < deadline:
+    for delay, proc in procs.items():
+      if delay in signalled:
+        continue
+      if proc.poll() is not None:  # finished (or failed) before its signal: judged below
+        signalled.add(delay)
+      elif delay not in ready and _importing_numpy(proc.pid):
+        ready[delay] = time.time()
+      elif delay in ready and time.time() >= ready[delay] + delay:
+        proc.send_signal(signal.SIGINT)
+        signalled.add(delay)
+    time.sleep(0.005)
+  assert len(signalled) == len(delays), f"never began importing: {set(delays) - set(ready)}"
+  for delay, proc in procs.items():
     out = proc.communicate(timeout=180)[0].decode(errors="replace")
     if proc.returncode == 0:  # finished before the signal (only possible for the latest)
       assert delay == delays[-1], out
