@@ -3,8 +3,11 @@
     python benchmarks/study.py                      # bundled digits, 5 sparsities x 3 seeds
     python benchmarks/study.py --quick --out /tmp/s # one seed, two sparsities, a few epochs
     python benchmarks/study.py --data-dir ~/tensorflow_datasets   # CIFAR-10 (reference protocol)
-    python benchmarks/study.py --dataset pysource --out benchmarks/results/study_pysource
-                                                    # byte-level transformer on stdlib code
+    python benchmarks/study.py --dataset pysource   # byte-level transformer on stdlib code
+
+Each dataset writes to its own folder unless ``--out`` says otherwise:
+``benchmarks/results/study`` (digits), ``benchmarks/results/study_cifar10``,
+``benchmarks/results/study_pysource``.
 
 On ``pysource`` (a small byte-level transformer, AdamW; see ``PYSOURCE_STUDY``) the methods are
 ART + HyperSparse, ART + L1, one-shot, GMP and dense at 90 / 95 / 98 % with 2 seeds, and the
@@ -488,10 +491,18 @@ def write_plot(path, report):
 # ------------------------------------------------------------------------------------------------
 
 
+def default_out(dataset):
+  """Each dataset's study has its own folder, so one study never overwrites another's."""
+  name = "study" if dataset == "digits" else f"study_{dataset}"
+  return os.path.join("benchmarks", "results", name)
+
+
 def build_parser():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "study"))
+  p.add_argument("--out", default=None,
+                 help="output folder (default: benchmarks/results/study for digits, "
+                 "benchmarks/results/study_<dataset> otherwise)")
   p.add_argument("--data-dir", default=None, help="TFDS data dir: run on CIFAR-10 instead "
                  "(with --dataset pysource: a folder of *.py files instead of the stdlib)")
   p.add_argument("--dataset", default=None, choices=("digits", "cifar10", "pysource"),
@@ -517,6 +528,8 @@ def main(argv=None):
   args = build_parser().parse_args(argv)
   if args.dataset is None:
     args.dataset = "cifar10" if args.data_dir else "digits"
+  if args.out is None:
+    args.out = default_out(args.dataset)
   text = args.dataset == "pysource"
   sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else
                                          PYSOURCE_SPARSITIES if text else SPARSITIES))

@@ -1,9 +1,12 @@
-"""The README's own-loop snippet is executed as it stands (extracted from README.md)."""
+"""The README's own-loop snippet is executed as it stands (extracted from README.md), and the
+figures the READMEs quote are checked against the committed result files they name
+(benchmarks/check_readme_figures.py)."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -38,3 +41,33 @@ def test_own_loop_snippet_runs_and_prunes(capsys):
   assert zeros / total >= namespace["SPARSITY"]
   accuracy = float(re.search(r"pruned test accuracy (\S+)", out).group(1))
   assert accuracy > 0.5  # 10 classes: chance is 0.1
+
+
+def _figure_checker():
+  sys.path.insert(0, os.path.join(os.path.dirname(README), "benchmarks"))
+  try:
+    import check_readme_figures
+  finally:
+    sys.path.pop(0)
+  return check_readme_figures
+
+
+def test_quoted_figures_match_their_result_files():
+  problems = _figure_checker().check()
+  assert problems == [], "\n".join(problems)
+
+
+def test_figure_check_fails_on_a_stale_figure_or_a_lost_sentence():
+  checker = _figure_checker()
+  docs = checker.load_docs()
+  readme = docs["README.md"]
+  # the figure an earlier README quoted from training.json, where training_issue15.json says 0.574
+  stale = readme.replace("ResNet-32 trains at 0.574×", "ResNet-32 trains at 0.68×")
+  assert stale != readme
+  problems = checker.check({**docs, "README.md": stale})
+  assert len(problems) == 1, problems
+  assert "'0.68' (file: '0.574')" in problems[0] and "training_issue15.json" in problems[0]
+  # a reworded sentence no longer carries its check: reported, not silently skipped
+  reworded = readme.replace("ResNet-32 trains at 0.574×", "ResNet-32 runs at 0.574×")
+  problems = checker.check({**docs, "README.md": reworded})
+  assert len(problems) == 1 and "sentence not found" in problems[0], problems

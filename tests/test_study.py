@@ -94,3 +94,19 @@ def test_pysource_tables_and_plot_from_runs(tmp_path):
     values = [2.6 + s, 2.7 + s]
     assert cell.strip() == f"{sum(values) / 2:.3f} ± {float(np.std(values, ddof=1)):.3f}"
   assert "ART + L2" not in table
+
+
+def test_default_out_is_per_dataset():
+  """Without --out, each dataset's study writes to its own folder (the digits study keeps
+  benchmarks/results/study), so running one study never overwrites another's results."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study
+  finally:
+    sys.path.pop(0)
+  results = pathlib.Path("benchmarks") / "results"
+  assert pathlib.Path(study.default_out("digits")) == results / "study"
+  assert pathlib.Path(study.default_out("pysource")) == results / "study_pysource"
+  assert pathlib.Path(study.default_out("cifar10")) == results / "study_cifar10"
+  assert len({study.default_out(d) for d in ("digits", "pysource", "cifar10")}) == 3
+  assert study.build_parser().parse_args([]).out is None  # resolved per dataset in main()

@@ -1,0 +1,274 @@
+"""Checks that the figures the READMEs quote still match the committed result files.
+
+    python benchmarks/check_readme_figures.py      # exit 1 and one line per stale figure
+
+Each entry of ``FIGURES`` is one cited sentence: the document, a regular expression that finds
+the sentence and captures its figures, the result file it names, and a function that computes
+from that file the text each captured figure must read (with the sentence's rounding). A
+sentence that is no longer found is reported too, so rewording a sentence means updating its
+entry here. When a result file is re-measured, this check (run by ``tests/test_readme.py``)
+fails until every sentence quoting it is updated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List, NamedTuple, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join("benchmarks", "results")
+
+
+class Figure(NamedTuple):
+  doc: str                               # path relative to the repository root
+  pattern: str                           # regex; each group captures one quoted figure
+  source: str                            # result file, relative to the repository root
+  expected: Callable[[dict], Sequence[str]]  # what each group must read, from the file
+
+
+def at(data, path: str):
+  """``at(d, "results[0].step_ms.plain")``: a value inside nested dicts and lists."""
+  for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+    data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+  return data
+
+
+def span(values, fmt: str) -> str:
+  """``'lo–hi'`` of values, each formatted with ``fmt`` (an en dash, as the READMEs write)."""
+  return f"{format(min(values), fmt)}–{format(max(values), fmt)}"
+
+
+def sci(x: float) -> str:
+  """1.5e-6, as the READMEs write it (no zero-padded exponent)."""
+  mantissa, exponent = f"{x:.1e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def pct(x: float, digits: int = 2) -> str:
+  return f"{100 * x:.{digits}f}"
+
+
+def cell(report, method, target, key="final_test_accuracy"):
+  return next(c[key]["mean"] for c in report["cells"]
+              if c["method"] == method and c["target"] == target)
+
+
+def rows(report, key):
+  return [r[key] for r in report["results"]]
+
+
+def ratio_range(report, models, keys):
+  """Range over models of the whole-step ratios (median of round ratios and ratio of medians,
+  wall and CPU time), as the READMEs quote ART's whole-step overhead."""
+  out = {}
+  for m in models:
+    vals = [report["results"][m][k][s] for k in keys
+            for s in ("median_of_round_ratios", "ratio_of_medians")]
+    out[m] = span(vals, ".2f")
+  return out
+
+
+def gpu_row(report, model, batch=64):
+  return next(r for r in report["steps_run1"]["results"]
+              if r["model"] == model and r["batch"] == batch)
+
+
+def onnx_row(report, model, sparsity):
+  return next(r for r in report["rows"] if r["model"] == model and r["sparsity"] == sparsity)
+
+
+README, BENCH = "README.md", os.path.join("benchmarks", "README.md")
+R = lambda name: os.path.join(RESULTS, name)  # noqa: E731
+
+_WHOLE = ("art_over_plain_wall", "art_over_plain_cpu")
+
+FIGURES: List[Figure] = [
+    # --- quickstart ------------------------------------------------------------------------------
+    Figure(README, r"\(2026-12-02, 2 shared CPU cores\): ([\d.]+) % sparsity after (\d+) ART epochs, "
+           r"([\d.]+) % pruned test\s+accuracy at the final fine-tune epoch, ([\d.]+) s wall and "
+           r"([\d.]+) s of CPU time", R("quickstart.json"),
+           lambda d: (pct(d["sparsity"]), str(d["art_epochs"]), pct(d["final_test_accuracy"]),
+                      f"{d['wall_s']:.1f}", f"{d['cpu_s']:.1f}")),
+    Figure(BENCH, r"\(2026-12-02, 2 CPU cores shared with other jobs\): ([\d.]+) %\s+sparsity, "
+           r"([\d.]+) % pruned test accuracy at the final fine-tune epoch \(also the best one\),\s+"
+           r"([\d.]+) % dense test accuracy at the end of ART, ([\d.]+) s wall and ([\d.]+) s",
+           R("quickstart.json"),
+           lambda d: (pct(d["sparsity"]), pct(d["final_test_accuracy"]),
+                      pct(d["dense_test_accuracy"]), f"{d['wall_s']:.1f}", f"{d['cpu_s']:.1f}")),
+    # --- the ART window rules --------------------------------------------------------------------
+    Figure(README, r"keeps another entry in (\d+) % of uniformly random accuracy sequences and "
+           r"(\d+) % of noisy rising", R("controller_rules.json"),
+           lambda d: (pct(d["results"]["uniform"]["decision_differs"], 0),
+                      pct(d["results"]["trend"]["decision_differs"], 0))),
+    Figure(BENCH, r"They stop at another epoch or keep another entry in ([\d.]+) % of\s+sequences "
+           r"with uniform random accuracies and ([\d.]+) % of noisy", R("controller_rules.json"),
+           lambda d: (pct(d["results"]["uniform"]["decision_differs"], 1),
+                      pct(d["results"]["trend"]["decision_differs"], 1))),
+    # --- digits study ----------------------------------------------------------------------------
+    Figure(README, r"ART \+ HyperSparse reaches ([\d.]+) % at 90 % sparsity against ([\d.]+) % for\s+"
+           r"the dense baseline, and ([\d.]+) % at 99.5 %, where gradual magnitude pruning reaches "
+           r"([\d.]+) % and\s+one-shot pruning ([\d.]+) %; ART \+ L1 is ahead of it at 98 and 99 % "
+           r"\(([\d.]+) % and ([\d.]+) %\)", R("study/study.json"),
+           lambda d: tuple(pct(cell(d, m, t)) for m, t in (
+               ("art_hypersparse", 0.9), ("dense", 0.0), ("art_hypersparse", 0.995),
+               ("gmp", 0.995), ("oneshot", 0.995), ("art_l1", 0.98), ("art_l1", 0.99)))),
+    Figure(BENCH, r"\| ART \+ HyperSparse \| \*\*([\d.]+) ± [\d.]+\*\* \| \*\*([\d.]+) ± [\d.]+\*\* \| "
+           r"([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| \*\*([\d.]+) ±", R("study/study.json"),
+           lambda d: tuple(pct(cell(d, "art_hypersparse", s))
+                           for s in (0.9, 0.95, 0.98, 0.99, 0.995))),
+    Figure(BENCH, r"\| dense baseline \(κ = 0\) \| ([\d.]+) ± ([\d.]+) \| \| \| \| \|\n", R("study/study.json"),
+           lambda d: (pct(cell(d, "dense", 0.0)),
+                      pct(next(c["final_test_accuracy"]["std"] for c in d["cells"]
+                               if c["method"] == "dense")))),
+    # --- transformer preset ----------------------------------------------------------------------
+    Figure(README, r"summary\): ([\d.]+) % sparsity, ([\d.]+) bits per byte on the test split "
+           r"against ([\d.]+) for the dense\s+model", R("pysource_preset/summary.json"),
+           lambda d: (pct(d["sparsity_achieved"]), f"{d['test_bits_per_byte']:.3f}",
+                      f"{d['dense_test_bits_per_byte']:.3f}")),
+    Figure(BENCH, r"sparsity \*\*([\d.]+) %\*\* \(([\d,]+) of ([\d,]+) prunable weights kept\), "
+           r"test \*\*([\d.]+) bits per byte\*\*\s+\(([\d.]+) % next-byte accuracy\) against "
+           r"\*\*([\d.]+)\*\* \(([\d.]+) %\)", R("pysource_preset/summary.json"),
+           lambda d: (pct(d["sparsity_achieved"]), f"{d['num_nonzero_weights']:,}",
+                      f"{d['num_weights']:,}", f"{d['test_bits_per_byte']:.3f}",
+                      pct(d["test_accuracy"], 1), f"{d['dense_test_bits_per_byte']:.3f}",
+                      pct(d["dense_test_accuracy"], 1))),
+    Figure(README, r"(\d,\d+) files, ([\d.]+) MB on CPython ([\d.]+) in\s+"
+           r"`benchmarks/results/pysource_preset/summary.json`", R("pysource_preset/summary.json"),
+           lambda d: (f"{d['corpus']['files']:,}", f"{d['corpus']['bytes'] / 1e6:.1f}",
+                      d["corpus"]["python_version"])),
+    # --- pysource study --------------------------------------------------------------------------
+    Figure(README, r"test bits per byte of ART \+ HyperSparse ([\d.]+) / ([\d.]+) / ([\d.]+) at 90 / 95 /\s+"
+           r"98 %, ahead of ART \+ L1 \(([\d.]+) / ([\d.]+) / ([\d.]+)\).*?dense baseline \(([\d.]+)\)",
+           R("study_pysource/study.json"),
+           lambda d: tuple(f"{cell(d, m, s, 'test_bits_per_byte'):.3f}" for m, s in (
+               ("art_hypersparse", 0.9), ("art_hypersparse", 0.95), ("art_hypersparse", 0.98),
+               ("art_l1", 0.9), ("art_l1", 0.95), ("art_l1", 0.98), ("dense", 0.0)))),
+    Figure(BENCH, r"\| ART \+ HyperSparse \| \*\*([\d.]+) ± [\d.]+\*\* \| \*\*([\d.]+) ± [\d.]+\*\* \| "
+           r"\*\*([\d.]+) ± [\d.]+\*\* \|\n\| ART \+ L1 \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| "
+           r"([\d.]+) ±", R("study_pysource/study.json"),
+           lambda d: tuple(f"{cell(d, m, s, 'test_bits_per_byte'):.3f}"
+                           for m in ("art_hypersparse", "art_l1") for s in (0.9, 0.95, 0.98))),
+    Figure(BENCH, r"It took 85 minutes\s+\(([\d,]+) s\)", R("study_pysource/study.json"),
+           lambda d: (f"{round(d['wall_time']):,}",)),
+    # --- search ----------------------------------------------------------------------------------
+    Figure(README, r"took (\d+) s and found ([\d.]+) validation accuracy \(test ([\d.]+)\)",
+           R("search_digits.json"),
+           lambda d: (f"{d['wall_seconds']:.0f}", f"{d['best']['value']:.4f}",
+                      f"{d['best']['test_accuracy']:.4f}")),
+    Figure(README, r"hyperband\s+pruned (\d+) trial, median none; both kept the best trial "
+           r"\(([\d.]+)\), and the wall times \((\d+) / (\d+) /\s+(\d+) s\)",
+           R("search_pruners.json"),
+           lambda d: (str(d["rows"][2]["trials_pruned"]), f"{d['rows'][2]['best_value']:.4f}",
+                      *(f"{r['wall_seconds']:.0f}" for r in d["rows"]))),
+    # --- CPU speed -------------------------------------------------------------------------------
+    Figure(README, r"`hypersparse_grad` costs ([\d.]+–[\d.]+)× one elementwise pass over\s+the weights "
+           r"\(a sort-based threshold: (\d+–\d+)×\) and runs (\d+–\d+)× faster than the authors'",
+           R("penalty.json"),
+           lambda d: (span(rows(d, "ratio_grad_to_pass"), ".1f"),
+                      span(rows(d, "ratio_sort_to_pass"), ".0f"),
+                      span(rows(d, "ratio_reference_to_grad"), ".0f"))),
+    Figure(README, r"ART's optimiser update adds an estimated\s+([\d.]+) % to a ResNet-32 training "
+           r"step and ([\d.]+) % to a VGG-19-BN step; whole steps in the same run\s+read "
+           r"([\d.]+–[\d.]+) \(ResNet-32\) and ([\d.]+–[\d.]+) \(VGG-19-BN\)",
+           R("art_overhead_issue15.json"),
+           lambda d: (pct(at(d, "results.resnet32.step_ratio_from_update.art") - 1, 1),
+                      pct(at(d, "results.vgg19_bn.step_ratio_from_update.art") - 1, 1),
+                      *ratio_range(d, ("resnet32", "vgg19_bn"), _WHOLE).values())),
+    Figure(README, r"compiled memory analysis: ([\d.]+)× and ([\d.]+)×\)", R("training_issue15.json"),
+           lambda d: (f"{at(d, 'results[0].memory.art.total_bytes') / at(d, 'results[0].memory.plain.total_bytes'):.6f}",
+                      f"{at(d, 'results[1].memory.art.total_bytes') / at(d, 'results[1].memory.plain.total_bytes'):.5f}")),
+    Figure(README, r"ResNet-32 trains at ([\d.]+)× PyTorch's images/s and VGG-19-BN at ([\d.]+)×",
+           R("training_issue15.json"),
+           lambda d: (f"{at(d, 'results[0].ratios.jax_throughput_over_torch'):.3f}",
+                      f"{at(d, 'results[1].ratios.jax_throughput_over_torch'):.3f}")),
+    Figure(BENCH, r"\*\*ResNet-32 throughput against PyTorch eager: ([\d.]+)×\*\*",
+           R("training_issue15.json"),
+           lambda d: (f"{at(d, 'results[0].ratios.jax_throughput_over_torch'):.2f}",)),
+    Figure(BENCH, r"optimiser update alone \(`step_ratio_from_update`\) is \*\*([\d.]+)×\*\* for "
+           r"ResNet-32 and \*\*([\d.]+)×\*\*", R("art_overhead_issue15.json"),
+           lambda d: (f"{at(d, 'results.resnet32.step_ratio_from_update.art'):.3f}",
+                      f"{at(d, 'results.vgg19_bn.step_ratio_from_update.art'):.3f}")),
+    Figure(BENCH, r"this run: art/plain ([\d.]+)× for ResNet-32 \(all 6 rounds between ([\d.]+) and "
+           r"([\d.]+)\) and ([\d.]+)×", R("art_overhead_issue15.json"),
+           lambda d: (f"{at(d, 'results.resnet32.art_over_plain_wall.median_of_round_ratios'):.3f}",
+                      f"{min(at(d, 'results.resnet32.art_over_plain_wall.round_ratios')):.2f}",
+                      f"{max(at(d, 'results.resnet32.art_over_plain_wall.round_ratios')):.2f}",
+                      f"{at(d, 'results.vgg19_bn.art_over_plain_wall.median_of_round_ratios'):.3f}")),
+    # --- GPU -------------------------------------------------------------------------------------
+    Figure(README, r"a training step at batch 64 takes ([\d.]+) ms \(ResNet-32\) and ([\d.]+) ms "
+           r"\(VGG-19-BN\), ([\d.]+)× and ([\d.]+)×\s+faster than the PyTorch twins in eager mode "
+           r"\(([\d.]+)× / ([\d.]+)× against channels_last\)", R("gpu.json"),
+           lambda d: (f"{gpu_row(d, 'resnet32')['step_ms']['plain']:.2f}",
+                      f"{gpu_row(d, 'vgg19_bn')['step_ms']['plain']:.2f}",
+                      f"{gpu_row(d, 'resnet32')['speedup_jax_plain_over']['torch']:.2f}",
+                      f"{gpu_row(d, 'vgg19_bn')['speedup_jax_plain_over']['torch']:.2f}",
+                      f"{gpu_row(d, 'resnet32')['speedup_jax_plain_over']['torch_channels_last']:.2f}",
+                      f"{gpu_row(d, 'vgg19_bn')['speedup_jax_plain_over']['torch_channels_last']:.2f}")),
+    Figure(README, r"the ART step costs ([\d.]+)× \(ResNet-32\) and ([\d.]+)×\s+\(VGG-19-BN\) of the "
+           r"plain step. Pruned evaluation per ART epoch costs ([\d.]+) / ([\d.]+) of a training",
+           R("gpu.json"),
+           lambda d: tuple(
+               [f"{gpu_row(d, m)['overhead']['art_over_plain']['median_of_round_ratios']:.2f}"
+                for m in ("resnet32", "vgg19_bn")] +
+               [f"{gpu_row(d, m)['pruned_eval']['fraction_of_train_epoch']:.2f}"
+                for m in ("resnet32", "vgg19_bn")])),
+    # --- ONNX ------------------------------------------------------------------------------------
+    Figure(README, r"ResNet-20 file is ([\d.]+)× the dense-initializer file at 90 % and ([\d.]+)× at "
+           r"98 %; every exported\s+logit was within ([\d.e-]+) \(relative\)", R("onnx_size.json"),
+           lambda d: (f"{onnx_row(d, 'resnet20', 0.9)['sparse_vs_dense']:.3f}",
+                      f"{onnx_row(d, 'resnet20', 0.98)['sparse_vs_dense']:.3f}",
+                      sci(max(max(r['dense_initializers_max_rel_error'], r['sparse_initializers_max_rel_error']) for r in d['rows'])))),
+    Figure(BENCH, r"the largest\s+logit difference was ([\d.e-]+) of the largest logit",
+           R("onnx_size.json"),
+           lambda d: (sci(max(max(r['dense_initializers_max_rel_error'], r['sparse_initializers_max_rel_error']) for r in d['rows'])),)),
+    # --- the issue-15 HyperSparse table ----------------------------------------------------------
+    Figure(BENCH, r"\| ResNet-32 \(1\.86 M\), 0\.9 \| [\d.]+ / ([\d.]+) \| [\d.]+ \([\d.]+×\) → "
+           r"\*\*([\d.]+) \(([\d.]+)×\)\*\*", R("penalty.json"),
+           lambda d: (f"{d['results'][0]['fused_pass_ms']:.1f}",
+                      f"{d['results'][0]['hypersparse_grad_ms']:.1f}",
+                      f"{d['results'][0]['ratio_grad_to_pass']:.2f}")),
+]
+
+
+def load_docs(root: str = ROOT) -> Dict[str, str]:
+  docs = {}
+  for f in {f.doc for f in FIGURES}:
+    with open(os.path.join(root, f), encoding="utf-8") as fh:
+      docs[f] = fh.read()
+  return docs
+
+
+def check(docs: Dict[str, str] = None, root: str = ROOT) -> List[str]:
+  """One line per problem: a sentence not found, or a figure that does not match its file."""
+  docs = load_docs(root) if docs is None else docs
+  problems = []
+  for fig in FIGURES:
+    with open(os.path.join(root, fig.source), encoding="utf-8") as fh:
+      data = json.load(fh)
+    expected = tuple(str(e) for e in fig.expected(data))
+    found = list(re.finditer(fig.pattern, docs[fig.doc], re.S))
+    if not found:
+      problems.append(f"{fig.doc}: sentence not found (pattern {fig.pattern[:60]!r}…); "
+                      f"it should quote {fig.source}: {', '.join(expected)}")
+      continue
+    for m in found:
+      if m.groups() != expected:
+        line = docs[fig.doc].count("\n", 0, m.start()) + 1
+        wrong = [f"{g!r} (file: {e!r})" for g, e in zip(m.groups(), expected) if g != e]
+        problems.append(f"{fig.doc}:{line}: figures differ from {fig.source}: {'; '.join(wrong)}")
+  return problems
+
+
+def main() -> int:
+  problems = check()
+  for p in problems:
+    print(p)
+  print(f"{len(FIGURES)} cited sentences checked, {len(problems)} problem(s)", file=sys.stderr)
+  return 1 if problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
