@@ -247,6 +247,88 @@ def test_process_with_another_configuration_is_refused(runs):
 
 
 # ------------------------------------------------------------------------------------------------
+# Start-up faults: real processes, each must end with a non-zero exit and one line
+# ------------------------------------------------------------------------------------------------
+
+STARTUP_TIMEOUT_S = 5   # --startup-timeout of these runs
+CLIENT_SLACK_S = 10     # a process's own start-up deadline: --startup-timeout + this
+START_S = 60            # Python, JAX and the CLI starting, on a loaded 2-core machine
+# Each case: (num_processes, process_id) of every process started, and for each process the
+# exit status and the words its one line must hold ({port} is the coordinator's address port).
+FAULTS = {
+    # another program listens on the port; process 1 then waits on it for its own deadline
+    "port_in_use": [((2, 0), 2, ["127.0.0.1:{port}", "in use"]),
+                    ((2, 1), 1, ["did not start within 15 s", "127.0.0.1:{port}"])],
+    "process_0_alone": [((2, 0), 1, ["process 1 never arrived", "1 of --num-processes 2",
+                                     "--startup-timeout 5 s"])],
+    "counts_3_and_2": [((3, 0), 1, ["process 2 never arrived", "2 of --num-processes 3"]),
+                       ((2, 1), 2, ["started with --num-processes 2",
+                                    "was started with --num-processes 3"])],
+    "counts_2_and_3": [((2, 0), 2, ["process 1 was started with --num-processes 3",
+                                    "process 0 with --num-processes 2"]),
+                       ((3, 1), 2, ["process 1 was started with --num-processes 3",
+                                    "process 0 with --num-processes 2"])],
+    "id_beyond_count": [((2, 0), 1, ["process 1 never arrived"]),
+                        ((3, 2), 2, ["refused --process-id 2", "--num-processes 2 or fewer"])],
+}
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+  """Every case of :data:`FAULTS` at once (they mostly wait): exit statuses, stderr, seconds."""
+  base = tmp_path_factory.mktemp("faults")
+  cache = str(base / "jax_cache")
+  blocker = socket.socket()  # holds "port_in_use"'s port, listening, as another program would
+  blocker.bind(("127.0.0.1", 0))
+  blocker.listen(1)
+  started, out = [], {}
+  try:
+    for name, processes in FAULTS.items():
+      port = blocker.getsockname()[1] if name == "port_in_use" else free_port()
+      for (count, pid), _, _ in processes:
+        argv = SHORT + ["--outdir", str(base / name), "--coordinator-address",
+                        f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id",
+                        str(pid), "--startup-timeout", str(STARTUP_TIMEOUT_S)]
+        err = open(base / f"{name}.p{pid}.err", "w+")
+        proc = subprocess.Popen([sys.executable, "-c", CODE, *argv], stdout=subprocess.DEVNULL,
+                                stderr=err, stdin=subprocess.DEVNULL, env=env_for(1, cache))
+        started.append((name, port, proc, err, time.monotonic()))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S + CLIENT_SLACK_S + START_S + 30
+    for name, port, proc, err, t0 in started:
+      try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        rc = None
+      err.seek(0)
+      out.setdefault(name, []).append({"rc": rc, "stderr": err.read(), "port": port,
+                                       "seconds": time.monotonic() - t0})
+  finally:
+    for _, _, proc, err, _ in started:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      err.close()
+    blocker.close()
+  return out
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_startup_fault_ends_every_process_with_one_line(faults, case):
+  """The issue's faults: a taken coordinator port, process 0 alone, --num-processes differing
+  (either way, and a --process-id beyond process 0's count). Every process exits with the
+  expected status (never a crash: 139 / -11) and one stderr line naming what is wrong, within
+  --startup-timeout (+ the process's own slack where it waits for its deadline) + start-up."""
+  for ((count, pid), status, words), result in zip(FAULTS[case], faults[case]):
+    assert result["rc"] == status, result
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1, result["stderr"]
+    assert lines[0].startswith("hypersparse-train: error: "), lines[0]
+    for word in words:
+      assert word.format(port=result["port"]) in lines[0], (word, lines[0])
+    assert result["seconds"] < STARTUP_TIMEOUT_S + CLIENT_SLACK_S + START_S, result
+
+
+# ------------------------------------------------------------------------------------------------
 # In-process pieces
 # ------------------------------------------------------------------------------------------------
 
