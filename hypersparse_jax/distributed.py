@@ -49,11 +49,19 @@ WORKER_ENV = "HYPERSPARSE_DISTRIBUTED_WORKER"
 # stack frames) that the supervisor holds back.
 _FATAL = "detected fatal errors"
 _RUNTIME_LINE = re.compile(r"^([EWIF]\d{4} \d\d:\d\d:\d\d|\*\*\* |\s+@\s+0x|terminate called|"
-                           r"  what\(\)|RPC: /|\d+$|The tasks have crashed|\[Gloo\] )")
-# The lines that continue one of the coordination service's multi-line messages (its start-up
-# barrier's report), held when they follow a held line.
+                           r"  what\(\)|RPC: /|\d+$|The tasks have crashed|\[Gloo\] |"
+                           r"Additional GRPC error information)")
+# The lines that continue one of the runtime's multi-line messages (the start-up barrier's
+# report, gRPC's error details), held when they follow a held line.
 _CONTINUATION = re.compile(r"^(# of tasks|The first task|Some timed out|\s*\[type\.googleapis|"
-                           r"Original error:|\s*$)")
+                           r"Original error:|\s*:[A-Z_]+:Error received|\s*$)")
+
+
+def _is_runtime_line(line: str, after_runtime_line: bool) -> bool:
+  """Whether the supervisor holds back ``line`` of the child's stderr as the runtime's (glog
+  lines, stack frames, gRPC's details, and the lines that continue them)."""
+  return bool(_RUNTIME_LINE.match(line)
+              or (after_runtime_line and _CONTINUATION.match(line)))
 
 
 def check_options(coordinator_address: Optional[str], num_processes: Optional[int],
@@ -351,8 +359,7 @@ def supervise(argv: Sequence[str], prog: str, process: str, *,
     for raw in child.stderr:
       line = raw.decode(errors="replace")
       fatal = fatal or _FATAL in line
-      holding = bool(fatal or _RUNTIME_LINE.match(line)
-                     or (holding and _CONTINUATION.match(line)))
+      holding = fatal or _is_runtime_line(line, holding)
       if holding:
         held.append(line)
       else:
