@@ -14,6 +14,14 @@ its output through, holds back the runtime's own log lines, and turns such an ab
 line (``hypersparse-train: error: ...``) and exit status 1. The child dies with the supervisor
 (``PR_SET_PDEATHSIG`` on Linux), so killing the process a user started kills the work too.
 
+Start-up. Process 0 checks the coordinator's port before starting the coordinator
+(:func:`check_coordinator_port`); the coordinator waits ``startup_timeout`` seconds for every
+process to register, then reports the missing ones to those that came, and the supervisor turns
+that report (or a process's own deadline, or the coordinator's refusal of a process id beyond
+its count) into one line (:func:`_startup_failure`). Right after start-up the processes compare
+their ``--num-processes`` through the coordinator's key-value store
+(:func:`_check_num_processes`).
+
 Agreement. Before anything is written, every process shares its configuration and any start-up
 error with every other (:func:`allgather_json`, a ``process_allgather`` of JSON bytes), and
 :func:`check_agreement` refuses the run on every process, naming the differing options, when one
