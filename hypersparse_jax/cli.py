@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--heartbeat-timeout", type=int, default=distributed.HEARTBEAT_TIMEOUT_S,
                  help="seconds after which a silent process counts as dead and the others stop "
                       f"(default {distributed.HEARTBEAT_TIMEOUT_S})")
+  g.add_argument("--startup-timeout", type=int, default=distributed.STARTUP_TIMEOUT_S,
+                 help="seconds the processes wait for each other at start-up; then every "
+                      "process stops, naming the processes that never arrived (default "
+                      f"{distributed.STARTUP_TIMEOUT_S})")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bars")
   p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
@@ -268,14 +272,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     several = distributed.check_options(args.coordinator_address, args.num_processes,
                                         args.process_id, args.distributed)
-    if several and args.heartbeat_timeout < 1:
-      raise ValueError(f"--heartbeat-timeout must be >= 1 (seconds), got {args.heartbeat_timeout}")
+    for option in ("heartbeat_timeout", "startup_timeout"):
+      if several and getattr(args, option) < 1:
+        raise ValueError(f"--{option.replace('_', '-')} must be >= 1 (seconds), got "
+                         f"{getattr(args, option)}")
   except ValueError as e:
     print(f"hypersparse-train: error: {e}", file=sys.stderr)
     return 2
   if several and not os.environ.get(distributed.WORKER_ENV):
     who = "this process" if args.process_id is None else f"process {args.process_id}"
-    return distributed.supervise(argv, "hypersparse-train", who)
+    return distributed.supervise(argv, "hypersparse-train", who,
+                                 coordinator_address=args.coordinator_address,
+                                 num_processes=args.num_processes,
+                                 startup_timeout=args.startup_timeout)
   if args.retain_host_memory:
     host_memory.retain_freed_memory(warn=False)  # before JAX's first computation
   lock, trainer = None, None
@@ -285,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise KeyboardInterrupt
     if several:
       distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                             heartbeat_timeout=args.heartbeat_timeout)
+                             heartbeat_timeout=args.heartbeat_timeout,
+                             startup_timeout=args.startup_timeout)
     cfg, outdir, config, lock = _start(args, several)
     trainer = Trainer(cfg, outdir, progress=args.progress, devices=args.devices,
                       shard_params=args.shard_params)
@@ -311,7 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # A collective failed, typically because a peer died: one line, and no exit handshake with
     # peers that will never answer (it would wait SHUTDOWN_TIMEOUT_S, then abort).
     first = run_dir.first_line(e)
-    print(f"hypersparse-train: error: process {jax.process_index()}: {first}; if another "
+    # args.process_id, not jax.process_index(): after a failed initialize, starting the backend
+    # to ask can crash
+    who = args.process_id if args.process_id is not None else jax.process_index()
+    print(f"hypersparse-train: error: process {who}: {first}; if another "
           "process died, run every process again with the same command to resume from the "
           "last checkpoint", file=sys.stderr, flush=True)
     sys.stdout.flush()
