@@ -306,6 +306,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot and distributed.is_primary():
       from hypersparse_jax import plotting
       print(f"curves: {plotting.plot_run(outdir)}")
+    if distributed.is_primary():
+      print(f"outputs: {os.path.abspath(outdir)} (summary.json, metrics.jsonl, model_sparse.npz, "
+            f"checkpoints/; curves: hypersparse-plot {outdir}; ONNX: hypersparse-export "
+            f"{outdir} --out model.onnx)")
     return 0
   except KeyboardInterrupt:
     where = "" if trainer is None or trainer.epoch is None else f" at epoch {trainer.epoch}"

@@ -292,8 +292,9 @@ def test_runs_without_the_augment_key_resume_as_augmented():
 
 # ----- hypersparse-train end to end ----------------------------------------------------------
 
-# what summary.json holds for every image run (train.py's Trainer._finish): no new keys
+# what summary.json holds for every image run (train.py's Trainer._finish and the image task)
 SUMMARY_KEYS = {
+    "preprocessing",
     "dataset", "model", "depth", "penalty", "seed", "sparsity_target", "sparsity_achieved",
     "test_accuracy", "selection", "selected_epoch", "val_accuracy", "best_val_accuracy",
     "best_test_accuracy", "best_test_epoch", "final_test_accuracy", "val_fraction", "num_train",

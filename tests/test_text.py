@@ -261,6 +261,12 @@ def test_run_summary_against_the_exported_model(run_a, corpus):
   assert summary["sparsity_achieved"] >= 0.9
   assert summary["corpus"]["python_version"] == ".".join(map(str, sys.version_info[:3]))
   assert summary["dense_test_bits_per_byte"] > 0 and summary["selection"] == "final"
+  # the headline and the final figure are the same measurement; the monitoring one is apart
+  assert summary["test_accuracy"] == summary["final_test_accuracy"]
+  records = [json.loads(line) for line in open(os.path.join(run_a, "metrics.jsonl"))]
+  assert summary["monitor_final_test_accuracy"] == records[-1]["test_accuracy"]
+  assert set(summary["figures_on"]) >= {"test_accuracy", "final_test_accuracy",
+                                        "best_test_accuracy"}
 
   exported = hypersparse_jax.load_sparse(os.path.join(run_a, "model_sparse.npz"))
   params = exported["params"]
@@ -453,3 +459,19 @@ def test_prune_embeddings_adds_the_token_embedding_to_what_art_prunes(corpus, tm
   assert report.total == with_embed.num_weights
   # |w| <= t = sort(|w|)[floor(κ·n)] is pruned: floor(κ·n) + 1 weights without ties
   assert report.total - report.kept == int(0.9 * report.total) + 1
+
+
+def test_binary_py_files_are_named_not_trained_on_silently(tmp_path):
+  """A folder whose *.py files are not source (random bytes) trains on them anyway, but says so
+  and records how many (a user pointed --data-dir at the wrong folder)."""
+  rng = np.random.default_rng(0)
+  for i in range(60):
+    (tmp_path / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 8)
+  (tmp_path / "blob.py").write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+  with pytest.warns(UserWarning, match=r"1 of 61 \*\.py files .* are not UTF-8 text \(e\.g\. blob\.py\)"):
+    data = pysource.load_pysource(tmp_path, context=8)
+  assert data.info["files_not_text"] == 1
+  (tmp_path / "blob.py").unlink()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # all text: no warning
+    assert pysource.load_pysource(tmp_path, context=8).info["files_not_text"] == 0

@@ -193,6 +193,18 @@ def test_run_writes_files_and_consistent_summary(run_a):
 
   summary = read_json(os.path.join(run_a, "summary.json"))
   assert set(SUMMARY_KEYS) <= set(summary)
+  # the preprocessing a deployment needs: digits' statistics of its training split (75 %,
+  # stratified, seed 0), recomputed here from scikit-learn's images
+  from sklearn import datasets as sk_datasets, model_selection
+  digits = sk_datasets.load_digits()
+  images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  train_x = model_selection.train_test_split(images, digits.target, test_size=0.25,
+                                             random_state=0, stratify=digits.target)[0]
+  pre = summary["preprocessing"]
+  assert (pre["layout"], pre["dtype"], pre["input_shape"]) == ("NHWC", "uint8", [8, 8, 1])
+  assert pre["scale"] == pytest.approx(1 / 255)
+  assert pre["mean"] == pytest.approx([train_x.mean() / 255], rel=1e-9)
+  assert pre["std"] == pytest.approx([train_x.std() / 255], rel=1e-9)
   assert (summary["dataset"], summary["model"], summary["sparsity_target"]) == (
       "digits", "mlp", SPARSITY)
 

@@ -35,6 +35,7 @@ import os
 import pathlib
 import platform
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from typing import Optional
 
@@ -165,6 +166,17 @@ def _source_files(root: pathlib.Path) -> list[str]:
   return sorted(found)
 
 
+def _looks_like_text(data: bytes) -> bool:
+  """UTF-8 without NUL bytes: what a source file is (binary files named *.py are not)."""
+  if b"\x00" in data:
+    return False
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError:
+    return False
+  return True
+
+
 def load_pysource(root: str | os.PathLike | None = None, *, context: int,
                   max_eval_windows: Optional[int] = None) -> TextData:
   """Reads and splits the ``*.py`` files under ``root`` (default: :func:`stdlib_root`).
@@ -188,8 +200,16 @@ def load_pysource(root: str | os.PathLike | None = None, *, context: int,
   if not files:
     raise ValueError(f"pysource: no *.py file under {root}")
   parts = {split: [] for split in SPLITS}
+  not_text = []
   for rel in files:
-    parts[split_of(rel)].append((root / rel).read_bytes())
+    data = (root / rel).read_bytes()
+    parts[split_of(rel)].append(data)
+    if not _looks_like_text(data):
+      not_text.append(rel)
+  if not_text:
+    warnings.warn(f"pysource: {len(not_text)} of {len(files)} *.py files under {root} are not "
+                  f"UTF-8 text (e.g. {not_text[0]}); the model trains on their bytes as they are",
+                  stacklevel=2)
   streams, info = {}, {"root": str(root), "python_version": platform.python_version(),
                        "split_rule": "sha256(relative path)[:8] / 2**64: < 0.05 test, "
                                      "< 0.10 val, else train", "splits": {}}
@@ -199,6 +219,7 @@ def load_pysource(root: str | os.PathLike | None = None, *, context: int,
     info["splits"][split] = {"files": len(parts[split]), "bytes": len(data),
                              "sha256": hashlib.sha256(data).hexdigest()}
   info["files"] = len(files)
+  info["files_not_text"] = len(not_text)
   info["bytes"] = sum(len(streams[s]) for s in SPLITS)
   return TextData("pysource", streams["train"], streams["val"], streams["test"], context,
                   max_eval_windows, info)

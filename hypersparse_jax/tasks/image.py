@@ -169,3 +169,12 @@ class ImageClassification(Task):
       key = jax.random.fold_in(self._pruned_key, epoch)
     return self._accuracy(self.pruned_eval_step, params, batch_stats, self.data.train_images,
                           self.data.train_labels, key)
+
+  def summary(self, params, extra):
+    """What a deployed model's input needs (``hypersparse-export`` writes it into the ONNX
+    metadata): uint8 NHWC images, ``(image * scale - mean) / std`` per channel."""
+    del params, extra
+    return {"preprocessing": {"layout": "NHWC", "dtype": "uint8", "scale": 1 / 255,
+                              "mean": [float(v) for v in self.data.mean],
+                              "std": [float(v) for v in self.data.std],
+                              "input_shape": list(self.data.image_shape)}}

@@ -154,11 +154,21 @@ class LanguageModelling(Task):
 
   def summary(self, params, extra):
     """The final model on the whole test split: the headline, no selection (the per-epoch
-    figures in metrics.jsonl, and val_accuracy here, are on the --eval-windows windows)."""
+    figures in metrics.jsonl, best_test_accuracy and val_accuracy here, are on the
+    --eval-windows windows; ``figures_on`` says which is which)."""
     cfg = self.cfg
     test_acc = self._evaluate("test_full", params)
     return {
         "test_accuracy": test_acc, "test_bits_per_byte": self.bits_per_byte["test_full"],
+        # the final model on the whole test split, as test_accuracy; the per-epoch figures
+        # (best_test_accuracy, val_accuracy) are on the monitoring windows
+        "final_test_accuracy": test_acc,
+        "monitor_final_test_accuracy": extra["final_test_accuracy"],
+        "figures_on": {"test_accuracy": "whole test split, final model",
+                       "final_test_accuracy": "whole test split, final model",
+                       "monitor_final_test_accuracy": "monitoring windows, final epoch",
+                       "best_test_accuracy": "monitoring windows, best fine-tune epoch",
+                       "val_accuracy": "validation monitoring windows, final epoch"},
         "val_accuracy": extra["final_val_accuracy"],
         "selection": "final", "selected_epoch": extra["final_epoch"],
         "monitor_final_test_bits_per_byte": extra["final_test_bits_per_byte"],
