@@ -77,6 +77,11 @@ PYSOURCE_QUICK = dict(layers=1, d_model=32, heads=2, context=32, batch_size=16,
                       max_art_epochs=2, eval_windows=32)
 
 
+# Fashion-MNIST: the CLI preset's schedule (LeNet-300-100, clean images, 5 warm-up epochs, ART
+# until the stop rule or 25 epochs, 6 fine-tune epochs): ~1 min a run on 2 CPU cores.
+FASHION_STUDY = dict(warmup_epochs=5, epochs=6, lr_steps=(3, 5), max_art_epochs=25)
+
+
 def art_methods(args):
   return TEXT_ART_METHODS if args.dataset == "pysource" else ART_METHODS
 
@@ -94,6 +99,10 @@ def make_config(args, sparsity, penalty, seed):
     preset.update(DIGITS_QUICK if args.quick else DIGITS_STUDY)
   if args.dataset == "pysource":
     preset.update(PYSOURCE_QUICK if args.quick else PYSOURCE_STUDY)
+  if args.dataset in ("fashion_mnist", "mnist"):
+    preset.update(DIGITS_QUICK if args.quick else FASHION_STUDY)
+  if args.augment is not None:
+    preset["augment"] = args.augment
   for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs"):
     if getattr(args, name, None) is not None:
       preset[name] = getattr(args, name)
@@ -139,6 +148,8 @@ class Baselines:
       example = jnp.zeros((1, cfg.context), jnp.int32)
     else:
       self.dataset = data.load_dataset(cfg.dataset, cfg.data_dir)
+      if not cfg.augment:  # as the image task trains: the clean images
+        self.dataset = dataclasses.replace(self.dataset, crop_padding=0, flip=False)
       self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
                                        depth=cfg.depth, batch_norm=cfg.batch_norm)
       self.spe = data.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
@@ -491,9 +502,12 @@ def write_plot(path, report):
 # ------------------------------------------------------------------------------------------------
 
 
-def default_out(dataset):
-  """Each dataset's study has its own folder, so one study never overwrites another's."""
+def default_out(dataset, model=None):
+  """Each dataset's study has its own folder (and each ``--model``'s), so one study never
+  overwrites another's."""
   name = "study" if dataset == "digits" else f"study_{dataset}"
+  if model is not None:
+    name += f"_{model}"
   return os.path.join("benchmarks", "results", name)
 
 
@@ -505,7 +519,8 @@ def build_parser():
                  "benchmarks/results/study_<dataset> otherwise)")
   p.add_argument("--data-dir", default=None, help="TFDS data dir: run on CIFAR-10 instead "
                  "(with --dataset pysource: a folder of *.py files instead of the stdlib)")
-  p.add_argument("--dataset", default=None, choices=("digits", "cifar10", "pysource"),
+  p.add_argument("--dataset", default=None,
+                 choices=("digits", "cifar10", "pysource", "fashion_mnist", "mnist"),
                  help="default: cifar10 with --data-dir, else digits")
   p.add_argument("--quick", action="store_true", help="one seed, two sparsities, few epochs")
   p.add_argument("--sparsities", type=float, nargs="*", default=None)
@@ -515,6 +530,8 @@ def build_parser():
   p.add_argument("--warmup-epochs", type=int, default=None)
   p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs")
   p.add_argument("--max-art-epochs", type=int, default=None)
+  p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                 help="image datasets: random crop / flip (default: the dataset's preset)")
   p.add_argument("--gmp-every", type=int, default=None,
                  help="GMP mask update interval in steps (default: one epoch)")
   p.add_argument("--workers", type=int, default=2, help="worker processes")
@@ -529,7 +546,7 @@ def main(argv=None):
   if args.dataset is None:
     args.dataset = "cifar10" if args.data_dir else "digits"
   if args.out is None:
-    args.out = default_out(args.dataset)
+    args.out = default_out(args.dataset, args.model)
   text = args.dataset == "pysource"
   sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else
                                          PYSOURCE_SPARSITIES if text else SPARSITIES))
@@ -551,13 +568,22 @@ def main(argv=None):
   print(f"study: {json.dumps(settings)}", flush=True)
 
   start = time.time()
-  runs = []
+  runs, previous_wall = _kept_runs(args.out, settings)
+  done = {(r["method"], r["target"], r["seed"]) for r in runs}
+  arts = methods(args)[:-1]  # every method of a cell but dense
+  todo_dense = [seed for seed in seeds if ("dense", 0.0, seed) not in done]
+  todo_cells = [(s, seed) for s in sparsities for seed in seeds
+                if not all((m, s, seed) in done for m in arts)]
+  runs = [r for r in runs if r["method"] == "dense" or (r["target"], r["seed"]) not in todo_cells]
+  if len(runs):
+    print(f"kept {len(runs)} finished runs of {os.path.join(args.out, 'study.json')}; "
+          f"{len(todo_dense)} dense runs and {len(todo_cells)} cells to go", flush=True)
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(
       max_workers=max(1, args.workers), mp_context=ctx, initializer=_worker_init,
       initargs=(args.jit_cache,)) as pool:
-    futures = [pool.submit(dense_task, args, seed) for seed in seeds]
-    futures += [pool.submit(cell_task, args, s, seed) for s in sparsities for seed in seeds]
+    futures = [pool.submit(dense_task, args, seed) for seed in todo_dense]
+    futures += [pool.submit(cell_task, args, s, seed) for s, seed in todo_cells]
     for fut in concurrent.futures.as_completed(futures):
       out = fut.result()
       if len(out) == 2:
@@ -567,7 +593,7 @@ def main(argv=None):
         s, seed, results = out
         for method, r in results.items():
           runs.append(dict(method=method, target=s, seed=seed, **r))
-      report = {"settings": settings, "wall_time": time.time() - start,
+      report = {"settings": settings, "wall_time": previous_wall + time.time() - start,
                 "complete": len(runs) == len(seeds) * (
                     1 + (len(methods(args)) - 1) * len(sparsities)),
                 "cells": aggregate(runs, sparsities), "runs": runs}
@@ -575,6 +601,24 @@ def main(argv=None):
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
   print(open(os.path.join(args.out, "study.md")).read())
   return 0
+
+
+def _kept_runs(out, settings):
+  """``(runs, wall time)`` of an earlier, interrupted run of the same study in ``out`` (the
+  finished cells are kept and skipped), or ``([], 0)`` when there is none or its settings
+  differ (then it is overwritten)."""
+  path = os.path.join(out, "study.json")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return [], 0.0
+  mine = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
+  if {k: v for k, v in old.get("settings", {}).items() if k != "workers"} != {
+      k: v for k, v in mine.items() if k != "workers"}:
+    print(f"{path} holds a study with other settings: starting afresh", flush=True)
+    return [], 0.0
+  return list(old.get("runs", [])), float(old.get("wall_time", 0.0))
 
 
 def _write(out, report):

@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--pruned-eval", default="augmented", choices=PRUNED_EVALS,
                  help="data for the pruned copy's accuracy in ART: 'augmented' training batches "
                       "as the reference's training loader serves them (default) or 'clean' images")
-  p.add_argument("--no-augment", dest="augment", action="store_false",
-                 help="image datasets: train on the clean images (no random crop, no flip); "
-                      "ART's pruned copy is then measured on them too")
+  p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                 help="image datasets: random crop and flip while training (the reference's; "
+                      "default except for fashion_mnist/mnist's LeNet-300-100 preset); "
+                      "--no-augment trains on the clean images, and ART's pruned copy is then "
+                      "measured on them too")
   tr = PYSOURCE_PRESET
   p.add_argument("--layers", type=int, default=None,
                  help=f"transformer blocks (pysource: {tr['layers']})")
@@ -188,7 +190,7 @@ def config_from_args(args) -> TrainConfig:
   return TrainConfig(dataset=args.dataset, data_dir=data_dir, download=download,
                      seed=args.seed, init_from=_normalized_path(args.init_from),
                      val_fraction=args.val_fraction, art_rule=args.art_rule,
-                     pruned_eval=args.pruned_eval, augment=args.augment, **values)
+                     pruned_eval=args.pruned_eval, **values)
 
 
 def default_outdir(cfg: TrainConfig) -> str:

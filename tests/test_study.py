@@ -49,6 +49,24 @@ def test_quick_study(tmp_path):
       assert set(c[key]) == {"mean", "std", "n"}
   table = (out / "study.md").read_text()
   assert "ART + HyperSparse" in table and "| method |" in table
+
+  # Resumable: a study stopped after some cells keeps them and runs only the rest. Drop one
+  # cell (all methods of the last sparsity) from the file, as if the study had died there.
+  last = settings["sparsities"][-1]
+  cut = dict(report, runs=[r for r in runs if r["target"] != last])
+  (out / "study.json").write_text(json.dumps(cut))
+  again = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
+       "--jit-cache", str(tmp_path / "jit")],
+      cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert f"kept {len(cut['runs'])} finished runs" in again.stdout, again.stdout[-2000:]
+  assert "0 dense runs and 1 cells to go" in again.stdout, again.stdout[-2000:]
+  resumed = json.loads((out / "study.json").read_text())
+  assert resumed["complete"] is True and len(resumed["runs"]) == len(runs)
+  kept = [r for r in resumed["runs"] if r["target"] != last]
+  key = lambda r: (r["method"], r["target"], r["seed"])  # noqa: E731
+  assert sorted(kept, key=key) == sorted(cut["runs"], key=key)  # kept as they were
   # the headline pivot reports the final epoch (no selection on the test set), recomputed here
   pivot = table.split("Final fine-tune test accuracy")[1]
   row = next(line for line in pivot.splitlines() if line.startswith("| ART + HyperSparse |"))
@@ -109,4 +127,6 @@ def test_default_out_is_per_dataset():
   assert pathlib.Path(study.default_out("pysource")) == results / "study_pysource"
   assert pathlib.Path(study.default_out("cifar10")) == results / "study_cifar10"
   assert len({study.default_out(d) for d in ("digits", "pysource", "cifar10")}) == 3
+  assert pathlib.Path(study.default_out("fashion_mnist", "lenet5")) == (
+      results / "study_fashion_mnist_lenet5")
   assert study.build_parser().parse_args([]).out is None  # resolved per dataset in main()
