@@ -98,6 +98,20 @@ FIGURES: List[Figure] = [
            R("quickstart.json"),
            lambda d: (pct(d["sparsity"]), pct(d["final_test_accuracy"]),
                       pct(d["dense_test_accuracy"]), f"{d['wall_s']:.1f}", f"{d['cpu_s']:.1f}")),
+    # --- the Fashion-MNIST preset ------------------------------------------------------------
+    Figure(README, r"fashion_mnist` reached ([\d.]+) % sparsity \(([\d,]+) of ([\d,]+) weights "
+           r"left\) and ([\d.]+) % test\s+accuracy at the final epoch after (\d+) epochs \((\d+) "
+           r"of them ART\) in ([\d.]+) s; LeNet-300-100 trained\s+densely for the same (\d+) epochs "
+           r"reaches ([\d.]+) %, ([\d.]+) points above\. The same preset with the\s+reference's "
+           r"augmentation \(`--augment`\) ends at ([\d.]+) %", R("fashion_preset.json"),
+           lambda d: (pct(d["preset"]["sparsity_achieved"]),
+                      f"{d['preset']['num_nonzero_weights']:,}", f"{d['preset']['num_weights']:,}",
+                      pct(d["preset"]["test_accuracy"]), str(d["preset"]["total_epochs"]),
+                      str(d["preset"]["art_epochs"]), f"{d['preset']['wall_seconds']:.1f}",
+                      str(d["dense_same_epochs"]["total_epochs"]),
+                      pct(d["dense_same_epochs"]["test_accuracy"]),
+                      f"{d['points_below_dense']:.2f}",
+                      pct(d["preset_augment"]["test_accuracy"]))),
     # --- the ART window rules --------------------------------------------------------------------
     Figure(README, r"keeps another entry in (\d+) % of uniformly random accuracy sequences and "
            r"(\d+) % of noisy rising", R("controller_rules.json"),
