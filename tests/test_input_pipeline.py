@@ -550,7 +550,7 @@ def test_dataset_validation():
         )
 
 
-# --- TFDS download and preparation (the README's CIFAR step), without network ---------------------
+# --- TFDS download and preparation (the README's CIFAR step), without network or TensorFlow -------
 
 
 class _ReachedTheNetwork(Exception):
@@ -592,30 +592,137 @@ def _fake_cifar10_archive(root, rng, n_train=2, n_test=3):
     return records
 
 
-def test_tfds_cifar10_preparation_from_a_download_reads_back(tmp_path, monkeypatch):
-    """Download stubbed with a small archive in CIFAR's own binary format: TFDS prepares it (with
-    what the ``download`` extra installs) and ``load_dataset`` reads the same pixels back. (TFDS
-    prepares tfrecord by default, which its data_source then refuses: array_record is asked.)"""
-    pytest.importorskip("tensorflow")
+def _pairs(images, labels):
+    """Examples as a sorted list of (label, pixel bytes): TFDS shuffles when it prepares."""
+    return sorted(zip(np.asarray(labels).tolist(), (im.tobytes() for im in images)))
+
+
+@pytest.fixture(name="tensorflow_roles")
+def _tensorflow_roles(monkeypatch):
+    """TFDS's CIFAR preparation with TensorFlow's two roles in it played without TensorFlow (it
+    is no test dependency: it is huge). The builder opens the extracted files with
+    ``tf.io.gfile.GFile`` (here ``open``) and the image feature encodes PNG with
+    ``tf.image.encode_png`` (here PIL, lossless like it). Everything else is TFDS's own code: the
+    download manager's bookkeeping, the splits written as array_record, the dataset info, and
+    ``data_source``'s reads and PNG decoding. The library's check for TensorFlow is told yes."""
+    import importlib.util
+    import io
+    import types
+
+    from tensorflow_datasets.core.features import image_feature
+    from tensorflow_datasets.image_classification import cifar as tfds_cifar
+
+    def encode_png(self, array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="png")
+        return buffer.getvalue()
+
+    gfile = types.SimpleNamespace(GFile=open)
+    monkeypatch.setattr(tfds_cifar, "tf", types.SimpleNamespace(io=types.SimpleNamespace(
+        gfile=gfile)))
+    monkeypatch.setattr(image_feature._ImageEncoder, "_encode_image", encode_png)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        real_find_spec("numpy") if name == "tensorflow" else real_find_spec(name, *a)))
+    return real_find_spec  # to put back
+
+
+def _spy_on_tfds(monkeypatch, extracted):
+    """Records every ``tfds.data_source`` call (then runs it) and every download (answered with
+    the ``extracted`` folder, as ``download_and_extract`` returns the extracted archive)."""
     import tensorflow_datasets as tfds
 
-    records = _fake_cifar10_archive(tmp_path / "extracted", np.random.default_rng(0))
+    calls = {"data_source": [], "download": []}
+    real_data_source = tfds.data_source
+
+    def data_source(*args, **kwargs):
+        calls["data_source"].append((args, kwargs))
+        return real_data_source(*args, **kwargs)
+
+    def download_and_extract(self, url):
+        calls["download"].append(url)
+        return str(extracted)
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
-                        lambda self, url: str(tmp_path / "extracted"))
-    data = ip.load_dataset("cifar10", tmp_path / "tfds", download=True)
-    test_labels, test_images = records["test_batch.bin"]
-    order = np.argsort([img.tobytes() for img in data.test_images])
-    expected = np.argsort([img.tobytes() for img in test_images])
-    np.testing.assert_array_equal(data.test_images[order], test_images[expected])
-    np.testing.assert_array_equal(data.test_labels[order], test_labels[expected])
-    assert data.num_train == 10
+                        download_and_extract)
+    return calls
+
+
+def test_cifar10_download_prepares_array_record_and_reads_the_archive_back(
+        tmp_path, monkeypatch, tensorflow_roles):
+    """``load_dataset('cifar10', download=True)`` end to end, the network replaced by a small
+    archive in CIFAR's own binary format: the library asks TFDS for a download prepared as
+    array_record, TFDS writes array_record (its default, tfrecord, would be refused by
+    ``data_source``), and the pixels and labels that come back are the archive's, train and test
+    apart. Then the prepared directory is read without download, and with download but no
+    TensorFlow (prepared data needs none)."""
+    import importlib.util
+
+    archive = _fake_cifar10_archive(tmp_path / "extracted", np.random.default_rng(0))
+    calls = _spy_on_tfds(monkeypatch, tmp_path / "extracted")
+    tfds_dir = tmp_path / "tfds"
+    data = ip.load_dataset("cifar10", tfds_dir, download=True)
+
+    assert calls["download"] == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert calls["data_source"] == [(("cifar10",), {
+        "split": ["train", "test"], "data_dir": str(tfds_dir), "download": True,
+        "download_and_prepare_kwargs": {"file_format": "array_record"}})]
+    written = [p.name for p in (tfds_dir / "cifar10").rglob("cifar10-*")]
+    assert written and all(".array_record-" in name for name in written), written
+    train = [archive[f"data_batch_{i}.bin"] for i in range(1, 6)]
+    want_train = _pairs(np.concatenate([im for _, im in train]),
+                        np.concatenate([lab for lab, _ in train]))
+    test_labels, test_images = archive["test_batch.bin"]
+    assert data.num_train == 10 and data.num_test == 3
+    assert data.train_images.dtype == np.uint8 and data.train_labels.dtype == np.int32
+    assert _pairs(data.train_images, data.train_labels) == want_train
+    assert _pairs(data.test_images, data.test_labels) == _pairs(test_images, test_labels)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.crop_padding == 4 and data.flip
+
+    # Prepared: read without download, then with download where TensorFlow is missing.
+    again = ip.load_dataset("cifar10", tfds_dir, download=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "tensorflow" else tensorflow_roles(name, *a)))
+    third = ip.load_dataset("cifar10", tfds_dir, download=True)
+    np.testing.assert_array_equal(third.train_images, data.train_images)
+    assert calls["download"] == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert calls["data_source"][1][1]["download"] is False
+    assert calls["data_source"][1][1]["download_and_prepare_kwargs"] is None
+    for a, b in [(again.train_images, data.train_images), (again.train_labels, data.train_labels),
+                 (again.test_images, data.test_images), (again.test_labels, data.test_labels)]:
+        np.testing.assert_array_equal(a, b)  # the same order: TFDS shuffled once, when preparing
+
+
+def test_cifar10_prepared_in_another_file_format_says_so(tmp_path, monkeypatch, tensorflow_roles):
+    """A CIFAR-10 directory TFDS prepared in its default format (tfrecord: no random access) is
+    found, and the message says so and what to do, not that the data is missing. The directory
+    is a real preparation whose dataset info is then set to tfrecord, as TFDS records it."""
+    import json
+
+    _fake_cifar10_archive(tmp_path / "extracted", np.random.default_rng(1))
+    _spy_on_tfds(monkeypatch, tmp_path / "extracted")
+    tfds_dir = tmp_path / "tfds"
+    ip.load_dataset("cifar10", tfds_dir, download=True)
+    (info_path,) = (tfds_dir / "cifar10").glob("*/dataset_info.json")
+    info = json.loads(info_path.read_text())
+    assert info["fileFormat"] == "array_record"
+    info_path.write_text(json.dumps(dict(info, fileFormat="tfrecord")))
+    with pytest.raises(FileNotFoundError, match=(
+            f"cifar10 is prepared at {re.escape(str(info_path.parent))} but not in a "
+            r"random-access format \(tfds.data_source needs array_record\)")):
+        ip.load_dataset("cifar10", tfds_dir, download=False)
 
 
 def test_cifar_download_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
+    """No TensorFlow and no prepared data: refused before anything is downloaded, with what to
+    install."""
     import importlib.util
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorflow" else real_find_spec(name, *a))
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[download\]'"):
+    calls = _spy_on_tfds(monkeypatch, tmp_path / "nowhere")
+    with pytest.raises(ImportError, match=r"needs TensorFlow.*pip install -e '\.\[download\]'"):
         ip.load_dataset("cifar10", tmp_path / "tfds", download=True)
+    assert calls == {"data_source": [], "download": []}
     assert not (tmp_path / "tfds" / "downloads").exists()  # refused before downloading

@@ -359,10 +359,12 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
   Two processes running the same command have been seen to differ in the last float digits
   (weights ~1e-9 apart, bits/byte in the 9th digit): the first uninterrupted run of this test in
   two CI runs, and 1 or 2 of about 70 processes here (not from load, the compilation cache or
-  input-buffer alignment, which were tried; the cause is not found). So one odd process must not decide:
-  when the first pair differs, one more uninterrupted run is made, then one more killed-and-resumed
-  run, and the test passes only when a resumed run equals an uninterrupted run exactly (summary,
-  metrics and exported arrays); a resume that is wrong differs from every uninterrupted run."""
+  input-buffer alignment, which were tried; the cause is not found; later 0 of 40 with XLA's
+  defaults and 0 of 40 without YNNPACK fusions: ``benchmarks/text_determinism.py``). So one odd
+  process must not decide: when the first pair differs, one more uninterrupted run is made, then
+  one more killed-and-resumed run, and the test passes only when a resumed run equals an
+  uninterrupted run exactly (summary, metrics and exported arrays); a resume that is wrong
+  differs from every uninterrupted run."""
   argv = TINY + ["--data-dir", str(corpus)]
 
   def uninterrupted(name):

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import hypersparse_jax
-from hypersparse_jax import checkpointing, cli, config, train
+from hypersparse_jax import checkpointing, cli, config, models, train
 from hypersparse_jax import data as hs_data
 
 TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3",
@@ -963,44 +963,120 @@ def test_val_fraction_selects_on_validation_not_test(tmp_path, capsys):
   assert test_acc == pytest.approx(chosen["test_accuracy"], abs=1.5 / full.num_test)
 
 
+class _SeeingModel:
+  """A model that also records, in order, every batch of images its eval-mode ``apply`` is
+  given inside the jitted step (``jax.debug.callback``): what the network actually saw."""
+
+  def __init__(self, model):
+    self.model, self.seen = model, []
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, images, train=False, **kwargs):
+    if not train:
+      jax.debug.callback(lambda x: self.seen.append(np.asarray(x)), images, ordered=True)
+    return self.model.apply(variables, images, train=train, **kwargs)
+
+  def take(self, n):
+    """The first ``n`` images recorded since the last call (the rest is batch padding)."""
+    seen, self.seen = np.concatenate(self.seen)[:n], []
+    return seen
+
+
+def _random_rgb_dataset(n_train=160, size=8, pad=2):
+  """CIFAR-like data in memory: random RGB images (no crop or mirror of one equals another),
+  random labels, 2-pixel crop padding and flips on, as CIFAR's training loader serves it."""
+  rng = np.random.default_rng(7)
+  images = lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # noqa: E731
+  labels = lambda n: rng.integers(0, 10, n).astype(np.int32)  # noqa: E731
+  return hs_data.Dataset("random-rgb", images(n_train), labels(n_train), images(20), labels(20),
+                         num_classes=10, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3),
+                         crop_padding=pad, flip=True)
+
+
+def _which_crop_and_flip(seen, images, pad, mean, std):
+  """NumPy: for each normalised image the network saw, the ``(top, left, flipped)`` of the
+  crop of its zero-padded original it is, found by trying every crop and flip (asserts that it
+  is exactly one of them)."""
+  pixels = (seen * np.asarray(std) + np.asarray(mean)) * 255.0
+  raw = np.rint(pixels)
+  np.testing.assert_allclose(pixels, raw, atol=1e-3)  # whole pixel values: nothing resampled
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  h, w = images.shape[1:3]
+  found = []
+  for j in range(len(images)):
+    matches = [(top, left, flipped)
+               for top in range(2 * pad + 1) for left in range(2 * pad + 1) for flipped in (0, 1)
+               if np.array_equal(raw[j], (lambda c: c[:, ::-1] if flipped else c)(
+                   padded[j, top:top + h, left:left + w]))]
+    assert len(matches) == 1, (j, matches)
+    found.append(matches[0])
+  return np.array(found)
+
+
+def _apply_crop_and_flip(images, augmentation, pad):
+  """NumPy: each image zero-padded, cropped at ``(top, left)`` and mirrored if ``flipped``."""
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  h, w = images.shape[1:3]
+  out = [padded[j, t:t + h, l:l + w] for j, (t, l, _) in enumerate(augmentation)]
+  return np.stack([c[:, ::-1] if f else c for c, (_, _, f) in zip(out, augmentation)])
+
+
 @pytest.mark.parametrize("mode", ["augmented", "clean"])
-def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode):
-  cfg = cli.config_from_args(cli.build_parser().parse_args(
-      TINY + ["--pruned-eval", mode]))
-  trainer = train.Trainer(cfg, "/nonexistent-unused", progress=False, log=lambda *_: None)
-  data = trainer.dataset
-  assert data.crop_padding == 1 and not data.flip  # digits: 1-px random crop, no flip
+def test_pruned_accuracy_is_measured_as_the_training_loader_serves_it(mode, monkeypatch):
+  """The pruned copy's accuracy on the training data: with ``--pruned-eval augmented`` every
+  image the network sees is a random crop of the zero-padded image, mirrored or not, as the
+  training loader serves it (recovered in NumPy from what the network saw: all crops, and both
+  flipped and unflipped images occur), the same whatever the batch size and for the same epoch,
+  another for another epoch; with ``clean`` the images themselves. The accuracy is NumPy's MLP on
+  the NumPy-cropped and -flipped images."""
+  dataset = _random_rgb_dataset()
+  monkeypatch.setattr(hs_data, "load_dataset", lambda *args, **kwargs: dataset)
+  real_create_model = models.create_model
+  seeing = []
+  monkeypatch.setattr(models, "create_model", lambda *a, **k: seeing.append(
+      _SeeingModel(real_create_model(*a, **k))) or seeing[-1])
+
+  def make_trainer(eval_batch_size):
+    cfg = cli.config_from_args(cli.build_parser().parse_args(
+        TINY + ["--pruned-eval", mode, "--eval-batch-size", str(eval_batch_size)]))
+    return train.Trainer(cfg, "/nonexistent-unused", progress=False, log=lambda *_: None)
+
+  def measure(trainer, epoch):
+    accuracy = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
+    seen = seeing[-1].take(n)
+    return accuracy, _which_crop_and_flip(seen, dataset.train_images, p, data.mean, data.std)
+
+  trainer = make_trainer(64)  # 3 batches, the last one padded
+  data, n, p = trainer.dataset, dataset.num_train, dataset.crop_padding
+  assert data is dataset and len(seeing) == 1
   params = jax.tree.map(np.asarray, trainer.params)
-  epoch = 3
-  got = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
-  # NumPy: example j is cropped at the offsets the pipeline draws for the documented key
-  # fold_in(epoch key, j), applied here by NumPy padding and slicing
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1), epoch)
-  n, p = data.num_train, data.crop_padding
-  images = data.train_images
+  got, augmentation = measure(trainer, 3)
+  top_left, flipped = augmentation[:, :2], augmentation[:, 2].astype(bool)
   if mode == "augmented":
-    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-    crops = []
-    for j in range(n):
-      offsets, _ = hs_data.sample_augmentation(jax.random.fold_in(key, j), 1,
-                                                      crop_padding=p, flip=False)
-      oy, ox = (int(v) for v in np.asarray(offsets)[0])
-      crops.append(padded[j, oy:oy + 8, ox:ox + 8])
-    images = np.stack(crops)
-    assert np.mean(np.any(images != data.train_images, axis=(1, 2, 3))) > 0.5  # mostly moved
+    assert 0.3 < flipped.mean() < 0.7  # some images mirrored, some not
+    for axis in range(2):
+      assert set(top_left[:, axis]) == set(range(2 * p + 1))  # every offset occurs
+    assert np.mean(np.all(top_left == p, axis=1)) < 0.2  # mostly moved
+  else:
+    assert not flipped.any() and np.all(top_left == p)  # the images themselves
+  images = _apply_crop_and_flip(dataset.train_images, augmentation, p)
   logits = _mlp_logits(params, images, data.mean, data.std)
-  correct = int(np.sum(np.argmax(logits, -1) == data.train_labels))
+  correct = int(np.sum(np.argmax(logits, -1) == dataset.train_labels))
   assert got == pytest.approx(correct / n, abs=2 / n)
-  # independent of the batch size (and so of the device count, which pads it)
-  trainer.eval_batch_size = 128
-  assert trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch) == got
+  # the same epoch again: the same augmentation; another epoch: another (clean: the images)
+  again, same = measure(trainer, 3)
+  assert again == got
+  np.testing.assert_array_equal(same, augmentation)
+  _, other = measure(trainer, 4)
+  assert np.array_equal(other, augmentation) == (mode == "clean")
   assert trainer._val_accuracy(trainer.params, trainer.batch_stats) is None
-  if mode == "augmented":  # a fresh augmentation per epoch, the same for the same epoch
-    again = trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, epoch)
-    assert again == got
-    others = {trainer._pruned_train_accuracy(trainer.params, trainer.batch_stats, e)
-              for e in range(4, 8)}
-    assert len(others | {got}) > 1
+  # independent of the batch size (and so of the device count, which pads it): 2 batches
+  wider = make_trainer(128)
+  again, same = measure(wider, 3)
+  assert again == got
+  np.testing.assert_array_equal(same, augmentation)
 
 
 @pytest.mark.parametrize("extra,needle", [
