@@ -2,9 +2,11 @@
 
 ``hypersparse-train``, ``hypersparse-search``, ``hypersparse-export`` and ``hypersparse-plot``
 start here (``python -c "from hypersparse_jax.console import train; train()" ARGS`` is the
-same; ``python -m hypersparse_jax.cli`` imports JAX before this guard). This module imports nothing heavy: the command's own module (and with it JAX, Flax,
-optax) is imported inside the guard, so a Ctrl-C during those seconds of start-up is the same
-one line as later, not a traceback of whatever import it interrupted.
+same; ``python -m hypersparse_jax.cli`` imports JAX before this guard). This module imports
+nothing heavy: the command's own module (and with it JAX, Flax, optax) is imported inside the
+guard, so a Ctrl-C during those seconds of start-up is one line too, not a traceback of whatever
+import it interrupted. ("Any moment" starts when the interpreter runs this module: a SIGINT in
+the interpreter's own first milliseconds, while it imports ``site``, is Python's to report.)
 
 An interrupted command ends with ``os._exit(130)`` once its stdout and stderr are flushed,
 skipping the interpreter's finalisation. Why: JAX compiles asynchronously on its CPU client's
