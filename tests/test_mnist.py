@@ -273,7 +273,8 @@ def test_augmentation_stays_on_by_default():
 def test_no_augment_is_refused_for_text():
   from hypersparse_jax import config
   cfg = config.TrainConfig(dataset="pysource", model="transformer", **{
-      k: v for k, v in config.PYSOURCE_PRESET.items() if k != "model"}, augment=False)
+      k: v for k, v in config.PYSOURCE_PRESET.items() if k not in ("model", "augment")},
+        augment=False)
   with pytest.raises(ValueError) as err:
     cfg.validate()
   assert _one_line(err).startswith("--no-augment is for the image datasets (digits, cifar10")
@@ -345,7 +346,7 @@ def test_hypersparse_train_on_a_fashion_mnist_slice(small_folder, tmp_path, caps
   assert summary["sparsity_achieved"] == pytest.approx(239_581 / 266_200, abs=1e-9)
   assert 0.1 < summary["test_accuracy"] <= 1.0  # learnt something in 4+ epochs on 600 images
   with open(outdir / "config.json") as f:
-    assert json.load(f)["augment"] is True
+    assert json.load(f)["augment"] is False  # the preset: LeNet-300-100 on the clean images
   # the run's fine-tuned model reads back for export (28x28x1, LeNet-300-100's shapes)
   from hypersparse_jax import onnx_export
   model, variables, info = onnx_export.load_run_variables(str(outdir))
@@ -390,3 +391,24 @@ def test_init_from_a_pytorch_lenet5(small_folder, tmp_path):
   params = jax.device_get(trainer.params)
   logits = np.asarray(trainer.model.apply({"params": params}, x, train=False))
   np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_fashion_preset_and_the_augment_switch():
+  """Bare --dataset fashion_mnist takes its preset (LeNet-300-100, clean images, 98 %); the
+  switch overrides the preset either way, and the other datasets keep augmenting."""
+  from hypersparse_jax import cli
+
+  def cfg(*argv):
+    return cli.config_from_args(cli.build_parser().parse_args(list(argv)))
+
+  bare = cfg("--dataset", "fashion_mnist")
+  assert (bare.model, bare.sparsity, bare.augment, bare.batch_size) == ("lenet300", 0.98,
+                                                                        False, 128)
+  assert (bare.warmup_epochs, bare.max_art_epochs, bare.epochs, bare.lr_steps) == (5, 25, 6,
+                                                                                   (3, 5))
+  assert cfg("--dataset", "fashion_mnist", "--augment").augment is True
+  assert cfg("--dataset", "mnist", "--data-dir", "/x").model == "lenet300"
+  assert cfg("--dataset", "digits").augment is True
+  assert cfg("--dataset", "digits", "--no-augment").augment is False
+  lenet5 = cfg("--dataset", "fashion_mnist", "--model", "lenet5", "--augment")
+  assert (lenet5.model, lenet5.depth, lenet5.augment) == ("lenet5", None, True)
