@@ -56,6 +56,12 @@ def cell(report, method, target, key="final_test_accuracy"):
               if c["method"] == method and c["target"] == target)
 
 
+def spread(report, method, target, key="final_test_accuracy"):
+  """The standard deviation over seeds of a study cell."""
+  return next(c[key]["std"] for c in report["cells"]
+              if c["method"] == method and c["target"] == target)
+
+
 def rows(report, key):
   return [r[key] for r in report["results"]]
 
@@ -112,6 +118,19 @@ FIGURES: List[Figure] = [
                       pct(d["dense_same_epochs"]["test_accuracy"]),
                       f"{d['points_below_dense']:.2f}",
                       pct(d["preset_augment"]["test_accuracy"]))),
+    # --- the Fashion-MNIST study -------------------------------------------------------------
+    Figure(README, r"ART \+ HyperSparse ([\d.]+) / ([\d.]+) / ([\d.]+) /\s+([\d.]+) / ([\d.]+) % at "
+           r"90 / 95 / 98 / 99 / 99.5 %, against the dense baseline's ([\d.]+) %",
+           R("study_fashion_mnist/study.json"),
+           lambda d: tuple(pct(cell(d, "art_hypersparse", s)) for s in (0.9, 0.95, 0.98, 0.99, 0.995))
+           + (pct(cell(d, "dense", 0.0)),)),
+    Figure(README, r"GMP reaches ([\d.]+) % ± ([\d.]+), ahead at 99 %\), and it wins at 99.5 % "
+           r"\(GMP\s+([\d.]+) %, ART \+ L1 ([\d.]+) %\); ART \+ L2 and one-shot\s+pruning fall behind "
+           r"from 95 % \(([\d.]+) % and ([\d.]+) % at 99.5 %\)", R("study_fashion_mnist/study.json"),
+           lambda d: (pct(cell(d, "gmp", 0.98)),
+                      pct(spread(d, "gmp", 0.98)),
+                      pct(cell(d, "gmp", 0.995)), pct(cell(d, "art_l1", 0.995)),
+                      pct(cell(d, "art_l2", 0.995)), pct(cell(d, "oneshot", 0.995)))),
     # --- the ART window rules --------------------------------------------------------------------
     Figure(README, r"keeps another entry in (\d+) % of uniformly random accuracy sequences and "
            r"(\d+) % of noisy rising", R("controller_rules.json"),
