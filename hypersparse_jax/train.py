@@ -204,33 +204,12 @@ class Trainer:
         p, config.sparsity, where=where)))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
-    self.params, self.batch_stats = self.place(self.params), self.place(self.batch_stats)
+    self.params, self.batch_stats = self.placement.place(self.params), self.placement.place(self.batch_stats)
 
   @property
   def dataset(self):
     """The task's data (an image :class:`~hypersparse_jax.data.Dataset`, or the text corpus)."""
     return self.task.data
-
-  # ----- placement on the mesh (identity without one) -----
-
-  @property
-  def mesh(self):
-    return self.placement.mesh
-
-  def shardings(self, tree):
-    return self.placement.shardings(tree)
-
-  def place(self, tree):
-    """Replicates ``tree`` over the mesh, or shards it FSDP-style with ``--shard-params``."""
-    return self.placement.place(tree)
-
-  def place_batch(self, batch):
-    """Places a batch (this process's rows of it, see :meth:`rows`) on the mesh."""
-    return self.placement.place_batch(batch)
-
-  def rows(self, global_size):
-    """This process's rows of a global batch of ``global_size`` (all rows with one process)."""
-    return self.placement.rows(global_size)
 
   def sparsity(self, params) -> float:
     """:func:`masking.sparsity`, computed where the parameters lie (any sharding)."""
@@ -239,15 +218,15 @@ class Trainer:
   def _restore_target(self, meta):
     """The template of ``meta`` as ShapeDtypeStructs with this run's shardings (any mesh)."""
     template = self._template(meta)
-    if self.mesh is None:
+    if self.placement.mesh is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       return sharding.abstract(template, jax.tree.map(lambda _: device, template))
-    return sharding.abstract(template, self.shardings(template))
+    return sharding.abstract(template, self.placement.shardings(template))
 
   def _make_step(self, tx, params):
     state = {"params": params, "batch_stats": self.batch_stats,
              "opt_state": jax.eval_shape(tx.init, params)}  # shapes fix the shardings
-    return self.task.make_train_step(tx, state_shardings=self.shardings(state))
+    return self.task.make_train_step(tx, state_shardings=self.placement.shardings(state))
 
   # ----- pieces -----
 
@@ -299,9 +278,9 @@ class Trainer:
   def _train_epoch(self, train_step, state, epoch, desc):
     from tqdm.auto import tqdm
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    rows = self.rows(self.cfg.batch_size)
+    rows = self.placement.rows(self.cfg.batch_size)
     batches = data.prefetch(self.task.train_batches(epoch, rows),
-                            transfer=None if self.mesh is None else self.place_batch)
+                            transfer=None if self.placement.mesh is None else self.placement.place_batch)
     epoch_key = jax.random.fold_in(self.key, epoch + 1)
     bar = tqdm(batches, total=self.steps_per_epoch, desc=desc, leave=False,
                disable=not (self.progress and _is_terminal(sys.stderr)), dynamic_ncols=True)
@@ -368,7 +347,7 @@ class Trainer:
       self.ckpt.save("init", 0, {"params": self.params, "batch_stats": self.batch_stats},
                      {"what": "initial weights"})
       phase, epoch = ("warmup" if cfg.warmup_epochs > 0 else "art"), 0
-      state = self.place({"params": self.params, "batch_stats": self.batch_stats,
+      state = self.placement.place({"params": self.params, "batch_stats": self.batch_stats,
                           "opt_state": self.art_tx.init(self.params)})
       controller = ARTController(cfg.window, cfg.max_art_epochs, cfg.art_rule)
       extra = dict(_EXTRA_DEFAULTS)
@@ -442,11 +421,11 @@ class Trainer:
         if next_phase == "finetune":
           self.log(decision.message)  # after the line of the epoch it refers to
           best = controller.best.payload
-          params = self.place(jax.tree.map(jnp.asarray, best["params"]))
+          params = self.placement.place(jax.tree.map(jnp.asarray, best["params"]))
           mask = self.mask_fn(params)
           params = jax.jit(masking.apply_mask)(params, mask)
           tx = self.finetune_tx(mask)
-          state = self.place({"params": params,
+          state = self.placement.place({"params": params,
                               "batch_stats": jax.tree.map(jnp.asarray, best["batch_stats"]),
                               "opt_state": tx.init(params)})
           ft_step = self._make_step(tx, params)
