@@ -80,6 +80,11 @@ PYSOURCE_QUICK = dict(layers=1, d_model=32, heads=2, context=32, batch_size=16,
 # Fashion-MNIST: the CLI preset's schedule (LeNet-300-100, clean images, 5 warm-up epochs, ART
 # until the stop rule or 25 epochs, 6 fine-tune epochs): ~1 min a run on 2 CPU cores.
 FASHION_STUDY = dict(warmup_epochs=5, epochs=6, lr_steps=(3, 5), max_art_epochs=25)
+# LeNet-5 costs ~25 s an epoch on 2 cores (~12x LeNet-300-100), so its study runs a shortened
+# schedule: 3 warm-up epochs, λ starting 2.5x higher and growing 1.5x an epoch (ART at most 12
+# epochs), 3 fine-tune epochs (lr x 0.1 after 2). ~6 epochs of dense training.
+FASHION_STUDY_LENET5 = dict(warmup_epochs=3, epochs=3, lr_steps=(2,), max_art_epochs=12,
+                            lambda_init=5e-5, eta=1.5)
 
 
 def art_methods(args):
@@ -100,10 +105,12 @@ def make_config(args, sparsity, penalty, seed):
   if args.dataset == "pysource":
     preset.update(PYSOURCE_QUICK if args.quick else PYSOURCE_STUDY)
   if args.dataset in ("fashion_mnist", "mnist"):
-    preset.update(DIGITS_QUICK if args.quick else FASHION_STUDY)
+    preset.update(DIGITS_QUICK if args.quick else
+                  FASHION_STUDY_LENET5 if args.model == "lenet5" else FASHION_STUDY)
   if args.augment is not None:
     preset["augment"] = args.augment
-  for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs"):
+  for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs", "lambda_init",
+               "eta", "lr_steps"):
     if getattr(args, name, None) is not None:
       preset[name] = getattr(args, name)
   if args.model in ("mlp", "cnn") and args.depth is None:
@@ -327,7 +334,7 @@ def cell_task(args, sparsity, seed):
     results[method] = _art_run(args, sparsity, method[len("art_"):], seed)
     _log(args, f"  kappa={sparsity} seed={seed} {method}: {_fmt(results[method])}")
   base = Baselines(make_config(args, sparsity, "hypersparse", seed))
-  _, warm, final = base.dense()
+  _, warm, final = dense_states(args, base, seed)
   results["oneshot"] = base.oneshot(final, sparsity)
   _log(args, f"  kappa={sparsity} seed={seed} oneshot: {_fmt(results['oneshot'])}")
   ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
@@ -337,9 +344,38 @@ def cell_task(args, sparsity, seed):
   return sparsity, seed, results
 
 
+def dense_states(args, base, seed):
+  """``base.dense()`` of this seed, trained once per study: its result and its warm-up and
+  final states are kept in ``<out>/.dense_cache/`` (not committed) for the seed's other cells
+  (the dense run does not depend on κ). A cache from other settings is ignored."""
+  import pickle
+  jax = base.jax
+  key = json.dumps(dataclasses.asdict(dataclasses.replace(base.cfg, sparsity=0.0,
+                                                          penalty="hypersparse")),
+                   sort_keys=True, default=str)
+  folder = os.path.join(args.out, ".dense_cache")
+  path = os.path.join(folder, f"seed{seed}.pkl")
+  try:
+    with open(path, "rb") as f:
+      cached = pickle.load(f)
+    if cached["key"] == key:
+      as_jax = lambda tree: jax.tree.map(base.jnp.asarray, tree)  # noqa: E731
+      return cached["result"], as_jax(cached["warm"]), as_jax(cached["final"])
+  except (OSError, EOFError, pickle.UnpicklingError, KeyError):
+    pass
+  result, warm, final = base.dense()
+  os.makedirs(folder, exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "wb") as f:
+    pickle.dump({"key": key, "result": result, "warm": jax.device_get(warm),
+                 "final": jax.device_get(final)}, f)
+  os.replace(tmp, path)
+  return result, warm, final
+
+
 def dense_task(args, seed):
   base = Baselines(make_config(args, 0.9, "hypersparse", seed))
-  result, _, _ = base.dense()
+  result, _, _ = dense_states(args, base, seed)
   _log(args, f"  seed={seed} dense: {_fmt(result)}")
   return seed, result
 
@@ -530,6 +566,10 @@ def build_parser():
   p.add_argument("--warmup-epochs", type=int, default=None)
   p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs")
   p.add_argument("--max-art-epochs", type=int, default=None)
+  p.add_argument("--lambda-init", type=float, default=None)
+  p.add_argument("--eta", type=float, default=None, help="λ growth per ART epoch")
+  p.add_argument("--lr-steps", type=int, nargs="*", default=None,
+                 help="fine-tune epochs after which the lr decays")
   p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                  help="image datasets: random crop / flip (default: the dataset's preset)")
   p.add_argument("--gmp-every", type=int, default=None,
@@ -568,7 +608,10 @@ def main(argv=None):
   print(f"study: {json.dumps(settings)}", flush=True)
 
   start = time.time()
-  runs, previous_wall = _kept_runs(args.out, settings)
+  runs, previous_wall, old_settings = _kept_runs(args.out, settings)
+  if old_settings is not None:  # the report covers the earlier seeds/sparsities and these
+    settings["seeds"] = sorted(set(old_settings["seeds"]) | set(seeds))
+    settings["sparsities"] = sorted(set(old_settings["sparsities"]) | set(sparsities))
   done = {(r["method"], r["target"], r["seed"]) for r in runs}
   arts = methods(args)[:-1]  # every method of a cell but dense
   todo_dense = [seed for seed in seeds if ("dense", 0.0, seed) not in done]
@@ -594,9 +637,9 @@ def main(argv=None):
         for method, r in results.items():
           runs.append(dict(method=method, target=s, seed=seed, **r))
       report = {"settings": settings, "wall_time": previous_wall + time.time() - start,
-                "complete": len(runs) == len(seeds) * (
-                    1 + (len(methods(args)) - 1) * len(sparsities)),
-                "cells": aggregate(runs, sparsities), "runs": runs}
+                "complete": len(runs) == len(settings["seeds"]) * (
+                    1 + (len(methods(args)) - 1) * len(settings["sparsities"])),
+                "cells": aggregate(runs, settings["sparsities"]), "runs": runs}
       _write(args.out, report)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
   print(open(os.path.join(args.out, "study.md")).read())
@@ -604,21 +647,23 @@ def main(argv=None):
 
 
 def _kept_runs(out, settings):
-  """``(runs, wall time)`` of an earlier, interrupted run of the same study in ``out`` (the
-  finished cells are kept and skipped), or ``([], 0)`` when there is none or its settings
-  differ (then it is overwritten)."""
+  """``(runs, wall time, settings)`` of an earlier, interrupted run of the same study in ``out``
+  (the finished cells are kept and skipped), or ``([], 0, None)`` when there is none or its
+  settings differ (then it is overwritten). Seeds and sparsities may differ: a study can be
+  extended (``--seeds 0`` first, ``--seeds 1 2`` later), and the runs of both are kept."""
   path = os.path.join(out, "study.json")
   try:
     with open(path) as f:
       old = json.load(f)
   except (OSError, ValueError):
-    return [], 0.0
+    return [], 0.0, None
   mine = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
-  if {k: v for k, v in old.get("settings", {}).items() if k != "workers"} != {
-      k: v for k, v in mine.items() if k != "workers"}:
+  free = ("workers", "seeds", "sparsities")
+  if {k: v for k, v in old.get("settings", {}).items() if k not in free} != {
+      k: v for k, v in mine.items() if k not in free}:
     print(f"{path} holds a study with other settings: starting afresh", flush=True)
-    return [], 0.0
-  return list(old.get("runs", [])), float(old.get("wall_time", 0.0))
+    return [], 0.0, None
+  return list(old.get("runs", [])), float(old.get("wall_time", 0.0)), old["settings"]
 
 
 def _write(out, report):

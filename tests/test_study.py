@@ -67,6 +67,31 @@ def test_quick_study(tmp_path):
   kept = [r for r in resumed["runs"] if r["target"] != last]
   key = lambda r: (r["method"], r["target"], r["seed"])  # noqa: E731
   assert sorted(kept, key=key) == sorted(cut["runs"], key=key)  # kept as they were
+  # Extendable: more seeds later (``--seeds 1``, here at one sparsity) keep every earlier run;
+  # the report covers both seeds and says it is not complete (seed 1 lacks the first sparsity).
+  more = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
+       "--seeds", "1", "--sparsities", str(last), "--jit-cache", str(tmp_path / "jit")],
+      cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+  assert "1 dense runs and 1 cells to go" in more.stdout, more.stdout[-2000:]
+  extended = json.loads((out / "study.json").read_text())
+  assert extended["settings"]["seeds"] == [0, 1]
+  assert extended["settings"]["sparsities"] == settings["sparsities"]
+  assert extended["complete"] is False
+  assert sorted([r for r in extended["runs"] if r["seed"] == 0], key=key) == sorted(
+      resumed["runs"], key=key)
+  seed1 = {(r["method"], r["target"]) for r in extended["runs"] if r["seed"] == 1}
+  assert seed1 == {("dense", 0.0)} | {(m, last) for m in METHODS - {"dense"}}
+  # the seed's dense run was trained once and kept for its cells (one-shot starts from it)
+  import pickle
+  with open(out / ".dense_cache" / "seed1.pkl", "rb") as f:
+    cached = pickle.load(f)
+  dense1 = next(r for r in extended["runs"] if r["seed"] == 1 and r["method"] == "dense")
+  assert cached["result"]["final_test_accuracy"] == dense1["final_test_accuracy"]
+  dense_cell = next(c for c in extended["cells"] if c["method"] == "dense")
+  assert dense_cell["final_test_accuracy"]["n"] == 2
+
   # the headline pivot reports the final epoch (no selection on the test set), recomputed here
   pivot = table.split("Final fine-tune test accuracy")[1]
   row = next(line for line in pivot.splitlines() if line.startswith("| ART + HyperSparse |"))
