@@ -21,6 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(("ARTState", "FixedMaskState", "art", "check_steps_per_epoch", "fixed_mask",
                      "lambda_schedule"), "transform"),
     **dict.fromkeys(("ARTController", "ARTDecision"), "controller"),
+    **dict.fromkeys(("layer_sparsities", "nm_mask"), "budgets"),
     **dict.fromkeys(("SparsityReport", "apply_mask", "default_where", "magnitude_mask",
                      "magnitude_threshold", "sparsity", "sparsity_report"), "masking"),
     **dict.fromkeys(("MODEL_NAMES", "VGG_CONFIGS", "CIFARResNet", "DigitsCNN", "DigitsMLP",

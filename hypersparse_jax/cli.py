@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sparsity", type=float, default=None, help=f"prune rate κ in [0, 1) "
                  f"(default {ref['sparsity']})")
   p.add_argument("--penalty", default=None, choices=("hypersparse", "l1", "l2"))
+  p.add_argument("--distribution", default=None, choices=("global", "uniform", "erk"),
+                 help="where the sparsity goes: one global magnitude threshold (the paper's, "
+                      "default), the same sparsity in every layer, or ERK per-layer budgets")
+  p.add_argument("--nm", default=None, metavar="N:M",
+                 help="an N:M pattern, e.g. 2:4 (N of every M consecutive input weights kept; "
+                      "--sparsity becomes 1 - N/M)")
   p.add_argument("--lambda-init", type=float, default=None,
                  help=f"reference: {ref['lambda_init']}; digits: {DIGITS_PRESET['lambda_init']}")
   p.add_argument("--eta", type=float, default=None,
@@ -178,6 +184,10 @@ def config_from_args(args) -> TrainConfig:
     values["depth"] = None
   if args.model == "vgg" and args.depth is None:
     values["depth"] = 19
+  if args.nm is not None and args.sparsity is None:  # the pattern fixes the sparsity
+    from hypersparse_jax import budgets
+    n, m = budgets.parse_nm(args.nm)
+    values["sparsity"] = 1 - n / m
   if values.get("eval_windows") == 0:  # 0 on the command line: every window
     values["eval_windows"] = None
   if args.lr_steps is None:  # the preset's steps that fall within --epochs (others never fire)
@@ -195,7 +205,9 @@ def config_from_args(args) -> TrainConfig:
 
 def default_outdir(cfg: TrainConfig) -> str:
   return os.path.join(
-      "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-{cfg.sparsity:g}")
+      "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-"
+      + (f"nm{cfg.nm.replace(':', '-')}" if cfg.nm else f"{cfg.sparsity:g}")
+      + ("" if cfg.distribution == "global" else f"-{cfg.distribution}"))
 
 
 def _check_resumable(outdir: str, config: dict) -> None:

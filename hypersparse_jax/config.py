@@ -32,7 +32,8 @@ REFERENCE_DEFAULTS = dict(
     lambda_init=5e-6, eta=1.05, window=1, warmup_epochs=60, epochs=160, max_art_epochs=300,
     batch_size=64, lr=0.1, lr_decay=0.1, lr_steps=(80, 120), weight_decay=1e-4, momentum=0.9,
     eval_batch_size=500, layers=None, d_model=None, heads=None, context=None, optimizer="sgd",
-    prune_embeddings=False, steps_per_epoch=None, eval_windows=None, augment=True)
+    prune_embeddings=False, steps_per_epoch=None, eval_windows=None, augment=True,
+    distribution="global", nm=None)
 DIGITS_PRESET = dict(
     REFERENCE_DEFAULTS, model="mlp", depth=None, lambda_init=2e-4, eta=1.25, warmup_epochs=10,
     epochs=20, max_art_epochs=40, lr=0.05, lr_steps=(10, 15), eval_batch_size=450)
@@ -95,6 +96,15 @@ class TrainConfig:
   prune_embeddings: bool = False   # transformer: also prune the token embedding
   steps_per_epoch: Optional[int] = None  # text: batches per epoch (images: the data's size)
   eval_windows: Optional[int] = None     # text: cap on validation / test windows
+  # where the sparsity goes (hypersparse_jax.budgets): 'global' (the paper's), 'uniform', 'erk'
+  distribution: str = "global"
+  nm: Optional[str] = None         # an N:M pattern, "2:4" (then sparsity = 1 − N/M)
+
+  @property
+  def nm_pair(self) -> Optional[tuple]:
+    """``nm`` as ``(n, m)``, or None."""
+    from hypersparse_jax import budgets
+    return None if self.nm is None else budgets.parse_nm(self.nm)
 
   @property
   def is_text(self) -> bool:
@@ -138,6 +148,18 @@ class TrainConfig:
     option that would fail or diverge later, so that nothing fails after epoch 0 for a reason
     known at epoch 0."""
     masking.check_sparsity(self.sparsity)
+    from hypersparse_jax import budgets
+    if self.distribution not in budgets.DISTRIBUTIONS:
+      raise ValueError(f"--distribution must be one of {', '.join(budgets.DISTRIBUTIONS)}, got "
+                       f"{self.distribution!r}")
+    if self.nm is not None:
+      n, m = budgets.parse_nm(self.nm)
+      if self.distribution != "global":
+        raise ValueError(f"--nm {self.nm} fixes every group's sparsity; it does not combine "
+                         f"with --distribution {self.distribution}")
+      if not math.isclose(self.sparsity, 1 - n / m, rel_tol=0, abs_tol=1e-9):
+        raise ValueError(f"--nm {self.nm} prunes 1 - {n}/{m} = {1 - n / m:g} of the weights; "
+                         f"got --sparsity {self.sparsity} (leave --sparsity out)")
     if self.dataset not in DATASETS:
       raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
     if self.penalty not in ("hypersparse", "l1", "l2"):
@@ -217,7 +239,9 @@ LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": 
                    "optimizer": "sgd", "prune_embeddings": False, "steps_per_epoch": None,
                    "eval_windows": None,
                    # --no-augment came with Fashion-MNIST; runs before it always augmented
-                   "augment": True}
+                   "augment": True,
+                   # per-layer budgets and N:M came after; runs before were global
+                   "distribution": "global", "nm": None}
 
 
 def _normalized_path(path):

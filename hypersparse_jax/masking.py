@@ -137,7 +137,8 @@ def _threshold(leaves, sparsity: float, hint=None) -> jax.Array:
                                  hint=hint)
 
 
-def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] = None) -> jax.Array:
+def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] = None,
+                        distribution: str = "global") -> jax.Array:
   """Exact global magnitude threshold ``t = sort(|w|)[floor(sparsity · n)]`` (float32 scalar).
 
   ``w`` is the concatenation of all prunable leaves (``n`` weights). The result equals the
@@ -149,6 +150,8 @@ def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] =
     sparsity: fraction of prunable weights to remove, a Python float in ``[0, 1)``.
     where: predicate ``(path, leaf) -> bool`` selecting the prunable leaves; default
       :func:`default_where` (leaves named ``kernel`` with ``ndim >= 2``).
+    distribution: ``'global'`` (default); ``'uniform'`` / ``'erk'`` return a pytree of the
+      per-leaf thresholds instead (:func:`hypersparse_jax.budgets.layer_thresholds`).
 
   Returns:
     float32 scalar ``t``; :func:`magnitude_mask` keeps ``|w| > t``. ``t == 0`` when more than
@@ -171,6 +174,9 @@ def magnitude_threshold(params, sparsity: float, *, where: Optional[Predicate] =
     0.4000000059604645
   """
   sparsity = check_sparsity(sparsity)
+  if distribution != "global":  # a pytree of per-leaf thresholds
+    from hypersparse_jax import budgets
+    return budgets.layer_thresholds(params, sparsity, distribution, where=where)
   return _threshold(prunable_leaves(params, where), sparsity)
 
 
@@ -186,8 +192,13 @@ def _mask_from_threshold(params, t, where):
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def magnitude_mask(params, sparsity: float, *, where: Optional[Predicate] = None):
+def magnitude_mask(params, sparsity: float, *, where: Optional[Predicate] = None,
+                   distribution: str = "global"):
   """Global magnitude pruning mask: ``|w| > t`` on prunable leaves, all-True elsewhere.
+
+  With ``distribution='uniform'`` or ``'erk'`` each prunable leaf has its own budget
+  (:func:`hypersparse_jax.layer_sparsities`) and its own exact threshold, and keeps
+  ``|w| > t_l`` (leaves with budget 0 stay dense); ``'global'`` (default) is the paper's.
 
   ``t`` is :func:`magnitude_threshold`. With ties at ``t``, fewer weights than
   ``floor(sparsity·n)`` may be kept pruned... exactly the strict rule of the reference: every
@@ -206,6 +217,10 @@ def magnitude_mask(params, sparsity: float, *, where: Optional[Predicate] = None
     [[0.0, 0.0], [0.0, 0.800000011920929]]
   """
   sparsity = check_sparsity(sparsity)
+  if distribution != "global":
+    from hypersparse_jax import budgets
+    budgets.check_distribution(distribution)
+    return budgets._budget_mask(params, sparsity, distribution, where)
   leaves = prunable_leaves(params, where)
   return _mask_from_threshold(params, _threshold(leaves, sparsity), where)
 
@@ -248,6 +263,7 @@ class LayerSparsity(NamedTuple):
   shape: tuple
   kept: int
   total: int
+  target: Optional[float] = None  # the layer's budget under a per-layer or N:M pattern
 
   @property
   def sparsity(self) -> float:
@@ -259,6 +275,9 @@ class SparsityReport(NamedTuple):
   layers: list
   kept: int
   total: int
+  # the pattern pruned for (see sparsity_report): None, or a dict with "kind" ("global",
+  # "uniform", "erk" or "nm") and its figures
+  pattern: Optional[dict] = None
 
   @property
   def sparsity(self) -> float:
@@ -266,21 +285,37 @@ class SparsityReport(NamedTuple):
 
   def __str__(self) -> str:
     width = max([len(l.name) for l in self.layers] + [6])
-    lines = [f"{'layer':<{width}}  {'shape':>20}  {'kept':>10}  {'total':>10}  {'sparsity':>8}"]
+    targets = self.pattern is not None and self.pattern["kind"] != "global"
+    head = f"{'layer':<{width}}  {'shape':>20}  {'kept':>10}  {'total':>10}  {'sparsity':>8}"
+    lines = [head + (f"  {'target':>8}" if targets else "")]
     for l in self.layers:
-      lines.append(f"{l.name:<{width}}  {str(l.shape):>20}  {l.kept:>10,}  {l.total:>10,}  "
-                   f"{l.sparsity:>8.2%}")
+      line = (f"{l.name:<{width}}  {str(l.shape):>20}  {l.kept:>10,}  {l.total:>10,}  "
+              f"{l.sparsity:>8.2%}")
+      if targets:
+        line += f"  {'dense' if not l.target else format(l.target, '.2%'):>8}"
+      lines.append(line)
     lines.append(f"{'global':<{width}}  {'':>20}  {self.kept:>10,}  {self.total:>10,}  "
                  f"{self.sparsity:>8.2%}")
+    p = self.pattern
+    if p is not None and p["kind"] == "nm":
+      lines.append(f"pattern {p['n']}:{p['m']} along each kernel's input axis; groups holding "
+                   f"more than {p['n']} non-zeros: {p['groups_over_n']:,}"
+                   + (f"; dense (input not a multiple of {p['m']}): "
+                      f"{', '.join(p['dense_leaves'])}" if p["dense_leaves"] else ""))
+    elif p is not None and p["kind"] != "global":
+      lines.append(f"budget {p['kind']} at {p['sparsity']:.2%} overall")
     return "\n".join(lines)
 
   def as_dict(self) -> dict:
     return {"kept": self.kept, "total": self.total, "sparsity": self.sparsity,
+            "pattern": self.pattern,
             "layers": [{"name": l.name, "shape": list(l.shape), "kept": l.kept, "total": l.total,
-                        "sparsity": l.sparsity} for l in self.layers]}
+                        "sparsity": l.sparsity, "target": l.target} for l in self.layers]}
 
 
-def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None) -> SparsityReport:
+def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None,
+                    sparsity: Optional[float] = None, distribution: str = "global",
+                    nm: Optional[tuple] = None) -> SparsityReport:
   """Per-layer and global counts of kept (nonzero, or mask-True) prunable weights.
 
   Args:
@@ -288,6 +323,10 @@ def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None) -> 
     mask: optional bool pytree (same structure); when given, "kept" counts mask-True entries,
       otherwise nonzero weights.
     where: prunable-leaf predicate (default :func:`default_where`).
+    sparsity, distribution, nm: the pattern pruned for, if any: with ``sparsity`` and a
+      per-layer ``distribution`` each layer shows its budget; with ``nm=(n, m)`` the report
+      names the pattern, the layers it leaves dense, and counts the groups that hold more than
+      ``n`` non-zeros (0 for a model that has the pattern).
   """
   leaves = prunable_leaves(params, where)
   if mask is not None:
@@ -300,4 +339,24 @@ def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None) -> 
     kept_arr = np.asarray(by_path[tuple(p)]) if mask is not None else (np.asarray(x) != 0)
     layers.append(LayerSparsity(path_name(p), tuple(jnp.shape(x)), int(np.sum(kept_arr)),
                                 int(np.prod(jnp.shape(x), dtype=np.int64))))
-  return SparsityReport(layers, sum(l.kept for l in layers), sum(l.total for l in layers))
+  pattern = None
+  if nm is not None:
+    from hypersparse_jax import budgets
+    n, m = budgets.check_nm(*nm)
+    dense = budgets.nm_dense_leaves(params, n, m, where=where)
+    counted = params if mask is None else apply_mask(params, mask)
+    pattern = {"kind": "nm", "n": n, "m": m,
+               "groups_over_n": budgets.nm_violations(counted, n, m, where=where),
+               "dense_leaves": [name for name, _, _ in dense]}
+    layers = [l._replace(target=None if l.name in pattern["dense_leaves"] else 1 - n / m)
+              for l in layers]
+  elif distribution != "global" and sparsity is not None:
+    from hypersparse_jax import budgets
+    targets = budgets._leaf_budgets(leaves, check_sparsity(sparsity),
+                                    budgets.check_distribution(distribution))
+    pattern = {"kind": distribution, "sparsity": float(sparsity)}
+    layers = [l._replace(target=k) for l, k in zip(layers, targets)]
+  elif sparsity is not None:
+    pattern = {"kind": "global", "sparsity": float(sparsity)}
+  return SparsityReport(layers, sum(l.kept for l in layers), sum(l.total for l in layers),
+                        pattern)

@@ -550,6 +550,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         selected_epoch=info["epoch"],
         input_shape=json.dumps([None, *info["image_shape"]]),
         preprocessing=json.dumps(preprocessing(args.run_dir)))
+    nm = (_read_json(os.path.join(args.run_dir, "config.json")) or {}).get("nm")
+    if nm:  # an N:M run: the exported kernels must have the pattern (zeros are kept as zeros)
+      from hypersparse_jax import budgets
+      n, m = budgets.parse_nm(nm)
+      over = budgets.nm_violations(variables["params"], n, m)
+      if over:
+        raise ValueError(f"the run's model does not have its {nm} pattern: {over} groups of "
+                         f"{m} hold more than {n} non-zeros")
+      metadata.update(nm=nm, nm_dense_leaves=json.dumps(
+          [name for name, _, _ in budgets.nm_dense_leaves(variables["params"], n, m)]))
     report = export_onnx(model, variables, args.output, input_shape=shape,
                          sparse_initializers=args.sparse_initializers, verify=args.verify,
                          metadata=metadata)
@@ -561,10 +571,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            f", onnxruntime max |error| {report['max_rel_error']:.1e} x max |logit|")
   print(f"wrote {args.output}: {info['model']}{info['depth'] or ''} {info['dataset']}, "
         f"checkpoint {info['checkpoint']} epoch {info['epoch']} ({info['selection_reason']}), "
-        f"sparsity {sparsity:.4f}, {report['bytes']:,} bytes "
+        f"sparsity {sparsity:.4f}" + (f" ({nm} pattern: every group checked)" if nm else "")
+        + f", {report['bytes']:,} bytes "
         f"({report['sparse_initializers']} sparse initializers)" + check)
   print(json.dumps({**report, **{k: v for k, v in info.items() if k != "image_shape"},
-                    "sparsity": sparsity}))
+                    "sparsity": sparsity, "nm": nm}))
   return 0
 
 

@@ -181,7 +181,8 @@ def hypersparse_grad_and_threshold(params, sparsity: float, *, where: Optional[P
 
 
 def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = None,
-                     scale_constant: float = REFERENCE_SCALE):
+                     scale_constant: float = REFERENCE_SCALE, distribution: str = "global",
+                     nm: Optional[tuple] = None):
   """Closed-form HyperSparse gradient ``g_i = sign(w_i)·s·sech²(s·a_i)·A/T`` (see module doc).
 
   Args:
@@ -190,6 +191,10 @@ def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = No
     where: prunable-leaf predicate (default: leaves named ``kernel`` with ``ndim >= 2``).
     scale_constant: ``c`` in ``s = c / t``: 0.6585 as the reference (default), or
       :data:`EXACT_SCALE` = atanh(1/√3).
+    distribution: ``'global'`` (default, the paper's), ``'uniform'`` or ``'erk'``: each leaf
+      its own budget, threshold and term (:mod:`hypersparse_jax.budgets`).
+    nm: ``(n, m)`` for an N:M pattern (then ``sparsity`` must be ``1 − n/m``): a threshold and
+      a term per group of ``m`` (:mod:`hypersparse_jax.budgets`).
 
   Returns:
     A pytree like ``params``: ``g`` on prunable leaves (in each leaf's dtype), zeros elsewhere.
@@ -209,24 +214,63 @@ def hypersparse_grad(params, sparsity: float, *, where: Optional[Predicate] = No
     >>> abs(float(hs.hypersparse_penalty(params, 0.5))) < 1e-6  # the loss form's value is ~0
     True
   """
+  if distribution != "global" or nm is not None:
+    grads = _pattern(params, sparsity, where, scale_constant, distribution, nm)[0]
+    return jax.tree.map(lambda g, x: saturating_cast(g, jnp.result_type(x)), grads, params)
   return hypersparse_grad_and_threshold(params, sparsity, where=where,
                                         scale_constant=scale_constant)[0]
 
 
+def _pattern(params, sparsity, where, scale_constant, distribution, nm):
+  from hypersparse_jax import budgets
+  sparsity = masking.check_sparsity(sparsity)
+  scale_constant = check_scale_constant(scale_constant)
+  nm = budgets.check_pattern(sparsity, distribution, nm)
+  return budgets.pattern_hypersparse(params, sparsity, where=where, distribution=distribution,
+                                     nm=nm, scale_constant=scale_constant)
+
+
 def hypersparse_penalty(params, sparsity: float, *, where: Optional[Predicate] = None,
-                        scale_constant: float = REFERENCE_SCALE) -> jax.Array:
+                        scale_constant: float = REFERENCE_SCALE, distribution: str = "global",
+                        nm: Optional[tuple] = None) -> jax.Array:
   """HyperSparse in loss form, ``A · T / stop_gradient(T) − A`` (value ≈ 0, float32 scalar).
 
   Add ``λ · hypersparse_penalty(params, κ)`` to a loss to regularise through autodiff. Its
   gradient is :func:`hypersparse_grad` exactly: the derivative is supplied in closed form
   (a custom VJP), which also gives the right value, 0, at weights that are exactly zero (where
   autodiff of ``|w|`` would give ±1) and stays finite when ``t = 0``. The threshold (and so
-  ``s``) is detached, as in the reference. ``scale_constant`` as in :func:`hypersparse_grad`.
+  ``s``) is detached, as in the reference. ``scale_constant``, ``distribution`` and ``nm``
+  as in :func:`hypersparse_grad` (under a pattern: the sum of the terms of its units).
   """
   sparsity = masking.check_sparsity(sparsity)
   scale_constant = check_scale_constant(scale_constant)
   masking.prunable_leaves(params, where)
+  if distribution != "global" or nm is not None:
+    from hypersparse_jax import budgets
+    nm = budgets.check_pattern(sparsity, distribution, nm)
+    return _pattern_penalty(params, sparsity, where, scale_constant, distribution, nm)
   return _penalty(params, sparsity, where, scale_constant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _pattern_penalty(params, sparsity, where, scale_constant, distribution, nm):
+  return _pattern(params, sparsity, where, scale_constant, distribution, nm)[1]
+
+
+def _pattern_penalty_fwd(params, sparsity, where, scale_constant, distribution, nm):
+  grads, value, _, _ = _pattern(params, sparsity, where, scale_constant, distribution, nm)
+  dtypes = jax.tree.map(lambda x: jnp.zeros([], jnp.result_type(x)), params)
+  return value, (grads, dtypes)
+
+
+def _pattern_penalty_bwd(sparsity, where, scale_constant, distribution, nm, residuals,
+                         cotangent):
+  del sparsity, where, scale_constant, distribution, nm
+  grads, dtypes = residuals
+  return (jax.tree.map(lambda g, d: saturating_cast(cotangent * g, d.dtype), grads, dtypes),)
+
+
+_pattern_penalty.defvjp(_pattern_penalty_fwd, _pattern_penalty_bwd)
 
 
 def _value_from_terms(terms: HyperSparseTerms):

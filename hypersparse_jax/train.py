@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from hypersparse_jax import transform as art_lib
-from hypersparse_jax import checkpointing, data, masking, models, sparse_export
+from hypersparse_jax import budgets, checkpointing, data, masking, models, sparse_export
 from hypersparse_jax import distributed, init_source, run_dir, sharding, tasks
 from hypersparse_jax.config import TrainConfig
 from hypersparse_jax.controller import ARTController
@@ -95,12 +95,25 @@ class MetricsLog:
       os.fsync(f.fileno())
 
 
-def near_zero_fraction(params, sparsity: float, rel: float = 1e-3, *, where=None):
+def near_zero_fraction(params, sparsity: float, rel: float = 1e-3, *, where=None,
+                       distribution: str = "global", nm=None):
   """Fraction of prunable weights with ``|w| < rel · t`` (``t``: the threshold at ``sparsity``).
 
   During ART no weight is exactly zero yet; this shows how far the regulariser has pushed the
-  weights below the pruning boundary towards zero (it approaches ``sparsity``).
+  weights below the pruning boundary towards zero (it approaches ``sparsity``). Under a
+  per-layer budget or an N:M pattern: the weights the pattern's mask removes that are below
+  ``rel`` times the largest weight it removes in their layer.
   """
+  if distribution != "global" or nm is not None:
+    mask = budgets.pattern_mask(params, sparsity, where=where, distribution=distribution, nm=nm)
+    leaves = masking.prunable_leaves(params, where)
+    flat_mask = {tuple(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    small = 0
+    for p, x in leaves:
+      a, removed = jnp.abs(x.astype(jnp.float32)), ~flat_mask[tuple(p)]
+      t = jnp.max(jnp.where(removed, a, 0.0))
+      small = small + jnp.sum(removed & (a < rel * t))
+    return small / masking.num_prunable(leaves)
   t = masking.magnitude_threshold(params, sparsity, where=where)
   leaves = masking.prunable_leaves(params, where)
   small = sum(jnp.sum(jnp.abs(x.astype(jnp.float32)) < rel * t) for _, x in leaves)
@@ -195,14 +208,19 @@ class Trainer:
     self.art_tx = optax.chain(
         art_lib.art(config.sparsity, config.lambda_init, config.eta,
                     steps_per_epoch=self.steps_per_epoch, warmup_epochs=config.warmup_epochs,
-                    penalty=config.penalty, where=self.where),
+                    penalty=config.penalty, where=self.where,
+                    distribution=config.distribution, nm=config.nm_pair),
         make_optimizer(config, config.lr))
     where = self.where
-    self.mask_fn = jax.jit(lambda p: masking.magnitude_mask(p, config.sparsity, where=where))
+    # the pattern's mask: global (the paper's), per-layer budgets or N:M (hypersparse_jax.budgets)
+    self.pattern = dict(distribution=config.distribution, nm=config.nm_pair)
+    mask_of = functools.partial(budgets.pattern_mask, sparsity=config.sparsity, where=where,
+                                **self.pattern)
+    self.mask_fn = jax.jit(lambda p: mask_of(p))
     # one program, not one per leaf: eager ops on arrays of several processes compile each
-    self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, masking.magnitude_mask(
-        p, config.sparsity, where=where)))
-    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where))
+    self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))
+    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where,
+                                                             **self.pattern))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.placement.place(self.params), self.placement.place(self.batch_stats)
 
@@ -430,7 +448,8 @@ class Trainer:
                               "opt_state": tx.init(params)})
           ft_step = self._make_step(tx, params)
           ft_start = epoch + 1
-          report = masking.sparsity_report(*_to_host((params, mask)), where=self.where)
+          report = masking.sparsity_report(*_to_host((params, mask)), where=self.where,
+                                           sparsity=self.cfg.sparsity, **self.pattern)
           self.log(str(report))
           controller = None
         extra["ft_start"] = ft_start
@@ -493,12 +512,15 @@ class Trainer:
     if self.primary:  # the others return process 0's summary (below)
       export = sparse_export.export_sparse(variables, mask,
                                            os.path.join(self.outdir, "model_sparse.npz"))
-    report = masking.sparsity_report(params, where=self.where)
+    report = masking.sparsity_report(params, where=self.where, sparsity=cfg.sparsity,
+                                     **self.pattern)
     by_val = extra["best_val_epoch"] is not None
     summary = {
         "dataset": cfg.dataset, "model": cfg.model, "depth": cfg.depth,
         "penalty": cfg.penalty, "seed": cfg.seed,
         "sparsity_target": cfg.sparsity, "sparsity_achieved": report.sparsity,
+        "distribution": cfg.distribution, "nm": cfg.nm,
+        "layer_sparsity": report.as_dict()["layers"], "pattern": report.pattern,
         # the headline: chosen without looking at the test set
         "test_accuracy": extra["test_at_best_val"] if by_val else extra["final_test_accuracy"],
         "selection": "best_val" if by_val else "final",

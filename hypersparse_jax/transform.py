@@ -134,7 +134,8 @@ def _add_scaled(updates, grads, lam):
 def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_per_epoch: int,
         warmup_epochs: int = 60, penalty: PenaltySpec = "hypersparse", staircase: bool = True,
         where: Optional[Predicate] = None,
-        scale_constant: float = penalties.REFERENCE_SCALE) -> optax.GradientTransformation:
+        scale_constant: float = penalties.REFERENCE_SCALE, distribution: str = "global",
+        nm: Optional[tuple] = None) -> optax.GradientTransformation:
   """ART's regulariser as an optax transformation: ``updates + λ_t · ∇penalty(params)``.
 
   Put it first in the chain so that weight decay and momentum see the regularised gradient, as
@@ -158,6 +159,11 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     where: prunable-leaf predicate (default: leaves named ``kernel`` with ``ndim >= 2``).
     scale_constant: HyperSparse's ``c`` in ``s = c / t`` (reference: 0.6585; see
       :func:`hypersparse_jax.hypersparse_grad`).
+    distribution: ``'global'`` (the paper's, default), ``'uniform'`` or ``'erk'``: HyperSparse
+      with a threshold and a term per leaf (:mod:`hypersparse_jax.budgets`); then
+      ``ARTState.threshold`` holds one threshold per prunable leaf (0 for dense ones).
+    nm: ``(n, m)``: HyperSparse for an N:M pattern, a threshold and a term per group of ``m``
+      (``sparsity`` must be ``1 − n/m``); L1 / L2 do not depend on the pattern.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
@@ -184,22 +190,53 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   """
   sparsity = masking.check_sparsity(sparsity)
   scale_constant = penalties.check_scale_constant(scale_constant)
+  from hypersparse_jax import budgets
+  nm = budgets.check_pattern(sparsity, distribution, nm)
+  patterned = penalty == "hypersparse" and (nm is not None or distribution != "global")
   schedule = lambda_schedule(lambda_init, eta, steps_per_epoch=steps_per_epoch,
                              warmup_epochs=warmup_epochs, staircase=staircase)
   grad_fn = _penalty_grad_fn(penalty, sparsity, where)
 
   def init_fn(params):
-    masking.prunable_leaves(params, where)  # fail early on an unusable tree
-    threshold = masking.magnitude_threshold(params, sparsity, where=where)
-    return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
-                    jnp.asarray(threshold, jnp.float32), jnp.zeros([], jnp.float32),
-                    jnp.zeros([], jnp.int32))
+    leaves = masking.prunable_leaves(params, where)  # fail early on an unusable tree
+    if patterned:
+      if nm is not None:
+        threshold = jnp.zeros([], jnp.float32)  # N:M: per-group thresholds, nothing to keep
+      else:
+        ts = budgets._leaf_thresholds(leaves, budgets._leaf_budgets(leaves, sparsity,
+                                                                   distribution))
+        threshold = jnp.stack(ts).astype(jnp.float32)
+    else:
+      threshold = jnp.asarray(masking.magnitude_threshold(params, sparsity, where=where),
+                              jnp.float32)
+    return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), threshold,
+                    jnp.zeros(jnp.shape(threshold), jnp.float32), jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("art() needs the parameters: call tx.update(grads, state, params)")
     lam = schedule(state.count).astype(jnp.float32)
-    if grad_fn is None:
+    if patterned:
+      # A threshold and a term per leaf (budgets) or per group (N:M): the branch returns the
+      # gradient tree (no selection and no map in warm-up).
+      def regularised(_):
+        hints = state.threshold * (1 + state.threshold_change)
+        grads, _, ts, finite = budgets.pattern_hypersparse(
+            params, sparsity, where=where, distribution=distribution, nm=nm,
+            scale_constant=scale_constant, hints=None if nm is not None else hints)
+        ts = ts.reshape(jnp.shape(state.threshold)) if nm is None else state.threshold
+        return _add_scaled(updates, grads, lam), ts, finite
+
+      def warmup(_):
+        return updates, state.threshold, jnp.bool_(True)
+
+      new_updates, threshold, finite = lax.cond(lam > 0, regularised, warmup, None)
+      nonfinite = (lam > 0) & ~finite
+      moved = (lam > 0) & (state.lambda_ > 0) & (state.threshold > 0)
+      change = jnp.where(moved, threshold / jnp.where(moved, state.threshold, 1.0) - 1,
+                         state.threshold_change)
+      change = jnp.where(jnp.abs(change) < 0.05, change, 0.0).astype(jnp.float32)
+    elif grad_fn is None:
       # HyperSparse: only the reductions (threshold, A, T) sit in the branch; the elementwise
       # map below is fused by XLA into the optimiser's pass over the updates (λ = 0 in warm-up:
       # a zero factor, no selection). A branch returning whole update trees makes XLA copy them.
