@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from hypersparse_jax import cli as cli_lib  # noqa: E402
-from hypersparse_jax import data, masking, models, penalties  # noqa: E402
+from hypersparse_jax import budgets, data, masking, models, penalties  # noqa: E402
 from hypersparse_jax import sharding as sh  # noqa: E402
 from hypersparse_jax import transform  # noqa: E402
 from hypersparse_jax.tasks import image as image_task  # noqa: E402
@@ -71,6 +71,16 @@ def core(workdir):
         bool(np.array_equal(a, b)) for a, b in zip(
             jax.tree.leaves(masking.magnitude_mask(params, kappa)), jax.tree.leaves(
                 jax.device_get(m8))))
+
+  # The same for the patterns: N:M 2:4 and ERK at 90 %.
+  for name, kappa, kw in (("nm", 0.5, dict(nm=(2, 4))), ("erk", 0.9, dict(distribution="erk"))):
+    g1 = penalties.hypersparse_grad(params, kappa, **kw)
+    g8 = jax.jit(lambda q, k=kappa, kw=kw: penalties.hypersparse_grad(q, k, **kw))(p8)
+    out[f"grad_rel_{name}"] = rel_diff(g1, g8)
+    m1 = budgets.pattern_mask(params, kappa, **kw)
+    m8 = jax.jit(lambda q, k=kappa, kw=kw: budgets.pattern_mask(q, k, **kw))(p8)
+    out[f"mask_equal_{name}"] = all(bool(np.array_equal(a, b)) for a, b in zip(
+        jax.tree.leaves(m1), jax.tree.leaves(jax.device_get(m8))))
 
   # Training with art() in the regularisation phase, then ART controller decisions.
   steps_per_epoch, epochs, batch = 2, 4, 64
@@ -173,7 +183,10 @@ def cli(workdir):
 
   out = {}
   runs = {}
-  for name, devices, extra in (("d8", 8, ()), ("d1", 1, ()), ("d8fsdp", 8, ("--shard-params",))):
+  nm, erk = ("--nm", "2:4"), ("--distribution", "erk", "--sparsity", "0.95")
+  for name, devices, extra in (("d8", 8, ()), ("d1", 1, ()), ("d8fsdp", 8, ("--shard-params",)),
+                               ("d8nm", 8, nm + ("--shard-params",)), ("d1nm", 1, nm),
+                               ("d8erk", 8, erk + ("--shard-params",)), ("d1erk", 1, erk)):
     rc, summary, log = main(devices, os.path.join(workdir, name), *extra)
     runs[name] = {"rc": rc, "summary": summary, "metrics": metrics(os.path.join(workdir, name))}
   out["runs"] = runs

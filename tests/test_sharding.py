@@ -66,6 +66,36 @@ def test_training_steps_match_one_device(results, name):
   assert run["decisions"] == ref["decisions"]  # ART controller decisions identical
 
 
+@pytest.mark.parametrize("pattern", ["nm", "erk"])
+def test_pattern_grad_and_mask_on_fsdp_params_equal_one_device(results, pattern):
+  assert results["core"][f"mask_equal_{pattern}"]
+  assert results["core"][f"grad_rel_{pattern}"] < 1e-6
+
+
+@pytest.mark.parametrize("pattern", ["nm", "erk"])
+def test_cli_patterns_on_eight_sharded_devices_match_one(results, pattern):
+  """--nm 2:4 and --distribution erk with FSDP on 8 devices: the run of one device.
+
+  ERK: within float tolerance throughout. N:M: the warm-up within tolerance, then only the
+  pattern and the size of the result: a group's threshold is its largest pruned weight, so
+  once its two pruned weights are near zero its push (∝ 1/t) makes them flip sign from step
+  to step, as L1 does, and the 1e-7 differences of another reduction order grow (the pattern
+  gradient and mask on sharded parameters equal one device's: the test above)."""
+  runs = results["cli"]["runs"]
+  a, b = runs[f"d8{pattern}"], runs[f"d1{pattern}"]
+  assert a["rc"] == 0 and b["rc"] == 0
+  assert (b["summary"]["nm"], b["summary"]["distribution"]) == (
+      ("2:4", "global") if pattern == "nm" else (None, "erk"))
+  if pattern == "erk":
+    _assert_summaries_close(a["summary"], b["summary"])
+    _assert_metrics_close(a["metrics"], b["metrics"])
+    return
+  _assert_metrics_close(a["metrics"][:1], b["metrics"][:1])  # warm-up
+  for s in (a["summary"], b["summary"]):
+    assert s["sparsity_achieved"] == 0.5 and s["pattern"]["groups_over_n"] == 0
+  assert abs(a["summary"]["final_test_accuracy"] - b["summary"]["final_test_accuracy"]) < 0.03
+
+
 def test_process_local_batch_path(results):
   assert results["core"]["process_local_equal"]
 

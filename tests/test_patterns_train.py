@@ -1,0 +1,124 @@
+"""``hypersparse-train --distribution`` and ``--nm`` end to end on the bundled digits: the run's
+files have the pattern (read back with NumPy), a run stopped in ART and resumed equals an
+uninterrupted one, the ONNX export keeps the zeros in N:M groups, and bad options are refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import hypersparse_jax as hs
+from hypersparse_jax import budgets, cli, train
+
+TINY = ["--model", "mlp", "--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3",
+        "--lambda-init", "1e-3", "--eta", "2", "--no-progress"]
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def _config(extra):
+  return cli.config_from_args(cli.build_parser().parse_args(TINY + extra))
+
+
+def _kernels(tree):
+  return {k: np.asarray(v["kernel"]) for k, v in tree["params"].items()}
+
+
+class _Stop(Exception):
+  pass
+
+
+def _stop_in_art(record):
+  if record["phase"] == "art":
+    raise _Stop
+
+
+@pytest.mark.parametrize("extra", [["--nm", "2:4"], ["--distribution", "erk", "--sparsity", "0.95"]])
+def test_pattern_run_files_and_exact_resume(extra, tmp_path):
+  whole = str(tmp_path / "whole")
+  summary = train.Trainer(_config(extra), whole, **QUIET).run()
+  exported = hs.load_sparse(os.path.join(whole, "model_sparse.npz"))
+  kernels = _kernels(exported)
+  if extra[0] == "--nm":
+    assert summary["nm"] == "2:4" and summary["sparsity_target"] == 0.5
+    assert summary["pattern"]["groups_over_n"] == 0
+    for name, w in kernels.items():  # every group of 4 inputs holds at most 2 non-zeros
+      nonzero = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1]).sum(axis=1)
+      assert nonzero.max() <= 2, name
+    assert budgets.nm_violations(exported["params"], 2, 4) == 0
+  else:
+    assert summary["distribution"] == "erk"
+    shapes = [kernels[k].shape for k in sorted(kernels)]
+    densities = budgets.erk_densities(shapes, 0.95)
+    for (name, w), d in zip(sorted(kernels.items()), densities):
+      # each layer lost floor(κ_l n_l) + 1 weights (the reference's rule per layer), or none
+      kappa = 1 - d
+      removed = int(np.sum(w == 0))
+      assert removed == (math.floor(kappa * w.size) + 1 if kappa > 0 else 0), name
+    layers = {l["name"]: l for l in summary["layer_sparsity"]}
+    assert layers["fc1/kernel"]["target"] == pytest.approx(1 - densities[0])
+
+  stopped = str(tmp_path / "stopped")
+  with pytest.raises(_Stop):
+    train.Trainer(_config(extra), stopped, on_epoch=_stop_in_art, **QUIET).run()
+  resumed = train.Trainer(_config(extra), stopped, **QUIET).run()
+  assert resumed == summary
+  again = hs.load_sparse(os.path.join(stopped, "model_sparse.npz"))
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(exported)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a resume with another pattern is refused: the pattern is part of the saved configuration,
+  # and a config.json from before the patterns existed counts as global
+  from hypersparse_jax import config as config_lib
+  saved = json.loads(json.dumps(cli.dataclasses.asdict(_config(extra))))
+  other = json.loads(json.dumps(cli.dataclasses.asdict(_config(["--nm", "1:4"]))))
+  assert {"nm", "sparsity"} <= set(config_lib.resume_differences(saved, other))
+  old = {k: v for k, v in saved.items() if k not in ("nm", "distribution")}
+  assert "distribution" in config_lib.resume_differences(
+      old, json.loads(json.dumps(cli.dataclasses.asdict(_config(
+          ["--distribution", "erk", "--sparsity", "0.95"])))))
+
+
+def test_nm_onnx_export_keeps_the_pattern(tmp_path, capsys):
+  pytest.importorskip("onnx")
+  import onnx
+  from onnx import numpy_helper
+  from hypersparse_jax import onnx_export
+  run = str(tmp_path / "run")
+  assert cli.main(TINY + ["--nm", "1:4", "--outdir", run]) == 0
+  out = str(tmp_path / "m.onnx")
+  assert onnx_export.main([run, out]) == 0
+  printed = capsys.readouterr().out
+  assert "(1:4 pattern: every group checked)" in printed
+  model = onnx.load(out)
+  meta = {p.key: p.value for p in model.metadata_props}
+  assert meta["nm"] == "1:4"
+  mats = [numpy_helper.to_array(i) for i in model.graph.initializer]
+  mats = [w for w in mats if w.ndim == 2 and w.shape[0] % 4 == 0 and w.size > 64]
+  assert len(mats) == 3  # the MLP's three kernels (in, out), read from the file
+  for w in mats:
+    nonzero = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1]).sum(axis=1)
+    assert nonzero.max() <= 1 and nonzero.min() == 1
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--nm", "2:4", "--sparsity", "0.9"], "--nm 2:4 prunes 1 - 2/4 = 0.5"),
+    (["--nm", "4:4"], "1 <= N < M"),
+    (["--nm", "2/4"], "written N:M"),
+    (["--nm", "2:4", "--distribution", "erk"], "does not combine with --distribution erk"),
+])
+def test_bad_pattern_options_are_one_line(extra, needle, tmp_path, capsys):
+  code = cli.main(TINY + extra + ["--outdir", str(tmp_path / "x")])
+  err = capsys.readouterr().err
+  assert code == 2 and needle in err, err
+  assert not os.path.exists(tmp_path / "x" / "metrics.jsonl")
+
+
+def test_bad_distribution_is_refused_by_the_parser(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.build_parser().parse_args(["--distribution", "layerwise"])
+  assert e.value.code == 2
+  assert "invalid choice: 'layerwise'" in capsys.readouterr().err
