@@ -117,6 +117,9 @@ def make_config(args, sparsity, penalty, seed):
     preset["depth"] = None
   preset["lr_steps"] = tuple(s for s in preset["lr_steps"] if s < preset["epochs"])
   preset.update(sparsity=sparsity, penalty=penalty)
+  for name in ("distribution", "nm"):  # the pattern study's (benchmarks/study_patterns.py)
+    if getattr(args, name, None) is not None:
+      preset[name] = getattr(args, name)
   fields = {f.name for f in dataclasses.fields(config.TrainConfig)}
   values = {k: v for k, v in preset.items() if k in fields}
   return config.TrainConfig(dataset=args.dataset, data_dir=args.data_dir, seed=seed, **values)
@@ -257,10 +260,24 @@ class Baselines:
                 sparsity=self.masking.sparsity(state["params"]), art_epochs=ramp_epochs,
                 epochs=epochs, **self.text_final(state), time=time.time() - start)
 
+  def mask_at(self, params, sparsity):
+    """The configuration's pattern at ``sparsity``: the global magnitude mask (the paper's), a
+    per-layer budget (``cfg.distribution``), or for ``cfg.nm = N:M`` the mask that keeps
+    ``M − floor(sparsity·M)`` of every ``M`` (at least N; GMP's ramp passes through these)."""
+    cfg = self.cfg
+    if cfg.nm is not None:
+      from hypersparse_jax import budgets
+      n, m = cfg.nm_pair
+      keep = max(n, m - int(np.floor(sparsity * m + 1e-9)))
+      if keep >= m:
+        return self.jax.tree.map(lambda x: self.jnp.ones(x.shape, bool), params)
+      return budgets.nm_mask(params, keep, m)
+    return self.masking.magnitude_mask(params, sparsity, distribution=cfg.distribution)
+
   def oneshot(self, dense_state, sparsity):
     """Prune the trained dense model to ``sparsity`` in one shot, then fine-tune."""
     start = time.time()
-    mask = self.masking.magnitude_mask(dense_state["params"], sparsity)
+    mask = self.mask_at(dense_state["params"], sparsity)
     first = self.cfg.warmup_epochs + self.cfg.epochs
     state, accs = self.finetune(dense_state["params"], dense_state["batch_stats"], mask, first)
     return self._result(state, accs, start, 0, first + self.cfg.epochs)
@@ -282,13 +299,13 @@ class Baselines:
         # On a 0.01 grid (rounded down; exactly κ at the end): magnitude_mask compiles once
         # per distinct sparsity (it is slow to compile), and the grid bounds that number.
         s_t = sparsity if t >= total else min(sparsity, np.floor(s_t * 100) / 100)
-        holder["mask"] = self.masking.magnitude_mask(st["params"], float(s_t))
+        holder["mask"] = self.mask_at(st["params"], float(s_t))
       st["params"] = self.apply_mask(st["params"], holder["mask"])
       return st
 
     for e in range(ramp_epochs):
       state = self.run_epoch(self.ramp_step, state, cfg.warmup_epochs + e, after_step)
-    mask = self.masking.magnitude_mask(state["params"], sparsity)  # exactly κ at the end
+    mask = self.mask_at(state["params"], sparsity)  # exactly κ at the end
     first = cfg.warmup_epochs + ramp_epochs
     state, accs = self.finetune(state["params"], state["batch_stats"], mask, first)
     return self._result(state, accs, start, ramp_epochs, first + cfg.epochs)
@@ -350,9 +367,9 @@ def dense_states(args, base, seed):
   (the dense run does not depend on κ). A cache from other settings is ignored."""
   import pickle
   jax = base.jax
-  key = json.dumps(dataclasses.asdict(dataclasses.replace(base.cfg, sparsity=0.0,
-                                                          penalty="hypersparse")),
-                   sort_keys=True, default=str)
+  key = {k: v for k, v in dataclasses.asdict(base.cfg).items()
+         if k not in ("sparsity", "penalty", "distribution", "nm")}  # dense ignores them
+  key = json.dumps(key, sort_keys=True, default=str)
   folder = os.path.join(args.out, ".dense_cache")
   path = os.path.join(folder, f"seed{seed}.pkl")
   try:
@@ -600,8 +617,10 @@ def main(argv=None):
   else:
     spe = data.steps_per_epoch(
         data.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
+  # (the pattern fields are the pattern study's: this study is global)
   settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("sparsity", "penalty", "seed", "init_from", "download")}
+              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
+                           "distribution", "nm")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
                   methods=list(methods(args)), quick=args.quick, steps_per_epoch=spe,
                   gmp_every=args.gmp_every or spe, workers=args.workers)

@@ -155,3 +155,32 @@ def test_default_out_is_per_dataset():
   assert pathlib.Path(study.default_out("fashion_mnist", "lenet5")) == (
       results / "study_fashion_mnist_lenet5")
   assert study.build_parser().parse_args([]).out is None  # resolved per dataset in main()
+
+
+def test_quick_pattern_study_and_resume(tmp_path):
+  """benchmarks/study_patterns.py --quick on the digits: global and ERK at 90 % and 2:4, each
+  with ART + HyperSparse, one-shot and GMP; the models have the pattern's sparsity; a second
+  run keeps every finished cell."""
+  out = tmp_path / "patterns"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "study_patterns.py"), "--quick", "--out",
+         str(out), "--workers", "1", "--jit-cache", str(tmp_path / "jit")]
+  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((out / "study.json").read_text())
+  assert report["complete"] is True
+  runs = report["runs"]
+  keys = {(r["pattern"], r["method"]) for r in runs}
+  assert keys == {("dense", "dense")} | {(p, m) for p in ("global@0.9", "erk@0.9", "nm2:4")
+                                         for m in ("art_hypersparse", "oneshot", "gmp")}
+  for r in runs:
+    if r["pattern"] == "nm2:4":
+      assert r["sparsity"] == 0.5  # the MLP's kernels all have inputs divisible by 4
+    elif r["pattern"] != "dense":
+      assert 0.9 <= r["sparsity"] < 0.9 + 3 / 1000, r
+  table = (out / "study.md").read_text()
+  assert "| erk | ART + HyperSparse |" in table and "| 2:4 | 50.00 % |" in table
+  assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
+  again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "kept 10 runs; 0 dense runs and 0 cells to go" in again.stdout
+  assert json.loads((out / "study.json").read_text())["runs"] == runs

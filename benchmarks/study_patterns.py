@@ -1,0 +1,297 @@
+"""Pattern study: ART + HyperSparse under per-layer budgets and N:M patterns, against one-shot and
+gradual magnitude pruning with the same pattern.
+
+    python benchmarks/study_patterns.py --dataset fashion_mnist --model lenet300
+    python benchmarks/study_patterns.py --dataset fashion_mnist --model lenet5
+    python benchmarks/study_patterns.py --quick --out /tmp/p     # digits, a few epochs
+
+Patterns (each a *cell* per seed):
+
+* budgets: ``global`` (the paper's one threshold), ``uniform`` (κ in every layer) and ``erk``
+  (Erdős–Rényi-Kernel) at each ``--sparsities`` (default 90 / 98 / 99 %);
+* N:M: each ``--nm`` pattern (default 2:4 and 1:4), along every kernel's input axis (layers
+  whose input size is not a multiple of M stay dense: :mod:`hypersparse_jax.budgets`).
+
+Methods per cell, on the schedule of ``benchmarks/study.py`` for the dataset and model (same
+warm-up, ART cap, fine-tuning; the same initial weights per seed):
+
+* ``art_hypersparse``: the ART protocol of ``hypersparse-train`` with ``--distribution`` or
+  ``--nm`` (HyperSparse with a threshold and a term per layer or per group).
+* ``oneshot``: the dense baseline's trained model pruned to the pattern in one shot, then the
+  same masked fine-tuning.
+* ``gmp``: gradual pruning from the warm-up over as many epochs as ART + HyperSparse
+  regularised: the cubic schedule of Zhu & Gupta, the mask recomputed every epoch at the
+  schedule's sparsity in the same pattern (per-layer budgets at ``s_t``; for N:M the groups keep
+  ``M − floor(s_t·M)`` weights, never fewer than N), then the same masked fine-tuning.
+* ``dense`` once per seed (warm-up + fine-tune epochs), shared with every cell of the seed.
+
+The headline is the final fine-tune epoch's test accuracy (no selection on the test set).
+Finished cells are kept in ``study.json`` and skipped when the study is run again. Written to
+``--out``: ``study.json``, ``study.md`` (tables), ``study.png`` (accuracy against sparsity per
+budget; N:M beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402  (the schedule, the baselines, the dense cache)
+
+METHODS = ("art_hypersparse", "oneshot", "gmp")
+LABELS = {"art_hypersparse": "ART + HyperSparse", "oneshot": "one-shot + FT",
+          "gmp": "gradual (GMP)", "dense": "dense"}
+DISTRIBUTIONS = ("global", "uniform", "erk")
+SPARSITIES = (0.9, 0.98, 0.99)
+NM = ("2:4", "1:4")
+
+
+def pattern_key(p):
+  """``'erk@0.98'`` or ``'nm2:4'``: a cell's pattern as text (the runs' key)."""
+  return f"nm{p['nm']}" if p.get("nm") else f"{p['distribution']}@{p['sparsity']:g}"
+
+
+def patterns(args):
+  out = [{"distribution": d, "nm": None, "sparsity": s}
+         for d in args.distributions for s in args.sparsities]
+  from hypersparse_jax import budgets
+  for text in args.nm:
+    n, m = budgets.parse_nm(text)
+    out.append({"distribution": "global", "nm": text, "sparsity": 1 - n / m})
+  return out
+
+
+def _with_pattern(args, p):
+  a = copy.copy(args)
+  a.distribution, a.nm = p["distribution"], p["nm"]
+  return a
+
+
+def cell_task(args, p, seed):
+  """ART + HyperSparse, one-shot and GMP for one pattern and seed."""
+  pa = _with_pattern(args, p)
+  results = {"art_hypersparse": study._art_run(pa, p["sparsity"], "hypersparse", seed)}
+  base = study.Baselines(study.make_config(pa, p["sparsity"], "hypersparse", seed))
+  _, warm, final = study.dense_states(args, base, seed)
+  results["oneshot"] = base.oneshot(final, p["sparsity"])
+  ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
+  results["gmp"] = base.gmp(warm, p["sparsity"], ramp, args.gmp_every or base.spe)
+  for method, r in results.items():
+    print(f"  {pattern_key(p)} seed={seed} {method}: {study._fmt(r)}", flush=True)
+  return p, seed, results
+
+
+def dense_task(args, seed):
+  base = study.Baselines(study.make_config(args, 0.9, "hypersparse", seed))
+  result, _, _ = study.dense_states(args, base, seed)
+  print(f"  seed={seed} dense: {study._fmt(result)}", flush=True)
+  return seed, result
+
+
+def aggregate(runs, pats):
+  cells = []
+  keys = [pattern_key(p) for p in pats]
+  for key in keys + ["dense"]:
+    for method in (("dense",) if key == "dense" else METHODS):
+      rs = [r for r in runs if r["pattern"] == key and r["method"] == method]
+      if rs:
+        cells.append({"pattern": key, "method": method, "seeds": [r["seed"] for r in rs],
+                      **{k: study._stats([r.get(k) for r in rs]) for k in (
+                          "final_test_accuracy", "best_test_accuracy", "sparsity",
+                          "art_epochs", "time")}})
+  return cells
+
+
+def write_markdown(path, report):
+  s = report["settings"]
+  by = {(c["pattern"], c["method"]): c for c in report["cells"]}
+  dense = by.get(("dense", "dense"))
+  lines = [f"# Pattern study: {s['dataset']} / {s['model']}", "",
+           f"Seeds {s['seeds']}; the schedule of benchmarks/study.py (warm-up "
+           f"{s['warmup_epochs']} epochs, ART at most {s['max_art_epochs']} epochs with λ_init "
+           f"{s['lambda_init']} and η {s['eta']}, fine-tune {s['epochs']} epochs, lr × "
+           f"{s['lr_decay']} at {s['lr_steps']}). Final fine-tune test accuracy (%), mean ± std "
+           f"over seeds; total wall time {report['wall_time'] / 60:.1f} min"
+           + ("" if report["complete"] else " (incomplete: cells still to run)") + ".", "",
+           f"Dense ({s['warmup_epochs'] + s['epochs']} epochs): "
+           + (study._pm(dense["final_test_accuracy"]) if dense else "–"), ""]
+  budget_rows = [d for d in s["distributions"]]
+  if budget_rows:
+    lines += ["| budget | method | " + " | ".join(f"{x * 100:g} %" for x in s["sparsities"])
+              + " |", "|---|---|" + "---|" * len(s["sparsities"])]
+    for d in budget_rows:
+      for m in METHODS:
+        row = [study._pm(by[(f"{d}@{x:g}", m)]["final_test_accuracy"])
+               if (f"{d}@{x:g}", m) in by else "–" for x in s["sparsities"]]
+        lines.append(f"| {d} | {LABELS[m]} | " + " | ".join(row) + " |")
+  if s["nm"]:
+    lines += ["", "| N:M | sparsity | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+              "|---|---|" + "---|" * len(METHODS)]
+    for text in s["nm"]:
+      key = f"nm{text}"
+      sp = next((c["sparsity"] for c in report["cells"] if c["pattern"] == key), None)
+      row = [study._pm(by[(key, m)]["final_test_accuracy"]) if (key, m) in by else "–"
+             for m in METHODS]
+      lines.append(f"| {text} | " + (f"{sp['mean'] * 100:.2f} %" if sp else "–") + " | "
+                   + " | ".join(row) + " |")
+  lines += ["", "ART epochs (mean) per cell: " + ", ".join(
+      f"{c['pattern']} {c['art_epochs']['mean']:.1f}" for c in report["cells"]
+      if c["method"] == "art_hypersparse" and c["art_epochs"])]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_plot(path, report):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  s = report["settings"]
+  by = {(c["pattern"], c["method"]): c for c in report["cells"]}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+  ax = axes[0]
+  xs = np.arange(len(s["sparsities"]))
+  colors = {"global": "C0", "uniform": "C1", "erk": "C2"}
+  styles = {"art_hypersparse": "-", "oneshot": "--", "gmp": ":"}
+  for d in s["distributions"]:
+    for m in METHODS:
+      pts = [(i, by[(f"{d}@{x:g}", m)]["final_test_accuracy"]) for i, x in
+             enumerate(s["sparsities"]) if (f"{d}@{x:g}", m) in by]
+      if pts:
+        ax.errorbar([i + 0.04 * METHODS.index(m) for i, _ in pts],
+                    [q["mean"] * 100 for _, q in pts], yerr=[q["std"] * 100 for _, q in pts],
+                    color=colors[d], ls=styles[m], marker="o", ms=3, capsize=2,
+                    label=f"{d}: {LABELS[m]}")
+  dense = by.get(("dense", "dense"))
+  for a in axes:
+    if dense:
+      a.axhline(dense["final_test_accuracy"]["mean"] * 100, color="k", lw=1, ls="--")
+    a.grid(alpha=0.3)
+  ax.set_xticks(xs, [f"{x * 100:g}" for x in s["sparsities"]])
+  ax.set_xlabel("sparsity κ (%)")
+  ax.set_ylabel("final test accuracy (%)")
+  ax.set_title(f"per-layer budgets ({s['dataset']} / {s['model']}, {len(s['seeds'])} seeds)")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=6, ncol=3)
+  ax = axes[1]
+  width = 0.25
+  for j, m in enumerate(METHODS):
+    vals = [by.get((f"nm{t}", m)) for t in s["nm"]]
+    ax.bar(np.arange(len(s["nm"])) + (j - 1) * width,
+           [v["final_test_accuracy"]["mean"] * 100 if v else np.nan for v in vals], width,
+           yerr=[v["final_test_accuracy"]["std"] * 100 if v else 0 for v in vals], capsize=2,
+           label=LABELS[m])
+  ax.set_xticks(np.arange(len(s["nm"])), list(s["nm"]))
+  lo = [c["final_test_accuracy"]["mean"] * 100 for c in report["cells"]
+        if c["pattern"].startswith("nm")]
+  if lo:
+    ax.set_ylim(min(lo) - 3, max(lo + [dense["final_test_accuracy"]["mean"] * 100
+                                       if dense else 0]) + 1)
+  ax.set_title("N:M (dashed: dense)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def build_parser():
+  p = study.build_parser()
+  p.description = __doc__.split("\n\n")[0]
+  p.add_argument("--distributions", nargs="*", default=None, choices=DISTRIBUTIONS)
+  p.add_argument("--nm", nargs="*", default=None, help="N:M patterns (default 2:4 1:4)")
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  if args.dataset is None:
+    args.dataset = "digits"
+  if args.out is None:
+    args.out = os.path.join("benchmarks", "results",
+                            f"patterns_{args.dataset}" + (f"_{args.model}" if args.model else ""))
+  quick = args.quick
+  args.sparsities = tuple(args.sparsities or ((0.9,) if quick else SPARSITIES))
+  args.distributions = tuple(args.distributions if args.distributions is not None else
+                             (("global", "erk") if quick else DISTRIBUTIONS))
+  args.nm = tuple(args.nm if args.nm is not None else (("2:4",) if quick else NM))
+  seeds = tuple(args.seeds if args.seeds is not None else ((0,) if quick else study.SEEDS))
+  pats = patterns(args)
+  os.makedirs(args.out, exist_ok=True)
+  cfg = study.make_config(args, 0.9, "hypersparse", seeds[0])
+  from hypersparse_jax import data
+  spe = data.steps_per_epoch(data.load_dataset(cfg.dataset, cfg.data_dir).num_train,
+                             cfg.batch_size)
+  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
+                           "distribution", "nm")}
+  settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(args.sparsities),
+                  distributions=list(args.distributions), nm=list(args.nm), seeds=list(seeds),
+                  quick=quick, steps_per_epoch=spe, gmp_every=args.gmp_every or spe)
+  print(f"pattern study: {json.dumps(settings)}", flush=True)
+
+  runs, wall = [], 0.0
+  path = os.path.join(args.out, "study.json")
+  free = ("seeds", "sparsities", "distributions", "nm", "workers")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    if {k: v for k, v in old["settings"].items() if k not in free} == {
+        k: v for k, v in json.loads(json.dumps(settings)).items() if k not in free}:
+      runs, wall = old["runs"], float(old["wall_time"])
+      for k in ("seeds", "sparsities", "distributions", "nm"):  # the report covers both
+        settings[k] = sorted(set(old["settings"][k]) | set(settings[k]), key=str)
+    else:
+      print(f"{path} holds a study with other settings: starting afresh", flush=True)
+  except (OSError, ValueError, KeyError):
+    pass
+  done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
+  todo_dense = [s for s in seeds if ("dense", "dense", s) not in done]
+  todo = [(p, s) for s in seeds for p in pats
+          if not all((pattern_key(p), m, s) in done for m in METHODS)]
+  runs = [r for r in runs if r["method"] == "dense" or
+          (r["pattern"], r["seed"]) not in {(pattern_key(p), s) for p, s in todo}]
+  print(f"kept {len(runs)} runs; {len(todo_dense)} dense runs and {len(todo)} cells to go",
+        flush=True)
+  all_pats = [{"distribution": d, "nm": None, "sparsity": x} for d in settings["distributions"]
+              for x in settings["sparsities"]] + [
+      {"distribution": "global", "nm": t, "sparsity": None} for t in settings["nm"]]
+  start = time.time()
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=max(1, args.workers), mp_context=ctx, initializer=study._worker_init,
+      initargs=(args.jit_cache,)) as pool:
+    futures = [pool.submit(dense_task, args, s) for s in todo_dense]
+    futures += [pool.submit(cell_task, args, p, s) for p, s in todo]
+    for fut in concurrent.futures.as_completed(futures):
+      out = fut.result()
+      if len(out) == 2:
+        runs.append(dict(pattern="dense", method="dense", seed=out[0], **out[1]))
+      else:
+        p, s, results = out
+        for method, r in results.items():
+          runs.append(dict(pattern=pattern_key(p), method=method, seed=s, **r))
+      expected = len(settings["seeds"]) * (1 + len(METHODS) * len(all_pats))
+      report = {"settings": settings, "wall_time": wall + time.time() - start,
+                "complete": len(runs) == expected,
+                "cells": aggregate(runs, all_pats), "runs": runs}
+      tmp = os.path.join(args.out, ".study.json.tmp")
+      with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+      os.replace(tmp, path)
+      write_markdown(os.path.join(args.out, "study.md"), report)
+      write_plot(os.path.join(args.out, "study.png"), report)
+      print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
