@@ -22,6 +22,7 @@ _EXPORTS = {
                      "lambda_schedule"), "transform"),
     **dict.fromkeys(("ARTController", "ARTDecision"), "controller"),
     **dict.fromkeys(("layer_sparsities", "nm_mask"), "budgets"),
+    **dict.fromkeys(("ChannelGroup", "channel_mask", "slim"), "channels"),
     **dict.fromkeys(("SparsityReport", "apply_mask", "default_where", "magnitude_mask",
                      "magnitude_threshold", "sparsity", "sparsity_report"), "masking"),
     **dict.fromkeys(("MODEL_NAMES", "VGG_CONFIGS", "CIFARResNet", "DigitsCNN", "DigitsMLP",

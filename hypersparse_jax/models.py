@@ -19,7 +19,7 @@ written as ``_`` (``layer1.0.conv1`` is ``layer1_0/conv1``, ``features.3`` is ``
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import functools
 
@@ -127,6 +127,7 @@ class BasicBlock(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Dtype = jnp.float32
+    inner: Optional[Sequence[int]] = None  # (conv1's width,) when channel-pruned; else planes
 
     expansion = 1
 
@@ -136,7 +137,8 @@ class BasicBlock(nn.Module):
         conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
             f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
             dtype=self.dtype, name=name)
-        out = conv(self.planes, 3, self.stride, _PAD1, "conv1")(x)
+        width = self.inner[0] if self.inner else self.planes
+        out = conv(width, 3, self.stride, _PAD1, "conv1")(x)
         out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
         out = conv(self.planes, 3, 1, _PAD1, "conv2")(out)
         out = _batch_norm("bn2", train, self.dtype)(out)
@@ -162,6 +164,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Dtype = jnp.float32
+    inner: Optional[Sequence[int]] = None  # (conv1, conv2) widths when channel-pruned
 
     expansion = 4
 
@@ -171,9 +174,10 @@ class Bottleneck(nn.Module):
         conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
             f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
             dtype=self.dtype, name=name)
-        out = conv(self.planes, 1, 1, _PAD0, "conv1")(x)
+        w1, w2 = self.inner if self.inner else (self.planes, self.planes)
+        out = conv(w1, 1, 1, _PAD0, "conv1")(x)
         out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
-        out = conv(self.planes, 3, self.stride, _PAD1, "conv2")(out)
+        out = conv(w2, 3, self.stride, _PAD1, "conv2")(out)
         out = nn.relu(_batch_norm("bn2", train, self.dtype)(out))
         out = conv(self.planes * self.expansion, 1, 1, _PAD0, "conv3")(out)
         out = _batch_norm("bn3", train, self.dtype)(out)
@@ -206,11 +210,16 @@ class CIFARResNet(nn.Module):
     depth: int
     num_classes: int
     dtype: Dtype = jnp.float32
+    # per block (stage by stage), its inner widths after channel pruning; None: the full ones
+    inner: Optional[Sequence[Sequence[int]]] = None
 
     default_input_shape = (1, 32, 32, 3)
 
     def __post_init__(self):
-        resnet_blocks_per_stage(self.depth)  # fail at construction, not at first call
+        n, _ = resnet_blocks_per_stage(self.depth)  # fail at construction, not at first call
+        if self.inner is not None and len(self.inner) != 3 * n:
+            raise ValueError(f"inner must give the widths of all {3 * n} blocks, got "
+                             f"{len(self.inner)}")
         _check_num_classes(self.num_classes)
         super().__post_init__()
 
@@ -234,9 +243,11 @@ class CIFARResNet(nn.Module):
             for i in range(n):
                 s = stride if i == 0 else 1
                 out_channels = planes * block_cls.expansion
+                inner = None if self.inner is None else tuple(self.inner[(stage - 1) * n + i])
                 x = block_cls(planes, stride=s,
                               downsample=(s != 1 or in_channels != out_channels),
-                              dtype=self.dtype, name=f"layer{stage}_{i}")(x, train)
+                              dtype=self.dtype, inner=inner,
+                              name=f"layer{stage}_{i}")(x, train)
                 in_channels = out_channels
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
@@ -271,12 +282,17 @@ class VGG(nn.Module):
     batch_norm: bool = True
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    # one width per conv (None: VGG_CONFIGS[depth]); fewer after channel pruning
+    widths: Optional[Sequence[int]] = None
 
     default_input_shape = (1, 32, 32, 3)
 
     def __post_init__(self):
         _check_vgg_depth(self.depth)
         _check_num_classes(self.num_classes)
+        if self.widths is not None:
+            _check_widths("widths", self.widths,
+                          sum(v != "M" for v in VGG_CONFIGS[self.depth]))
         super().__post_init__()
 
     @nn.compact
@@ -292,7 +308,10 @@ class VGG(nn.Module):
         x = jnp.asarray(x, self.dtype)
         # Names follow the indices of the reference's nn.Sequential (conv, [bn], relu, pool).
         index = 0
+        widths = iter(self.widths or [v for v in VGG_CONFIGS[self.depth] if v != "M"])
         for v in VGG_CONFIGS[self.depth]:
+            if v != "M":
+                v = next(widths)
             if v == "M":
                 # window_shape by keyword: jax2onnx replaces nn.max_pool while it traces with a
                 # function whose window_shape is keyword-only (a positional one fails there).
@@ -413,11 +432,13 @@ class LeNet300(nn.Module):
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    hidden: Sequence[int] = (300, 100)  # fewer after channel pruning (hypersparse_jax.slim)
 
     default_input_shape = (1, 28, 28, 1)
 
     def __post_init__(self):
         _check_num_classes(self.num_classes)
+        _check_widths("hidden", self.hidden, 2)
         super().__post_init__()
 
     @nn.compact
@@ -425,7 +446,7 @@ class LeNet300(nn.Module):
         """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
         del train  # no dropout / BatchNorm
         x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        for i, width in enumerate((300, 100), start=1):
+        for i, width in enumerate(self.hidden, start=1):
             x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros,
                                  dtype=self.dtype, name=f"fc{i}")(x))
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
@@ -452,6 +473,7 @@ class LeNet5(nn.Module):
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    widths: Sequence[int] = (20, 50, 500)  # conv1, conv2, fc1 (fewer after channel pruning)
 
     default_input_shape = (1, 28, 28, 1)
     # dense layers that read a flattened conv map, with the map's channel count
@@ -459,6 +481,7 @@ class LeNet5(nn.Module):
 
     def __post_init__(self):
         _check_num_classes(self.num_classes)
+        _check_widths("widths", self.widths, 3)
         super().__post_init__()
 
     @nn.compact
@@ -466,15 +489,21 @@ class LeNet5(nn.Module):
         """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
         del train  # no dropout / BatchNorm
         x = jnp.asarray(x, self.dtype)
-        for i, width in enumerate((20, 50), start=1):
+        for i, width in enumerate(self.widths[:2], start=1):
             x = _Conv(width, (5, 5), padding="VALID", kernel_init=_he_fan_in, bias_init=_zeros,
                       dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(500, kernel_init=_he_fan_in, bias_init=_zeros, dtype=self.dtype,
-                             name="fc1")(x))
+        x = nn.relu(nn.Dense(self.widths[2], kernel_init=_he_fan_in, bias_init=_zeros,
+                             dtype=self.dtype, name="fc1")(x))
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
                         dtype=self.dtype, name="fc2")(x)
+
+
+def _check_widths(name: str, widths, count: int) -> None:
+    if len(widths) != count or any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"{name} must be {count} positive integers, got {widths!r}")
 
 
 def _check_vgg_depth(depth: int) -> None:

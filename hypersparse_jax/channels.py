@@ -1,0 +1,377 @@
+"""Channel pruning: HyperSparse over channels, and models that are physically smaller.
+
+Unstructured zeros make a model smaller on disk but not faster in XLA or onnxruntime; removing
+whole channels does: the pruned network is a smaller dense network (:func:`slim`).
+
+**Groups.** A prunable *channel* is an output channel of a convolution or an output unit of a
+dense layer whose output feeds exactly one next layer (:class:`ChannelGroup`: the producer, its
+bias and BatchNorm, the consumer). The last layer's outputs (the logits) are never pruned. In a
+ResNet only the first convolution of a BasicBlock (the first two of a Bottleneck) can lose
+channels freely: the others write to the residual stream, whose channels every block shares;
+they are **left dense** (so are the stem and the shortcut convolutions). :func:`channel_groups`
+finds the groups of the library's models from their parameter names; pass ``groups=`` for
+other models.
+
+**A channel's magnitude** ``m_c`` is the L2 norm of the parameters that carry its scale: its
+weights (the producer kernel's slice ``[..., c]``) when no BatchNorm follows, and its BatchNorm
+scale ``|γ_c|`` when one does — BatchNorm divides the weights' scale away, so their norm says
+nothing about what the channel contributes, while ``γ_c`` scales its output (network slimming's
+criterion, Liu et al. 2017).
+
+**One global threshold, fairly.** Layers of different fan-in have weight norms of different
+sizes, so each magnitude is divided by the mean magnitude of its layer: ``m̃_c = m_c / μ_l``
+(``μ_l`` detached, as the threshold is). The threshold is the exact
+``t = sort(m̃)[floor(κ·N)]`` over the ``N`` prunable channels (:mod:`hypersparse_jax.threshold`,
+bit-exact as for weights) and the mask keeps ``m̃_c > t``; then **every layer keeps at least its
+largest channel** (ties: the first), so no layer is cut, and the achieved fraction may fall
+short of ``floor(κ·N) + 1`` channels by the number of layers so rescued.
+
+**The mask** (:func:`channel_mask`) is shaped like the parameters: a removed channel's producer
+weights, bias, BatchNorm scale and bias are False, so after its activation it is exactly 0 (the
+consumer's weights that read it are left True: they multiply zeros; :func:`slim` drops them).
+
+**Group HyperSparse.** The paper's gradient applied to the normalised magnitudes, with
+``s = c/t``, ``A = Σ m̃``, ``T = Σ tanh(s·m̃)``::
+
+    ∂HS/∂m̃_c = s · sech²(s·m̃_c) · A / T
+
+and pulled back to the parameters ``θ_c`` (the weights or ``γ_c``) by the chain rule,
+``∂m̃_c/∂θ_c = θ_c / (‖θ_c‖ · μ_l)``::
+
+    ∂HS/∂θ_c = s · sech²(s·m̃_c) · (A / T) · θ_c / (‖θ_c‖ · μ_l)     (0 where ‖θ_c‖ = 0)
+
+— a group lasso whose push fades above the channel threshold. In loss form
+``HS = A·T/stop_gradient(T) − A`` over ``m̃`` (value ≈ 0), its gradient is exactly this. The
+L1 baseline on channels is ``Σ m̃_c`` (group lasso; with BatchNorm, network slimming's L1 on
+the scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hypersparse_jax import masking, penalties, threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+  """The channels of one producer layer.
+
+  Attributes:
+    producer: path (tuple of names in ``params``) of the producer module; its ``kernel`` has
+      the channels on its last axis, its ``bias`` (if any) one entry per channel.
+    consumer: path of the module that reads the producer's output (its kernel's input axis:
+      axis -2; a dense layer reading a flattened conv map reads ``repeat`` rows per channel,
+      in NHWC flattening order).
+    norm: path of the BatchNorm after the producer, or None.
+  """
+  producer: tuple
+  consumer: tuple
+  norm: Optional[tuple] = None
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.producer)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _natural(name):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def channel_groups(params) -> list:
+  """The prunable channel groups of the library's models, found from ``params``' names.
+
+  LeNet-300-100 / digits MLP (``fc1 … fcK``): each hidden layer, consumed by the next.
+  LeNet-5: ``conv1`` → ``conv2`` → ``fc1`` (flattened) → ``fc2``. Digits CNN: ``conv1`` (+
+  ``bn1``) → ``conv2`` (+ ``bn2``) → ``fc``. VGG: every conv (+ its BatchNorm), consumed by the
+  next conv or by the classifier. CIFAR ResNet: inside every block, ``conv1`` (+ ``bn1``) →
+  ``conv2`` (Bottleneck also ``conv2`` → ``conv3``); the stem, the blocks' last convs and the
+  shortcuts write to the residual stream and are not prunable.
+
+  Raises:
+    ValueError: for parameters of another architecture (pass ``groups=`` explicitly).
+  """
+  top = {k: v for k, v in params.items() if isinstance(v, dict)}
+  names = set(top)
+  has_kernel = lambda k: "kernel" in top[k]  # noqa: E731
+  has_scale = lambda k: "scale" in top[k] and "kernel" not in top[k]  # noqa: E731
+  if any(re.fullmatch(r"layer\d+_\d+", k) for k in names):  # CIFAR ResNet
+    groups = []
+    for b in sorted((k for k in names if re.fullmatch(r"layer\d+_\d+", k)), key=_natural):
+      block = top[b]
+      chain = ["conv1", "conv2"] + (["conv3"] if "conv3" in block else [])
+      for i in range(len(chain) - 1):
+        groups.append(ChannelGroup((b, chain[i]), (b, chain[i + 1]), (b, f"bn{i + 1}")))
+    return groups
+  if any(k.startswith("features_") for k in names) and "classifier" in names:  # VGG
+    feats = sorted((k for k in names if k.startswith("features_")), key=_natural)
+    convs = [k for k in feats if has_kernel(k)]
+    groups = []
+    for i, c in enumerate(convs):
+      nxt = convs[i + 1] if i + 1 < len(convs) else "classifier"
+      bn = f"features_{int(c.split('_')[1]) + 1}"
+      groups.append(ChannelGroup((c,), (nxt,), (bn,) if bn in names and has_scale(bn) else None))
+    return groups
+  if names == {"conv1", "conv2", "fc1", "fc2"}:  # LeNet-5
+    return [ChannelGroup(("conv1",), ("conv2",)), ChannelGroup(("conv2",), ("fc1",)),
+            ChannelGroup(("fc1",), ("fc2",))]
+  if {"conv1", "conv2", "fc"} <= names and names <= {"conv1", "conv2", "fc", "bn1", "bn2"}:
+    bn = lambda i: (f"bn{i}",) if f"bn{i}" in names else None  # noqa: E731
+    return [ChannelGroup(("conv1",), ("conv2",), bn(1)), ChannelGroup(("conv2",), ("fc",), bn(2))]
+  if names and all(re.fullmatch(r"fc\d+", k) for k in names):  # MLPs
+    fcs = sorted(names, key=_natural)
+    return [ChannelGroup((a,), (b,)) for a, b in zip(fcs, fcs[1:])]
+  raise ValueError(f"cannot tell the channel structure of these parameters (top-level modules "
+                   f"{sorted(names)}); pass groups=[ChannelGroup(...)] for this model")
+
+
+def _select_groups(params, groups, where):
+  groups = channel_groups(params) if groups is None else list(groups)
+  if where is not None:
+    groups = [g for g in groups if where(
+        tuple(jax.tree_util.DictKey(k) for k in g.producer + ("kernel",)),
+        _get(params, g.producer)["kernel"])]
+  if not groups:
+    raise ValueError("no prunable channel group: the `where` predicate selected none")
+  for g in groups:
+    k = _get(params, g.producer)["kernel"]
+    if not jnp.issubdtype(jnp.result_type(k), jnp.floating):
+      raise TypeError(f"{g.name}/kernel has dtype {jnp.result_type(k)}; allowed: floating point")
+  return groups
+
+
+def _carriers(params, g):
+  """The parameters that carry the channels' scale, as ``(channels, -1)`` float32: γ when a
+  BatchNorm follows, else the kernel's slices."""
+  if g.norm is not None:
+    return jnp.asarray(_get(params, g.norm)["scale"], jnp.float32)[:, None]
+  k = jnp.asarray(_get(params, g.producer)["kernel"], jnp.float32)
+  return jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+
+
+def channel_magnitudes(params, *, groups=None, where=None, normalized: bool = True) -> list:
+  """Per group, the channels' magnitudes ``m_c`` (or ``m̃_c = m_c / mean(m)`` with
+  ``normalized``), float32 vectors in the order of the groups."""
+  groups = _select_groups(params, groups, where)
+  out = []
+  for g in groups:
+    m = jnp.sqrt(jnp.sum(jnp.square(_carriers(params, g)), axis=1))
+    if normalized:
+      m = m / jnp.maximum(jax.lax.stop_gradient(jnp.mean(m)), jnp.finfo(jnp.float32).tiny)
+    out.append(m)
+  return out
+
+
+def _keep(mags, sparsity):
+  """Kept channels per group: ``m̃ > t`` globally, then each group's largest rescued."""
+  n = sum(int(m.shape[0]) for m in mags)
+  t = threshold.kth_magnitude(mags, threshold.rank_of_threshold(sparsity, n))
+  keeps = []
+  for m in mags:
+    keep = m > t
+    top = jnp.arange(m.shape[0]) == jnp.argmax(m)
+    keeps.append(keep | top)
+  return keeps, t
+
+
+def channel_keep(params, sparsity: float, *, groups=None, where=None) -> dict:
+  """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
+  sparsity = masking.check_sparsity(sparsity)
+  groups = _select_groups(params, groups, where)
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups), sparsity)
+  return {g.name: k for g, k in zip(groups, keeps)}
+
+
+def _mask_from_keep(params, groups, keeps):
+  mask = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
+
+  def put(path, fn):
+    node = mask
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = fn(node[path[-1]])
+
+  for g, keep in zip(groups, keeps):
+    prod = _get(params, g.producer)
+    put(g.producer + ("kernel",), lambda m, keep=keep: m & keep)
+    if "bias" in prod:
+      put(g.producer + ("bias",), lambda m, keep=keep: m & keep)
+    if g.norm is not None:
+      for leaf in ("scale", "bias"):
+        if leaf in _get(params, g.norm):
+          put(g.norm + (leaf,), lambda m, keep=keep: m & keep)
+  return mask
+
+
+def channel_mask(params, sparsity: float, *, where=None, groups=None):
+  """Channel pruning mask, shaped like ``params`` (see the module doc).
+
+  Args:
+    params: a library model's parameters (or any, with ``groups``).
+    sparsity: fraction κ of the prunable channels to remove, in ``[0, 1)``.
+    where: predicate ``(path, kernel) -> bool`` on the producers' kernels: which groups may be
+      pruned (default: all of :func:`channel_groups`).
+    groups: the :class:`ChannelGroup` list (default: :func:`channel_groups`).
+
+  Returns:
+    A bool pytree like ``params``: False on the producer kernel slices, biases and BatchNorm
+    scales/biases of the removed channels, True elsewhere.
+  """
+  sparsity = masking.check_sparsity(sparsity)
+  groups = _select_groups(params, groups, where)
+  for g in groups:
+    for x in jax.tree.leaves(_get(params, g.producer)):
+      if masking._is_concrete(x) and not masking._all_finite(x):
+        raise ValueError(f"{g.name} contains NaN or infinite weights; magnitudes must be finite")
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups), sparsity)
+  return _mask_from_keep(params, groups, keeps)
+
+
+def channel_hypersparse(params, sparsity: float, *, groups=None, where=None,
+                        scale_constant: float = penalties.REFERENCE_SCALE, penalty="hypersparse"):
+  """Group HyperSparse (or ``penalty='l1'``: ``Σ m̃``) over channels: ``(grads, value, t)``,
+  the float32 gradient tree (zeros outside the groups' carriers), the loss form's value and the
+  channel threshold ``t`` (see the module doc)."""
+  sparsity = masking.check_sparsity(sparsity)
+  groups = _select_groups(params, groups, where)
+  raw = [jnp.sqrt(jnp.sum(jnp.square(_carriers(params, g)), axis=1)) for g in groups]
+  mus = [jnp.maximum(jnp.mean(m), jnp.finfo(jnp.float32).tiny) for m in raw]
+  mags = [m / mu for m, mu in zip(raw, mus)]
+  if penalty == "l1":
+    t = jnp.zeros([], jnp.float32)
+    dm = [jnp.ones_like(m) for m in mags]
+    value = sum(jnp.sum(m) for m in mags)
+  elif penalty == "hypersparse":
+    n = sum(int(m.shape[0]) for m in mags)
+    t = threshold.kth_magnitude(mags, threshold.rank_of_threshold(sparsity, n))
+    s = penalties.hypersparse_scale(t, scale_constant)
+    total_a = sum(jnp.sum(m) for m in mags)
+    total_t = sum(jnp.sum(jnp.tanh(s * m)) for m in mags)
+    ratio = jnp.where(total_t > 0, total_a / jnp.where(total_t > 0, total_t, 1.0), 0.0)
+    factor = jnp.minimum(s * ratio, jnp.finfo(jnp.float32).max)
+    dm = [factor * penalties._sech2(s * m) for m in mags]
+    value = penalties._value_from_terms(penalties.HyperSparseTerms(t, s, total_a, total_t))
+  else:
+    raise ValueError(f"channel penalties are 'hypersparse' and 'l1', got {penalty!r}")
+  grads = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+  for g, d, m, mu in zip(groups, dm, raw, mus):
+    unit = jnp.where(m > 0, d / (jnp.where(m > 0, m, 1.0) * mu), 0.0)  # ∂/∂θ = d·θ/(‖θ‖μ)
+    if g.norm is not None:
+      gamma = jnp.asarray(_get(params, g.norm)["scale"], jnp.float32)
+      _get(grads, g.norm)["scale"] = unit * gamma
+    else:
+      k = jnp.asarray(_get(params, g.producer)["kernel"], jnp.float32)
+      _get(grads, g.producer)["kernel"] = unit * k
+  return grads, value, t
+
+
+# ------------------------------------------------------------------------------------------------
+# Physically smaller models
+# ------------------------------------------------------------------------------------------------
+
+
+def _kept_indices(variables, mask, groups):
+  """Per group, the indices of the channels the (masked) model still uses."""
+  out = []
+  for g in groups:
+    km = np.asarray(_get(mask["params"] if "params" in mask else mask, g.producer)["kernel"])
+    alive = km.reshape(-1, km.shape[-1]).any(axis=0)
+    out.append(np.flatnonzero(alive))
+  return out
+
+
+def slim(model, variables, mask, *, groups=None):
+  """The physically smaller model of a channel-masked one: ``(smaller_model, smaller_variables)``.
+
+  The removed channels (those whose producer kernel slice is all False in ``mask``) disappear:
+  fewer filters / units in the producer, its bias and BatchNorm entries (scale, bias, running
+  mean and variance) go, and the consumer loses the matching inputs (for a dense layer reading a
+  flattened conv map, the rows of that channel at every position). The variables are first
+  masked, so the smaller model's logits equal those of ``apply_mask(variables, mask)`` within
+  float rounding. Works for the library's LeNet-300-100, LeNet-5, digits MLP/CNN, VGG and
+  CIFAR ResNet.
+
+  Args:
+    model: the Flax model of ``variables``.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (or bare params).
+    mask: a channel mask like :func:`channel_mask`'s, over the params (or a tree with
+      ``'params'``).
+  """
+  from hypersparse_jax import models as lib
+  bare = "params" not in variables
+  variables = {"params": variables} if bare else dict(variables)
+  pmask = mask["params"] if isinstance(mask, dict) and "params" in mask and not bare else mask
+  params = masking.apply_mask(variables["params"], pmask)
+  groups = channel_groups(params) if groups is None else list(groups)
+  kept = _kept_indices(variables, pmask, groups)
+  new = jax.tree.map(np.asarray, {**variables, "params": params})
+  for g, idx in zip(groups, kept):
+    prod = _get(new["params"], g.producer)
+    n_out = prod["kernel"].shape[-1]
+    prod["kernel"] = prod["kernel"][..., idx]
+    if "bias" in prod:
+      prod["bias"] = prod["bias"][idx]
+    if g.norm is not None:
+      for coll in ("params", "batch_stats"):
+        if coll in new:
+          node = _get(new[coll], g.norm)
+          for leaf in list(node):
+            node[leaf] = node[leaf][idx]
+    cons = _get(new["params"], g.consumer)
+    k = cons["kernel"]
+    if k.ndim == 4:  # conv consumer: input channels
+      cons["kernel"] = k[:, :, idx, :]
+    else:  # dense consumer: rows, NHWC-flattened (position, channel) when repeat > 1
+      repeat = k.shape[0] // n_out
+      cons["kernel"] = k.reshape(repeat, n_out, k.shape[1])[:, idx, :].reshape(-1, k.shape[1])
+  widths = {g.producer: len(idx) for g, idx in zip(groups, kept)}
+  if isinstance(model, lib.LeNet300):
+    smaller = dataclasses.replace(model, hidden=(widths[("fc1",)], widths[("fc2",)]))
+  elif isinstance(model, lib.DigitsMLP):
+    smaller = dataclasses.replace(model, hidden=tuple(
+        widths[(f"fc{i}",)] for i in range(1, len(model.hidden) + 1)))
+  elif isinstance(model, lib.LeNet5):
+    smaller = dataclasses.replace(model, widths=(widths[("conv1",)], widths[("conv2",)],
+                                                 widths[("fc1",)]))
+  elif isinstance(model, lib.DigitsCNN):
+    smaller = dataclasses.replace(model, widths=(widths[("conv1",)], widths[("conv2",)]))
+  elif isinstance(model, lib.VGG):
+    convs = [g.producer for g in channel_groups(params)]
+    smaller = dataclasses.replace(model, widths=tuple(widths[c] for c in convs))
+  elif isinstance(model, lib.CIFARResNet):
+    blocks = sorted({g.producer[0] for g in groups}, key=_natural)
+    inner = []
+    for b in blocks:
+      convs = ["conv1", "conv2"] if (b, "conv2") in widths else ["conv1"]
+      inner.append(tuple(widths[(b, c)] for c in convs))
+    smaller = dataclasses.replace(model, inner=tuple(inner))
+  else:
+    raise ValueError(f"slim does not know how to rebuild a {type(model).__name__}; the "
+                     "library's LeNet-300-100, LeNet-5, MLP, CNN, VGG and CIFAR ResNet it does")
+  new = jax.tree.map(jnp.asarray, new)
+  return smaller, (new["params"] if bare else new)
+
+
+def count_flops(model, variables, input_shape: Sequence[int]) -> float:
+  """Floating-point operations of one forward pass in eval mode, as XLA counts them."""
+  x = jnp.zeros(tuple(input_shape), jnp.float32)
+  from hypersparse_jax import conv
+  with conv.plain_convolutions():
+    fn = jax.jit(functools.partial(model.apply, train=False))
+    cost = fn.lower(variables, x).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
