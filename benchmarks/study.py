@@ -343,21 +343,63 @@ def _art_run(args, sparsity, penalty, seed):
               stop_reason=summary["stop_reason"], **extra, time=time.time() - start)
 
 
+class Partial:
+  """The finished methods of a cell not yet in ``study.json`` (``<out>/.partial/``, not
+  committed): a study stopped in the middle of a cell redoes only its unfinished methods. The
+  file also records the settings' key, and a file of other settings is ignored."""
+
+  def __init__(self, args, name, key):
+    self.path = os.path.join(args.out, ".partial", f"{name}.json")
+    self.key, self.results = key, {}
+    try:
+      with open(self.path) as f:
+        saved = json.load(f)
+      if saved.get("key") == key:
+        self.results = saved["results"]
+    except (OSError, ValueError, KeyError):
+      pass
+
+  def run(self, method, fn):
+    if method not in self.results:
+      self.results[method] = fn()
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      tmp = f"{self.path}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        json.dump({"key": self.key, "results": self.results}, f)
+      os.replace(tmp, self.path)
+    return self.results[method]
+
+  def done(self):
+    try:
+      os.remove(self.path)
+    except OSError:
+      pass
+
+
+def settings_key(cfg):
+  """The options that define a cell's runs apart from its κ, pattern and seed (text)."""
+  return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                     if k not in ("sparsity", "seed")}, sort_keys=True, default=str)
+
+
 def cell_task(args, sparsity, seed):
   """All methods for one (sparsity, seed): ART x 3 penalties, then one-shot and GMP."""
-  import jax
+  cfg = make_config(args, sparsity, "hypersparse", seed)
+  partial = Partial(args, f"k{sparsity:g}_s{seed}", settings_key(cfg))
   results = {}
   for method in art_methods(args):
-    results[method] = _art_run(args, sparsity, method[len("art_"):], seed)
+    results[method] = partial.run(method, lambda m=method: _art_run(
+        args, sparsity, m[len("art_"):], seed))
     _log(args, f"  kappa={sparsity} seed={seed} {method}: {_fmt(results[method])}")
-  base = Baselines(make_config(args, sparsity, "hypersparse", seed))
+  base = Baselines(cfg)
   _, warm, final = dense_states(args, base, seed)
-  results["oneshot"] = base.oneshot(final, sparsity)
+  results["oneshot"] = partial.run("oneshot", lambda: base.oneshot(final, sparsity))
   _log(args, f"  kappa={sparsity} seed={seed} oneshot: {_fmt(results['oneshot'])}")
   ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
-  results["gmp"] = base.gmp(warm, sparsity, ramp, args.gmp_every or base.spe)
+  results["gmp"] = partial.run("gmp", lambda: base.gmp(warm, sparsity, ramp,
+                                                       args.gmp_every or base.spe))
   _log(args, f"  kappa={sparsity} seed={seed} gmp: {_fmt(results['gmp'])}")
-  del jax
+  partial.done()
   return sparsity, seed, results
 
 

@@ -33,7 +33,6 @@ budget; N:M beside it).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import copy
 import dataclasses
@@ -80,12 +79,18 @@ def _with_pattern(args, p):
 def cell_task(args, p, seed):
   """ART + HyperSparse, one-shot and GMP for one pattern and seed."""
   pa = _with_pattern(args, p)
-  results = {"art_hypersparse": study._art_run(pa, p["sparsity"], "hypersparse", seed)}
-  base = study.Baselines(study.make_config(pa, p["sparsity"], "hypersparse", seed))
+  cfg = study.make_config(pa, p["sparsity"], "hypersparse", seed)
+  partial = study.Partial(args, f"{pattern_key(p).replace(':', '-')}_s{seed}",
+                          study.settings_key(cfg))
+  results = {"art_hypersparse": partial.run("art_hypersparse", lambda: study._art_run(
+      pa, p["sparsity"], "hypersparse", seed))}
+  base = study.Baselines(cfg)
   _, warm, final = study.dense_states(args, base, seed)
-  results["oneshot"] = base.oneshot(final, p["sparsity"])
+  results["oneshot"] = partial.run("oneshot", lambda: base.oneshot(final, p["sparsity"]))
   ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
-  results["gmp"] = base.gmp(warm, p["sparsity"], ramp, args.gmp_every or base.spe)
+  results["gmp"] = partial.run("gmp", lambda: base.gmp(warm, p["sparsity"], ramp,
+                                                       args.gmp_every or base.spe))
+  partial.done()
   for method, r in results.items():
     print(f"  {pattern_key(p)} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return p, seed, results

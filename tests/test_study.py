@@ -55,6 +55,21 @@ def test_quick_study(tmp_path):
   last = settings["sparsities"][-1]
   cut = dict(report, runs=[r for r in runs if r["target"] != last])
   (out / "study.json").write_text(json.dumps(cut))
+  # ... and within that cell, its ART + L2 run had finished (kept in .partial/): not redone
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study
+  finally:
+    sys.path.pop(0)
+  sargs = study.build_parser().parse_args(["--quick", "--out", str(out)])
+  sargs.dataset = "digits"
+  key = study.settings_key(study.make_config(sargs, last, "hypersparse", 0))
+  l2 = next(r for r in runs if r["target"] == last and r["method"] == "art_l2")
+  kept_l2 = {k: v for k, v in l2.items() if k not in ("method", "target", "seed")}
+  kept_l2["time"] = 12345.0  # a mark: recomputed it would differ
+  (out / ".partial").mkdir(exist_ok=True)
+  (out / ".partial" / f"k{last:g}_s0.json").write_text(
+      json.dumps({"key": key, "results": {"art_l2": kept_l2}}))
   again = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
        "--jit-cache", str(tmp_path / "jit")],
@@ -64,6 +79,9 @@ def test_quick_study(tmp_path):
   assert "0 dense runs and 1 cells to go" in again.stdout, again.stdout[-2000:]
   resumed = json.loads((out / "study.json").read_text())
   assert resumed["complete"] is True and len(resumed["runs"]) == len(runs)
+  assert next(r for r in resumed["runs"] if r["target"] == last
+              and r["method"] == "art_l2")["time"] == 12345.0
+  assert not (out / ".partial" / f"k{last:g}_s0.json").exists()
   kept = [r for r in resumed["runs"] if r["target"] != last]
   key = lambda r: (r["method"], r["target"], r["seed"])  # noqa: E731
   assert sorted(kept, key=key) == sorted(cut["runs"], key=key)  # kept as they were
