@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--distribution", default=None, choices=("global", "uniform", "erk"),
                  help="where the sparsity goes: one global magnitude threshold (the paper's, "
                       "default), the same sparsity in every layer, or ERK per-layer budgets")
+  p.add_argument("--structure", default=None, choices=("weight", "channel"),
+                 help="prune single weights (default) or whole channels (convolution filters, "
+                      "dense units): --sparsity is then the fraction of prunable channels "
+                      "removed, and hypersparse-export --slim writes the smaller model")
   p.add_argument("--nm", default=None, metavar="N:M",
                  help="an N:M pattern, e.g. 2:4 (N of every M consecutive input weights kept; "
                       "--sparsity becomes 1 - N/M)")
@@ -207,7 +211,8 @@ def default_outdir(cfg: TrainConfig) -> str:
   return os.path.join(
       "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-"
       + (f"nm{cfg.nm.replace(':', '-')}" if cfg.nm else f"{cfg.sparsity:g}")
-      + ("" if cfg.distribution == "global" else f"-{cfg.distribution}"))
+      + ("" if cfg.distribution == "global" else f"-{cfg.distribution}")
+      + ("-channel" if cfg.structure == "channel" else ""))
 
 
 def _check_resumable(outdir: str, config: dict) -> None:

@@ -33,7 +33,7 @@ REFERENCE_DEFAULTS = dict(
     batch_size=64, lr=0.1, lr_decay=0.1, lr_steps=(80, 120), weight_decay=1e-4, momentum=0.9,
     eval_batch_size=500, layers=None, d_model=None, heads=None, context=None, optimizer="sgd",
     prune_embeddings=False, steps_per_epoch=None, eval_windows=None, augment=True,
-    distribution="global", nm=None)
+    distribution="global", nm=None, structure="weight")
 DIGITS_PRESET = dict(
     REFERENCE_DEFAULTS, model="mlp", depth=None, lambda_init=2e-4, eta=1.25, warmup_epochs=10,
     epochs=20, max_art_epochs=40, lr=0.05, lr_steps=(10, 15), eval_batch_size=450)
@@ -99,6 +99,7 @@ class TrainConfig:
   # where the sparsity goes (hypersparse_jax.budgets): 'global' (the paper's), 'uniform', 'erk'
   distribution: str = "global"
   nm: Optional[str] = None         # an N:M pattern, "2:4" (then sparsity = 1 − N/M)
+  structure: str = "weight"        # 'weight' or 'channel' (sparsity: fraction of channels)
 
   @property
   def nm_pair(self) -> Optional[tuple]:
@@ -160,6 +161,18 @@ class TrainConfig:
       if not math.isclose(self.sparsity, 1 - n / m, rel_tol=0, abs_tol=1e-9):
         raise ValueError(f"--nm {self.nm} prunes 1 - {n}/{m} = {1 - n / m:g} of the weights; "
                          f"got --sparsity {self.sparsity} (leave --sparsity out)")
+    if self.structure not in ("weight", "channel"):
+      raise ValueError(f"--structure must be weight or channel, got {self.structure!r}")
+    if self.structure == "channel":
+      if self.nm is not None or self.distribution != "global":
+        raise ValueError("--structure channel prunes channels with one global threshold; it "
+                         "does not combine with --nm or --distribution uniform/erk")
+      if self.penalty == "l2":
+        raise ValueError("--structure channel takes --penalty hypersparse or l1 (group "
+                         "lasso), not l2")
+      if self.model == "transformer":
+        raise ValueError("--structure channel is for the image models (their channels are "
+                         "known); --model transformer prunes weights")
     if self.dataset not in DATASETS:
       raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
     if self.penalty not in ("hypersparse", "l1", "l2"):
@@ -241,7 +254,7 @@ LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": 
                    # --no-augment came with Fashion-MNIST; runs before it always augmented
                    "augment": True,
                    # per-layer budgets and N:M came after; runs before were global
-                   "distribution": "global", "nm": None}
+                   "distribution": "global", "nm": None, "structure": "weight"}
 
 
 def _normalized_path(path):

@@ -508,6 +508,53 @@ def check_output_path(path: str) -> None:
                           f"({e.strerror or first_line(e)})") from None
 
 
+def _model_description(model) -> dict:
+  """The class and the width attributes that rebuild a (slimmed) library model."""
+  keys = [k for k in ("depth", "num_classes", "batch_norm", "hidden", "widths", "inner")
+          if hasattr(model, k)]
+  out = {"class": type(model).__name__}
+  for k in keys:
+    v = getattr(model, k)
+    out[k] = [list(x) if isinstance(x, (tuple, list)) else x for x in v] if isinstance(
+        v, (tuple, list)) else v
+  return out
+
+
+def write_slim_npz(model, variables, path: str) -> None:
+  """The slimmed model's variables as plain arrays (``'params/conv1/kernel'``, ...) plus
+  ``'model'``: JSON of its class and widths (:func:`load_slim_npz` rebuilds both)."""
+  import jax
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  flat["model"] = np.asarray(json.dumps(_model_description(model)))
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def load_slim_npz(path: str):
+  """``(model, variables)`` from :func:`write_slim_npz`'s file."""
+  from hypersparse_jax import models
+  with np.load(path) as f:
+    desc = json.loads(str(f["model"]))
+    variables: dict = {}
+    for name in f.files:
+      if name == "model":
+        continue
+      node = variables
+      *parents, leaf = name.split("/")
+      for p_ in parents:
+        node = node.setdefault(p_, {})
+      node[leaf] = f[name]
+  cls = getattr(models, desc.pop("class"))
+  for k in ("hidden", "widths"):
+    if desc.get(k) is not None:
+      desc[k] = tuple(desc[k])
+  if desc.get("inner") is not None:
+    desc["inner"] = tuple(tuple(x) for x in desc["inner"])
+  return cls(**desc), variables
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``hypersparse-export`` argument parser."""
   p = argparse.ArgumentParser(
@@ -528,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the same as --checkpoint final")
   p.add_argument("--sparse-initializers", action="store_true",
                  help="store pruned weight tensors as ONNX sparse_initializers (smaller file)")
+  p.add_argument("--slim", action="store_true",
+                 help="a --structure channel run: write the physically smaller model (its "
+                      "removed channels gone; hypersparse_jax.slim), as ONNX, or as an .npz "
+                      "of its variables when the output ends in .npz")
   p.add_argument("--no-verify", dest="verify", action="store_false",
                  help="skip the onnxruntime comparison with the Flax model")
   return p
@@ -550,7 +601,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         selected_epoch=info["epoch"],
         input_shape=json.dumps([None, *info["image_shape"]]),
         preprocessing=json.dumps(preprocessing(args.run_dir)))
-    nm = (_read_json(os.path.join(args.run_dir, "config.json")) or {}).get("nm")
+    run_config = _read_json(os.path.join(args.run_dir, "config.json")) or {}
+    nm = run_config.get("nm")
+    slimmed = None
+    if args.slim:
+      if run_config.get("structure", "weight") != "channel":
+        raise ValueError(f"--slim needs a run trained with --structure channel; "
+                         f"{args.run_dir} pruned single weights (its zeros are scattered, no "
+                         "channel is gone)")
+      import jax
+      from hypersparse_jax import channels
+      dense_params = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+      mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
+      model, variables = channels.slim(model, variables, mask)
+      slimmed = {"params_dense": dense_params, "params_slim": sum(
+          int(np.size(x)) for x in jax.tree.leaves(variables["params"]))}
+      metadata.update(slim=json.dumps(_model_description(model)))
+      if args.output.endswith(".npz"):
+        write_slim_npz(model, variables, args.output)
+        print(f"wrote {args.output}: the slimmed {info['model']} ({slimmed['params_slim']:,} "
+              f"of {slimmed['params_dense']:,} parameters), "
+              f"{json.dumps(_model_description(model))}")
+        return 0
     if nm:  # an N:M run: the exported kernels must have the pattern (zeros are kept as zeros)
       from hypersparse_jax import budgets
       n, m = budgets.parse_nm(nm)
@@ -572,6 +644,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"wrote {args.output}: {info['model']}{info['depth'] or ''} {info['dataset']}, "
         f"checkpoint {info['checkpoint']} epoch {info['epoch']} ({info['selection_reason']}), "
         f"sparsity {sparsity:.4f}" + (f" ({nm} pattern: every group checked)" if nm else "")
+        + (f", slimmed: {slimmed['params_slim']:,} of {slimmed['params_dense']:,} parameters"
+           if slimmed else "")
         + f", {report['bytes']:,} bytes "
         f"({report['sparse_initializers']} sparse initializers)" + check)
   print(json.dumps({**report, **{k: v for k, v in info.items() if k != "image_shape"},

@@ -36,10 +36,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hypersparse_jax import transform as art_lib
-from hypersparse_jax import budgets, checkpointing, data, masking, models, sparse_export
+from hypersparse_jax import budgets, channels, checkpointing, data, masking, models, sparse_export
 from hypersparse_jax import distributed, init_source, run_dir, sharding, tasks
 from hypersparse_jax.config import TrainConfig
 from hypersparse_jax.controller import ARTController
@@ -209,18 +210,23 @@ class Trainer:
         art_lib.art(config.sparsity, config.lambda_init, config.eta,
                     steps_per_epoch=self.steps_per_epoch, warmup_epochs=config.warmup_epochs,
                     penalty=config.penalty, where=self.where,
-                    distribution=config.distribution, nm=config.nm_pair),
+                    distribution=config.distribution, nm=config.nm_pair,
+                    structure=config.structure),
         make_optimizer(config, config.lr))
     where = self.where
     # the pattern's mask: global (the paper's), per-layer budgets or N:M (hypersparse_jax.budgets)
     self.pattern = dict(distribution=config.distribution, nm=config.nm_pair)
     mask_of = functools.partial(budgets.pattern_mask, sparsity=config.sparsity, where=where,
                                 **self.pattern)
+    if config.structure == "channel":  # whole channels (hypersparse_jax.channels)
+      mask_of = functools.partial(channels.channel_mask, sparsity=config.sparsity)
     self.mask_fn = jax.jit(lambda p: mask_of(p))
     # one program, not one per leaf: eager ops on arrays of several processes compile each
     self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where,
                                                              **self.pattern))
+    if config.structure == "channel":  # weights are not pushed towards zero one by one
+      self.near_zero_fn = None
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.placement.place(self.params), self.placement.place(self.batch_stats)
 
@@ -432,7 +438,8 @@ class Trainer:
             next_phase = "finetune"
         record["sparsity"] = self.sparsity(state["params"])
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
-          record["near_zero"] = float(self.near_zero_fn(state["params"]))
+          if self.near_zero_fn is not None:
+            record["near_zero"] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
@@ -541,6 +548,8 @@ class Trainer:
         "sparse_bytes": export["sparse_bytes"], "compression_ratio": export["compression_ratio"],
         "dense_test_accuracy": extra["dense_test_accuracy"],
     }
+    if cfg.structure == "channel":
+      summary.update(self._channel_summary(params, stats))
     summary.update(self.task.summary(params, extra))
     summary = distributed.allgather_json(summary)[0]  # process 0's
     if self.primary:
@@ -551,6 +560,27 @@ class Trainer:
         "test_accuracy", "selection", "best_test_accuracy", "sparsity_achieved", "art_epochs",
         "compression_ratio") + self.task.summary_log_keys}))
     return summary
+
+  def _channel_summary(self, params, stats):
+    """Channels removed, and the parameters and FLOPs of the slimmed model against the dense
+    one (XLA's count of one image's forward pass)."""
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    mask = jax.tree.map(lambda x: x != 0, params)  # removed channels are exactly zero
+    keep = {}
+    for g in channels.channel_groups(params):
+      k = np.asarray(channels._get(mask, g.producer)["kernel"])
+      keep[g.name] = k.reshape(-1, k.shape[-1]).any(axis=0)
+    removed = sum(int((~k).sum()) for k in keep.values())
+    total = sum(k.size for k in keep.values())
+    small_model, small = channels.slim(self.model, variables, mask)
+    shape = (1,) + tuple(self.task.example_input.shape[1:])
+    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
+    return {"structure": "channel", "channels_removed": removed, "channels_total": total,
+            "channel_sparsity_achieved": removed / total,
+            "channels_kept": {name: int(k.sum()) for name, k in keep.items()},
+            "params_dense": count(params), "params_slim": count(small["params"]),
+            "flops_dense": channels.count_flops(self.model, variables, shape),
+            "flops_slim": channels.count_flops(small_model, small, shape)}
 
   def _log_epoch(self, r):
     pruned = r.get("pruned_train_accuracy")

@@ -135,7 +135,8 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
         warmup_epochs: int = 60, penalty: PenaltySpec = "hypersparse", staircase: bool = True,
         where: Optional[Predicate] = None,
         scale_constant: float = penalties.REFERENCE_SCALE, distribution: str = "global",
-        nm: Optional[tuple] = None) -> optax.GradientTransformation:
+        nm: Optional[tuple] = None, structure: str = "weight",
+        groups=None) -> optax.GradientTransformation:
   """ART's regulariser as an optax transformation: ``updates + λ_t · ∇penalty(params)``.
 
   Put it first in the chain so that weight decay and momentum see the regularised gradient, as
@@ -164,6 +165,10 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       ``ARTState.threshold`` holds one threshold per prunable leaf (0 for dense ones).
     nm: ``(n, m)``: HyperSparse for an N:M pattern, a threshold and a term per group of ``m``
       (``sparsity`` must be ``1 − n/m``); L1 / L2 do not depend on the pattern.
+    structure: ``'weight'`` (default) or ``'channel'``: group HyperSparse over channels
+      (:mod:`hypersparse_jax.channels`; ``sparsity`` is then the fraction of prunable channels
+      removed; ``penalty='l1'`` is the group lasso ``Σ m̃``, L2 is refused). ``groups``: the
+      channel groups (default: :func:`hypersparse_jax.channels.channel_groups`).
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
@@ -193,11 +198,26 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   from hypersparse_jax import budgets
   nm = budgets.check_pattern(sparsity, distribution, nm)
   patterned = penalty == "hypersparse" and (nm is not None or distribution != "global")
+  if structure not in ("weight", "channel"):
+    raise ValueError(f"structure must be 'weight' or 'channel', got {structure!r}")
+  channel = structure == "channel"
+  if channel and (nm is not None or distribution != "global"):
+    raise ValueError("structure='channel' prunes channels with one global threshold; it does "
+                     "not combine with nm or a per-layer distribution")
+  if channel and penalty not in ("hypersparse", "l1"):
+    raise ValueError(f"structure='channel' takes penalty 'hypersparse' or 'l1' (group lasso), "
+                     f"got {penalty!r}")
   schedule = lambda_schedule(lambda_init, eta, steps_per_epoch=steps_per_epoch,
                              warmup_epochs=warmup_epochs, staircase=staircase)
   grad_fn = _penalty_grad_fn(penalty, sparsity, where)
 
   def init_fn(params):
+    if channel:
+      from hypersparse_jax import channels
+      channels._select_groups(params, groups, where)  # fail early on an unusable tree
+      threshold = jnp.zeros([], jnp.float32)
+      return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), threshold,
+                      jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
     leaves = masking.prunable_leaves(params, where)  # fail early on an unusable tree
     if patterned:
       if nm is not None:
@@ -216,7 +236,22 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
     if params is None:
       raise ValueError("art() needs the parameters: call tx.update(grads, state, params)")
     lam = schedule(state.count).astype(jnp.float32)
-    if patterned:
+    if channel:
+      from hypersparse_jax import channels
+
+      def regularised(_):
+        grads, value, t = channels.channel_hypersparse(
+            params, sparsity, groups=groups, where=where, scale_constant=scale_constant,
+            penalty=penalty)
+        return _add_scaled(updates, grads, lam), t.astype(jnp.float32), jnp.isfinite(value)
+
+      def warmup(_):
+        return updates, state.threshold, jnp.bool_(True)
+
+      new_updates, threshold, finite = lax.cond(lam > 0, regularised, warmup, None)
+      nonfinite = (lam > 0) & ~finite
+      change = state.threshold_change
+    elif patterned:
       # A threshold and a term per leaf (budgets) or per group (N:M): the branch returns the
       # gradient tree (no selection and no map in warm-up).
       def regularised(_):

@@ -25,7 +25,7 @@ def _config(extra):
 
 
 def _kernels(tree):
-  return {k: np.asarray(v["kernel"]) for k, v in tree["params"].items()}
+  return {k: np.asarray(v["kernel"]) for k, v in tree["params"].items() if "kernel" in v}
 
 
 class _Stop(Exception):
@@ -37,7 +37,9 @@ def _stop_in_art(record):
     raise _Stop
 
 
-@pytest.mark.parametrize("extra", [["--nm", "2:4"], ["--distribution", "erk", "--sparsity", "0.95"]])
+@pytest.mark.parametrize("extra", [["--nm", "2:4"], ["--distribution", "erk", "--sparsity", "0.95"],
+                                   ["--model", "cnn", "--structure", "channel", "--sparsity",
+                                    "0.5"]])
 def test_pattern_run_files_and_exact_resume(extra, tmp_path):
   whole = str(tmp_path / "whole")
   summary = train.Trainer(_config(extra), whole, **QUIET).run()
@@ -50,6 +52,23 @@ def test_pattern_run_files_and_exact_resume(extra, tmp_path):
       nonzero = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1]).sum(axis=1)
       assert nonzero.max() <= 2, name
     assert budgets.nm_violations(exported["params"], 2, 4) == 0
+  elif "--structure" in extra:
+    assert summary["structure"] == "channel"
+    k1, k2 = summary["channels_kept"]["conv1"], summary["channels_kept"]["conv2"]
+    p = exported["params"]
+    # the removed channels are exactly zero: conv kernels, BatchNorm scales and biases
+    for conv, bn, k in (("conv1", "bn1", k1), ("conv2", "bn2", k2)):
+      alive = np.any(np.asarray(p[conv]["kernel"]).reshape(-1, p[conv]["kernel"].shape[-1]) != 0,
+                     axis=0)
+      assert alive.sum() == k
+      assert np.all(np.asarray(p[bn]["scale"])[~alive] == 0)
+      assert np.all(np.asarray(p[bn]["bias"])[~alive] == 0)
+    assert summary["channels_removed"] == 96 - k1 - k2 >= math.floor(0.5 * 96) + 1 - 2
+    # the slimmed digits CNN's parameters, counted by hand: convs 3x3 (no bias), BatchNorm
+    # scale + bias, the head reads the 2x2 map of conv2's channels
+    assert summary["params_slim"] == 9 * 1 * k1 + 2 * k1 + 9 * k1 * k2 + 2 * k2 + 4 * k2 * 10 + 10
+    assert summary["params_dense"] == 9 * 32 + 64 + 9 * 32 * 64 + 128 + 4 * 64 * 10 + 10
+    assert summary["flops_slim"] < summary["flops_dense"]
   else:
     assert summary["distribution"] == "erk"
     shapes = [kernels[k].shape for k in sorted(kernels)]
@@ -122,3 +141,47 @@ def test_bad_distribution_is_refused_by_the_parser(capsys):
     cli.build_parser().parse_args(["--distribution", "layerwise"])
   assert e.value.code == 2
   assert "invalid choice: 'layerwise'" in capsys.readouterr().err
+
+
+def test_slim_export_onnx_and_npz_give_the_runs_logits(tmp_path, capsys):
+  pytest.importorskip("onnxruntime")
+  import onnxruntime as ort
+  from hypersparse_jax import data, onnx_export
+  run = str(tmp_path / "run")
+  assert cli.main(TINY + ["--model", "cnn", "--structure", "channel", "--sparsity", "0.75",
+                          "--outdir", run]) == 0
+  model, variables, _ = onnx_export.load_run_variables(run)
+  ds = data.load_dataset("digits", None)
+  x = np.asarray(ds.test_images[:16], np.float32)
+  want = np.asarray(model.apply(variables, x, train=False))
+  big = str(tmp_path / "dense.onnx")
+  assert onnx_export.main([run, big]) == 0
+  small = str(tmp_path / "slim.onnx")
+  assert onnx_export.main([run, small, "--slim"]) == 0
+  out = capsys.readouterr().out
+  assert "slimmed:" in out
+  sess = ort.InferenceSession(small, providers=["CPUExecutionProvider"])
+  got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert os.path.getsize(small) < 0.6 * os.path.getsize(big)
+  npz = str(tmp_path / "slim.npz")
+  assert onnx_export.main([run, npz, "--slim"]) == 0
+  m2, v2 = onnx_export.load_slim_npz(npz)
+  assert m2.widths[0] < 32 and m2.widths[1] < 64
+  np.testing.assert_allclose(np.asarray(m2.apply(v2, x, train=False)), want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+  # a weight-pruned run has no channels to drop: one line
+  weight_run = str(tmp_path / "weights")
+  assert cli.main(TINY + ["--outdir", weight_run]) == 0
+  assert onnx_export.main([weight_run, str(tmp_path / "w.onnx"), "--slim"]) == 2
+  assert "--slim needs a run trained with --structure channel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--structure", "channel", "--nm", "2:4"], "does not combine with --nm"),
+    (["--structure", "channel", "--penalty", "l2"], "hypersparse or l1"),
+])
+def test_bad_structure_options_are_one_line(extra, needle, tmp_path, capsys):
+  code = cli.main(TINY + extra + ["--outdir", str(tmp_path / "x")])
+  err = capsys.readouterr().err
+  assert code == 2 and needle in err, err
