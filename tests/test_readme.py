@@ -52,6 +52,27 @@ def _figure_checker():
   return check_readme_figures
 
 
+def test_patterns_snippet_runs():
+  """The patterns section's snippet: each mask has its pattern, and the slimmed LeNet-5 has
+  fewer channels and the masked model's logits."""
+  import jax
+  import numpy as np
+  code = _python_block("## Per-layer budgets, N:M patterns and channel pruning")
+  ns = {"__name__": "readme_patterns"}
+  exec(compile(code, "README.md", "exec"), ns)
+  hs, params = ns["hs"], ns["params"]
+  nm = hs.nm_mask(params, 2, 4)
+  fc1 = np.asarray(nm["fc1"]["kernel"]).reshape(200, 4, 500).sum(axis=1)
+  assert np.all(fc1 == 2)
+  small = ns["small_model"]
+  assert small.widths[0] < 20 and small.widths[2] < 500
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 1))
+  masked = {"params": hs.apply_mask(params, ns["mask"])}
+  want = np.asarray(ns["model"].apply(masked, x, train=False))
+  got = np.asarray(small.apply(ns["small_variables"], x, train=False))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_quoted_figures_match_their_result_files():
   problems = _figure_checker().check()
   assert problems == [], "\n".join(problems)
