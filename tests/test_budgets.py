@@ -12,11 +12,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import hypersparse_jax as hs
-from hypersparse_jax import budgets, masking, penalties
+from hypersparse_jax import budgets, penalties
 
 C = penalties.REFERENCE_SCALE
 

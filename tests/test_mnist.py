@@ -301,7 +301,8 @@ SUMMARY_KEYS = {
     "best_test_accuracy", "best_test_epoch", "final_test_accuracy", "val_fraction", "num_train",
     "num_val", "num_test", "art_rule", "pruned_eval", "art_epochs", "art_best_epoch",
     "stop_reason", "lambda_final", "num_weights", "num_nonzero_weights", "dense_bytes",
-    "sparse_bytes", "compression_ratio", "dense_test_accuracy"}
+    "sparse_bytes", "compression_ratio", "dense_test_accuracy",
+    "distribution", "nm", "pattern", "layer_sparsity"}
 TINY = ["--warmup-epochs", "1", "--epochs", "2", "--max-art-epochs", "3", "--lambda-init", "1e-3",
         "--eta", "2", "--lr", "0.05", "--eval-batch-size", "200", "--sparsity", "0.9",
         "--no-progress"]
@@ -336,6 +337,11 @@ def test_hypersparse_train_on_a_fashion_mnist_slice(small_folder, tmp_path, caps
   with open(outdir / "summary.json") as f:
     summary = json.load(f)
   assert set(summary) == SUMMARY_KEYS
+  assert (summary["distribution"], summary["nm"], summary["pattern"]) == (
+      "global", None, {"kind": "global", "sparsity": 0.9})
+  assert [l["name"] for l in summary["layer_sparsity"]] == ["fc1/kernel", "fc2/kernel",
+                                                            "fc3/kernel"]
+  assert sum(l["kept"] for l in summary["layer_sparsity"]) == summary["num_nonzero_weights"]
   assert (summary["dataset"], summary["model"], summary["depth"]) == ("fashion_mnist",
                                                                        "lenet300", None)
   assert (summary["num_train"], summary["num_test"], summary["num_weights"]) == (600, 200,
