@@ -91,6 +91,27 @@ R = lambda name: os.path.join(RESULTS, name)  # noqa: E731
 
 _WHOLE = ("art_over_plain_wall", "art_over_plain_cpu")
 
+def _slim_variant(d, model, key):
+  return next(m for m in d["models"] if m["model"] == model)["variants"][key]
+
+
+def _slim_figures(d):
+  v90, dense = _slim_variant(d, "vgg11", "channels_90"), _slim_variant(d, "vgg11", "dense")
+  v50 = _slim_variant(d, "vgg11", "channels_50")
+  l90, ldense = _slim_variant(d, "lenet5", "channels_90"), _slim_variant(d, "lenet5", "dense")
+  up = lambda v, e: f"{v[e]['batch_256']['speedup_vs_dense']:.2f}"  # noqa: E731
+  return (f"{v90['params']:,}", f"{dense['params']:,}", f"{v90['flops'] / 1e6:.3f}",
+          f"{dense['flops'] / 1e6:.3f}", up(v90, "xla"), up(v90, "onnxruntime"),
+          up(v50, "xla"), up(v50, "onnxruntime"), f"{l90['params']:,}", f"{ldense['params']:,}",
+          up(l90, "onnxruntime"), up(l90, "xla"))
+
+
+def _unstructured_span(d):
+  ups = [x["speedup_vs_dense"] for m in d["models"]
+         for e in ("xla", "onnxruntime") for x in m["variants"]["weights_90"][e].values()]
+  return min(ups), max(ups)
+
+
 FIGURES: List[Figure] = [
     # --- quickstart ------------------------------------------------------------------------------
     Figure(README, r"\(2026-12-02, 2 shared CPU cores\): ([\d.]+) % sparsity after (\d+) ART epochs, "
@@ -131,6 +152,16 @@ FIGURES: List[Figure] = [
                       pct(spread(d, "gmp", 0.98)),
                       pct(cell(d, "gmp", 0.995)), pct(cell(d, "art_l1", 0.995)),
                       pct(cell(d, "art_l2", 0.995)), pct(cell(d, "oneshot", 0.995)))),
+    # --- speed from channel pruning ----------------------------------------------------------
+    Figure(README, r"removed keeps ([\d,]+) of ([\d,]+)\s+parameters and ([\d.]+) of ([\d.]+) MFLOP "
+           r"and runs ([\d.]+)× \(XLA\) and ([\d.]+)× \(onnxruntime\) faster\s+at batch 256; with "
+           r"50 % removed, ([\d.]+)× and ([\d.]+)×\. LeNet-5 with 90 % removed \(([\d,]+) of "
+           r"([\d,]+)\s+parameters\) runs ([\d.]+)× faster in onnxruntime at batch 256 but only "
+           r"([\d.]+)× in XLA", R("slim_speed.json"),
+           lambda d: _slim_figures(d)),
+    Figure(README, r"\*weights\* zeroed \(the paper's unstructured sparsity\) read ([\d.]+)–([\d.]+)× "
+           r"of dense", R("slim_speed.json"),
+           lambda d: tuple(f"{v:.2f}" for v in _unstructured_span(d))),
     # --- the ART window rules --------------------------------------------------------------------
     Figure(README, r"keeps another entry in (\d+) % of uniformly random accuracy sequences and "
            r"(\d+) % of noisy rising", R("controller_rules.json"),
