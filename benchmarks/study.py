@@ -117,7 +117,7 @@ def make_config(args, sparsity, penalty, seed):
     preset["depth"] = None
   preset["lr_steps"] = tuple(s for s in preset["lr_steps"] if s < preset["epochs"])
   preset.update(sparsity=sparsity, penalty=penalty)
-  for name in ("distribution", "nm"):  # the pattern study's (benchmarks/study_patterns.py)
+  for name in ("distribution", "nm", "structure"):  # study_patterns.py, study_channels.py
     if getattr(args, name, None) is not None:
       preset[name] = getattr(args, name)
   fields = {f.name for f in dataclasses.fields(config.TrainConfig)}
@@ -333,7 +333,8 @@ def _art_run(args, sparsity, penalty, seed):
     summary = train.Trainer(cfg, outdir, progress=False, log=lambda *_: None).run()
   finally:
     shutil.rmtree(outdir, ignore_errors=True)
-  extra = {}
+  extra = {k: summary[k] for k in ("params_dense", "params_slim", "flops_dense", "flops_slim",
+                                    "channel_sparsity_achieved") if k in summary}
   if cfg.is_text:
     extra = {k: summary[k] for k in ("test_bits_per_byte", "test_accuracy",
                                      "dense_test_bits_per_byte")}
@@ -410,7 +411,7 @@ def dense_states(args, base, seed):
   import pickle
   jax = base.jax
   key = {k: v for k, v in dataclasses.asdict(base.cfg).items()
-         if k not in ("sparsity", "penalty", "distribution", "nm")}  # dense ignores them
+         if k not in ("sparsity", "penalty", "distribution", "nm", "structure")}  # dense: no
   key = json.dumps(key, sort_keys=True, default=str)
   folder = os.path.join(args.out, ".dense_cache")
   path = os.path.join(folder, f"seed{seed}.pkl")
@@ -662,7 +663,7 @@ def main(argv=None):
   # (the pattern fields are the pattern study's: this study is global)
   settings = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("sparsity", "penalty", "seed", "init_from", "download",
-                           "distribution", "nm")}
+                           "distribution", "nm", "structure")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
                   methods=list(methods(args)), quick=args.quick, steps_per_epoch=spe,
                   gmp_every=args.gmp_every or spe, workers=args.workers)

@@ -237,7 +237,7 @@ def main(argv=None):
                              cfg.batch_size)
   settings = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("sparsity", "penalty", "seed", "init_from", "download",
-                           "distribution", "nm")}
+                           "distribution", "nm", "structure")}
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(args.sparsities),
                   distributions=list(args.distributions), nm=list(args.nm), seeds=list(seeds),
                   quick=quick, steps_per_epoch=spe, gmp_every=args.gmp_every or spe)

@@ -1,0 +1,218 @@
+"""Channel study: ART + group HyperSparse against L1-norm filter pruning and the group-L1 penalty
+of network slimming, at 50 / 75 / 90 % of the prunable channels removed.
+
+    python benchmarks/study_channels.py --dataset fashion_mnist --model lenet5
+    python benchmarks/study_channels.py --dataset fashion_mnist --model vgg --depth 11
+    python benchmarks/study_channels.py --quick --out /tmp/c     # digits CNN, a few epochs
+
+Methods per (fraction, seed), on the schedule of ``benchmarks/study.py`` for the dataset and
+model (the same initial weights per seed):
+
+* ``art_hypersparse``: ``hypersparse-train --structure channel`` (group HyperSparse on the
+  channel magnitudes: BatchNorm scales where BatchNorm follows, else the weights' L2 norms,
+  divided by their layer's mean; :mod:`hypersparse_jax.channels`).
+* ``art_l1``: the same protocol with the group-L1 penalty ``Σ m̃`` (with BatchNorm, network
+  slimming's L1 on the scales, Liu et al. 2017; without, the group lasso), λ growing as ART's.
+* ``l1_filter``: L1-norm filter pruning (Li et al. 2017) of the trained dense model: in every
+  prunable layer the same fraction of channels, those of smallest weight L1 norm, then the same
+  masked fine-tuning as ART's.
+* ``dense`` once per seed (warm-up + fine-tune epochs).
+
+Each finished run also records the slimmed model's parameters and XLA FLOPs. The headline is
+the final fine-tune epoch's test accuracy. Resumable like the other studies.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402
+
+METHODS = ("art_hypersparse", "art_l1", "l1_filter")
+LABELS = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1 (slimming)",
+          "l1_filter": "L1-norm filters + FT", "dense": "dense"}
+FRACTIONS = (0.5, 0.75, 0.9)
+
+
+def l1_filter_mask(params, fraction):
+  """Li et al.'s criterion: per prunable layer, remove ``floor(fraction·C)`` channels of
+  smallest weight L1 norm (ties: the later channel goes first... the earlier is kept)."""
+  from hypersparse_jax import channels
+  groups = channels.channel_groups(params)
+  keeps = []
+  for g in groups:
+    k = np.asarray(channels._get(params, g.producer)["kernel"], np.float32)
+    l1 = np.abs(np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)).sum(axis=1)
+    drop = min(int(math.floor(fraction * l1.size)), l1.size - 1)
+    order = np.argsort(l1, kind="stable")
+    keep = np.ones(l1.size, bool)
+    keep[order[:drop]] = False
+    keeps.append(keep)
+  return channels._mask_from_keep(params, groups, [np.asarray(k) for k in keeps])
+
+
+def slim_figures(model, variables, input_shape):
+  """Parameters and XLA FLOPs of the slimmed model of channel-pruned ``variables``."""
+  import jax
+  from hypersparse_jax import channels
+  mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
+  small_model, small = channels.slim(model, variables, mask)
+  return {"params_slim": int(sum(np.size(x) for x in jax.tree.leaves(small["params"]))),
+          "flops_slim": channels.count_flops(small_model, small, input_shape)}
+
+
+def _art(args, fraction, penalty, seed):
+  a = copy.copy(args)
+  a.structure = "channel"
+  return study._art_run(a, fraction, penalty, seed)
+
+
+def cell_task(args, fraction, seed):
+  import jax
+  cfg = study.make_config(args, fraction, "hypersparse", seed)
+  partial = study.Partial(args, f"c{fraction:g}_s{seed}", study.settings_key(cfg))
+  results = {m: partial.run(m, lambda m=m: _art(args, fraction, m[len("art_"):], seed))
+             for m in ("art_hypersparse", "art_l1")}
+  base = study.Baselines(cfg)
+  _, _, final = study.dense_states(args, base, seed)
+  base.mask_at = lambda params, s: l1_filter_mask(jax.device_get(params), s)
+
+  def l1_filter():
+    # the slimmed model's size first: the fine-tuning below donates the state's arrays
+    from hypersparse_jax import masking
+    variables = jax.device_get({"params": final["params"], "batch_stats": final["batch_stats"]})
+    if not variables["batch_stats"]:
+      variables.pop("batch_stats")
+    variables["params"] = masking.apply_mask(
+        variables["params"], l1_filter_mask(variables["params"], fraction))
+    sizes = slim_figures(base.model, variables, (1,) + tuple(base.dataset.image_shape))
+    return dict(base.oneshot(final, fraction), **sizes)
+
+  results["l1_filter"] = partial.run("l1_filter", l1_filter)
+  partial.done()
+  for method, r in results.items():
+    print(f"  channels={fraction:g} seed={seed} {method}: {study._fmt(r)}", flush=True)
+  return fraction, seed, results
+
+
+def dense_task(args, seed):
+  base = study.Baselines(study.make_config(args, 0.5, "hypersparse", seed))
+  result, _, _ = study.dense_states(args, base, seed)
+  print(f"  seed={seed} dense: {study._fmt(result)}", flush=True)
+  return seed, result
+
+
+def aggregate(runs, fractions):
+  cells = []
+  for key in list(fractions) + [0.0]:
+    for method in (("dense",) if key == 0.0 else METHODS):
+      rs = [r for r in runs if r["fraction"] == key and r["method"] == method]
+      if rs:
+        cells.append({"fraction": key, "method": method, "seeds": [r["seed"] for r in rs],
+                      **{k: study._stats([r.get(k) for r in rs]) for k in (
+                          "final_test_accuracy", "best_test_accuracy", "sparsity",
+                          "art_epochs", "time")}})
+  return cells
+
+
+def write_markdown(path, report):
+  s = report["settings"]
+  by = {(c["fraction"], c["method"]): c for c in report["cells"]}
+  dense = by.get((0.0, "dense"))
+  lines = [f"# Channel study: {s['dataset']} / {s['model']}", "",
+           f"Seeds {s['seeds']}; the schedule of benchmarks/study.py; final fine-tune test "
+           f"accuracy (%), mean ± std; wall time {report['wall_time'] / 60:.1f} min"
+           + ("" if report["complete"] else " (incomplete)") + ".", "",
+           "Dense: " + (study._pm(dense["final_test_accuracy"]) if dense else "–"), "",
+           "| method | " + " | ".join(f"{x * 100:g} % of channels" for x in s["fractions"]) + " |",
+           "|---|" + "---|" * len(s["fractions"])]
+  for m in METHODS:
+    row = [study._pm(by[(x, m)]["final_test_accuracy"]) if (x, m) in by else "–"
+           for x in s["fractions"]]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+  p = study.build_parser()
+  p.description = __doc__.split("\n\n")[0]
+  p.add_argument("--fractions", type=float, nargs="*", default=None)
+  args = p.parse_args(argv)
+  if args.dataset is None:
+    args.dataset = "digits"
+  if args.model is None and args.dataset == "digits":
+    args.model = "cnn"
+  if args.out is None:
+    args.out = os.path.join("benchmarks", "results", f"channels_{args.dataset}_{args.model}"
+                            + (str(args.depth) if args.depth else ""))
+  fractions = tuple(args.fractions or ((0.5,) if args.quick else FRACTIONS))
+  seeds = tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else study.SEEDS))
+  os.makedirs(args.out, exist_ok=True)
+  cfg = study.make_config(args, 0.5, "hypersparse", seeds[0])
+  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
+                           "distribution", "nm", "structure")}
+  settings.update(lr_steps=list(cfg.lr_steps), fractions=list(fractions), seeds=list(seeds),
+                  quick=args.quick)
+  print(f"channel study: {json.dumps(settings)}", flush=True)
+  path = os.path.join(args.out, "study.json")
+  runs, wall = [], 0.0
+  free = ("seeds", "fractions", "workers")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    if {k: v for k, v in old["settings"].items() if k not in free} == {
+        k: v for k, v in json.loads(json.dumps(settings)).items() if k not in free}:
+      runs, wall = old["runs"], float(old["wall_time"])
+      for k in ("seeds", "fractions"):
+        settings[k] = sorted(set(old["settings"][k]) | set(settings[k]))
+  except (OSError, ValueError, KeyError):
+    pass
+  done = {(r["fraction"], r["method"], r["seed"]) for r in runs}
+  todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
+  todo = [(x, s) for s in seeds for x in fractions
+          if not all((x, m, s) in done for m in METHODS)]
+  runs = [r for r in runs if r["method"] == "dense" or (r["fraction"], r["seed"]) not in todo]
+  print(f"kept {len(runs)} runs; {len(todo_dense)} dense runs and {len(todo)} cells to go",
+        flush=True)
+  start = time.time()
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=max(1, args.workers), mp_context=multiprocessing.get_context("spawn"),
+      initializer=study._worker_init, initargs=(args.jit_cache,)) as pool:
+    futures = [pool.submit(dense_task, args, s) for s in todo_dense]
+    futures += [pool.submit(cell_task, args, x, s) for x, s in todo]
+    for fut in concurrent.futures.as_completed(futures):
+      out = fut.result()
+      if len(out) == 2:
+        runs.append(dict(fraction=0.0, method="dense", seed=out[0], **out[1]))
+      else:
+        x, s, results = out
+        for method, r in results.items():
+          runs.append(dict(fraction=x, method=method, seed=s, **r))
+      expected = len(settings["seeds"]) * (1 + len(METHODS) * len(settings["fractions"]))
+      report = {"settings": settings, "wall_time": wall + time.time() - start,
+                "complete": len(runs) == expected,
+                "cells": aggregate(runs, settings["fractions"]), "runs": runs}
+      tmp = os.path.join(args.out, ".study.json.tmp")
+      with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+      os.replace(tmp, path)
+      write_markdown(os.path.join(args.out, "study.md"), report)
+      print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
