@@ -91,6 +91,15 @@ R = lambda name: os.path.join(RESULTS, name)  # noqa: E731
 
 _WHOLE = ("art_over_plain_wall", "art_over_plain_cpu")
 
+PATTERNS = os.path.join(RESULTS, "patterns_fashion_mnist_lenet300", "study.json")
+
+
+def pcell(report, pattern, method, stat="mean"):
+  """A pattern-study cell's final test accuracy (mean or std over seeds)."""
+  return next(c["final_test_accuracy"][stat] for c in report["cells"]
+              if c["pattern"] == pattern and c["method"] == method)
+
+
 def _slim_variant(d, model, key):
   return next(m for m in d["models"] if m["model"] == model)["variants"][key]
 
@@ -152,6 +161,27 @@ FIGURES: List[Figure] = [
                       pct(spread(d, "gmp", 0.98)),
                       pct(cell(d, "gmp", 0.995)), pct(cell(d, "art_l1", 0.995)),
                       pct(cell(d, "art_l2", 0.995)), pct(cell(d, "oneshot", 0.995)))),
+    # --- per-layer budgets and N:M ------------------------------------------------------------
+    Figure(README, r"final fine-tune epoch, ([\d.]+) min on 2 loaded cores\)\. With ERK budgets\s+"
+           r"ART \+ HyperSparse reaches ([\d.]+) / ([\d.]+) / ([\d.]+) % at 90 / 98 / 99 %, against "
+           r"gradual pruning\s+with the same budgets at ([\d.]+) / ([\d.]+) / ([\d.]+) % and one-shot "
+           r"at ([\d.]+) / ([\d.]+) / ([\d.]+) %", PATTERNS,
+           lambda d: (f"{d['wall_time'] / 60:.1f}",)
+           + tuple(pct(pcell(d, f"erk@{x:g}", m)) for m in ("art_hypersparse", "gmp", "oneshot")
+                   for x in (0.9, 0.98, 0.99))),
+    Figure(README, r"global-threshold\s+runs \(([\d.]+) % at 99 %\)", PATTERNS,
+           lambda d: (pct(pcell(d, "global@0.99", "art_hypersparse")),)),
+    Figure(README, r"\(ART \+ HyperSparse ([\d.]+) % ± ([\d.]+), GMP ([\d.]+) %, one-shot "
+           r"([\d.]+) %\): it leaves", PATTERNS,
+           lambda d: (pct(pcell(d, "uniform@0.99", "art_hypersparse")),
+                      pct(pcell(d, "uniform@0.99", "art_hypersparse", "std")),
+                      pct(pcell(d, "uniform@0.99", "gmp")),
+                      pct(pcell(d, "uniform@0.99", "oneshot")))),
+    Figure(README, r"2:4 ([\d.]+) % \(one-shot\s+([\d.]+) %, GMP ([\d.]+) %\), 1:4 ([\d.]+) % "
+           r"\(one-shot ([\d.]+) %, GMP ([\d.]+) %\), dense ([\d.]+) %", PATTERNS,
+           lambda d: tuple(pct(pcell(d, f"nm{t}", m)) for t in ("2:4", "1:4")
+                           for m in ("art_hypersparse", "oneshot", "gmp"))
+           + (pct(pcell(d, "dense", "dense")),)),
     # --- speed from channel pruning ----------------------------------------------------------
     Figure(README, r"removed keeps ([\d,]+) of ([\d,]+)\s+parameters and ([\d.]+) of ([\d.]+) MFLOP "
            r"and runs ([\d.]+)× \(XLA\) and ([\d.]+)× \(onnxruntime\) faster\s+at batch 256; with "
