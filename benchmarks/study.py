@@ -345,9 +345,10 @@ def _art_run(args, sparsity, penalty, seed):
 
 
 class Partial:
-  """The finished methods of a cell not yet in ``study.json`` (``<out>/.partial/``, not
-  committed): a study stopped in the middle of a cell redoes only its unfinished methods. The
-  file also records the settings' key, and a file of other settings is ignored."""
+  """The finished methods of a cell not yet in ``study.json`` (``<out>/.partial/``, small JSON
+  committed with the results, so that a fresh checkout resumes too): a study stopped in the
+  middle of a cell redoes only its unfinished methods. The file also records the settings'
+  key, and a file of other settings is ignored."""
 
   def __init__(self, args, name, key):
     self.path = os.path.join(args.out, ".partial", f"{name}.json")
