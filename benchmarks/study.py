@@ -58,6 +58,9 @@ LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2"
           "oneshot": "one-shot magnitude + FT", "gmp": "gradual magnitude (GMP)",
           "dense": "dense baseline"}
 SPARSITIES = (0.9, 0.95, 0.98, 0.99, 0.995)
+# what a channel-pruned run records of its summary.json (benchmarks/study_channels.py)
+CHANNEL_SIZES = ("params_dense", "params_slim", "flops_dense", "flops_slim",
+                 "channel_sparsity_achieved")
 SEEDS = (0, 1, 2)
 
 # Digits settings of the study: the digits preset of config.py with fewer epochs, so the whole
@@ -333,8 +336,7 @@ def _art_run(args, sparsity, penalty, seed):
     summary = train.Trainer(cfg, outdir, progress=False, log=lambda *_: None).run()
   finally:
     shutil.rmtree(outdir, ignore_errors=True)
-  extra = {k: summary[k] for k in ("params_dense", "params_slim", "flops_dense", "flops_slim",
-                                    "channel_sparsity_achieved") if k in summary}
+  extra = {k: summary[k] for k in CHANNEL_SIZES if k in summary}
   if cfg.is_text:
     extra = {k: summary[k] for k in ("test_bits_per_byte", "test_accuracy",
                                      "dense_test_bits_per_byte")}
@@ -661,10 +663,7 @@ def main(argv=None):
   else:
     spe = data.steps_per_epoch(
         data.load_dataset(cfg.dataset, cfg.data_dir).num_train, cfg.batch_size)
-  # (the pattern fields are the pattern study's: this study is global)
-  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
-                           "distribution", "nm", "structure")}
+  settings = base_settings(cfg)
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
                   methods=list(methods(args)), quick=args.quick, steps_per_epoch=spe,
                   gmp_every=args.gmp_every or spe, workers=args.workers)
@@ -709,7 +708,7 @@ def main(argv=None):
   return 0
 
 
-def _kept_runs(out, settings):
+def _kept_runs(out, settings, free=("workers", "seeds", "sparsities")):
   """``(runs, wall time, settings)`` of an earlier, interrupted run of the same study in ``out``
   (the finished cells are kept and skipped), or ``([], 0, None)`` when there is none or its
   settings differ (then it is overwritten). Seeds and sparsities may differ: a study can be
@@ -721,7 +720,6 @@ def _kept_runs(out, settings):
   except (OSError, ValueError):
     return [], 0.0, None
   mine = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
-  free = ("workers", "seeds", "sparsities")
   if {k: v for k, v in old.get("settings", {}).items() if k not in free} != {
       k: v for k, v in mine.items() if k not in free}:
     print(f"{path} holds a study with other settings: starting afresh", flush=True)
@@ -729,11 +727,24 @@ def _kept_runs(out, settings):
   return list(old.get("runs", [])), float(old.get("wall_time", 0.0)), old["settings"]
 
 
-def _write(out, report):
+def base_settings(cfg):
+  """The options every cell of a study shares (κ, penalty, seed and the pattern fields vary
+  per cell or belong to the pattern and channel studies)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items()
+          if k not in ("sparsity", "penalty", "seed", "init_from", "download",
+                       "distribution", "nm", "structure")}
+
+
+def write_json(out, report):
+  """``<out>/study.json``, replaced atomically."""
   tmp = os.path.join(out, ".study.json.tmp")
   with open(tmp, "w") as f:
     json.dump(report, f, indent=1)
   os.replace(tmp, os.path.join(out, "study.json"))
+
+
+def _write(out, report):
+  write_json(out, report)
   write_markdown(os.path.join(out, "study.md"), report)
   write_plot(os.path.join(out, "study.png"), report)
 

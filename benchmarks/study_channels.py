@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -62,16 +61,6 @@ def l1_filter_mask(params, fraction):
   return channels._mask_from_keep(params, groups, [np.asarray(k) for k in keeps])
 
 
-def slim_figures(model, variables, input_shape):
-  """Parameters and XLA FLOPs of the slimmed model of channel-pruned ``variables``."""
-  import jax
-  from hypersparse_jax import channels
-  mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
-  small_model, small = channels.slim(model, variables, mask)
-  return {"params_slim": int(sum(np.size(x) for x in jax.tree.leaves(small["params"]))),
-          "flops_slim": channels.count_flops(small_model, small, input_shape)}
-
-
 def _art(args, fraction, penalty, seed):
   a = copy.copy(args)
   a.structure = "channel"
@@ -96,21 +85,15 @@ def cell_task(args, fraction, seed):
       variables.pop("batch_stats")
     variables["params"] = masking.apply_mask(
         variables["params"], l1_filter_mask(variables["params"], fraction))
-    sizes = slim_figures(base.model, variables, (1,) + tuple(base.dataset.image_shape))
-    return dict(base.oneshot(final, fraction), **sizes)
+    from hypersparse_jax import channels
+    sizes = channels.slim_summary(base.model, variables, (1,) + tuple(base.dataset.image_shape))
+    return dict(base.oneshot(final, fraction), **{k: sizes[k] for k in study.CHANNEL_SIZES})
 
   results["l1_filter"] = partial.run("l1_filter", l1_filter)
   partial.done()
   for method, r in results.items():
     print(f"  channels={fraction:g} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return fraction, seed, results
-
-
-def dense_task(args, seed):
-  base = study.Baselines(study.make_config(args, 0.5, "hypersparse", seed))
-  result, _, _ = study.dense_states(args, base, seed)
-  print(f"  seed={seed} dense: {study._fmt(result)}", flush=True)
-  return seed, result
 
 
 def aggregate(runs, fractions):
@@ -161,25 +144,14 @@ def main(argv=None):
   seeds = tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else study.SEEDS))
   os.makedirs(args.out, exist_ok=True)
   cfg = study.make_config(args, 0.5, "hypersparse", seeds[0])
-  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
-                           "distribution", "nm", "structure")}
+  settings = study.base_settings(cfg)
   settings.update(lr_steps=list(cfg.lr_steps), fractions=list(fractions), seeds=list(seeds),
                   quick=args.quick)
   print(f"channel study: {json.dumps(settings)}", flush=True)
-  path = os.path.join(args.out, "study.json")
-  runs, wall = [], 0.0
-  free = ("seeds", "fractions", "workers")
-  try:
-    with open(path) as f:
-      old = json.load(f)
-    if {k: v for k, v in old["settings"].items() if k not in free} == {
-        k: v for k, v in json.loads(json.dumps(settings)).items() if k not in free}:
-      runs, wall = old["runs"], float(old["wall_time"])
-      for k in ("seeds", "fractions"):
-        settings[k] = sorted(set(old["settings"][k]) | set(settings[k]))
-  except (OSError, ValueError, KeyError):
-    pass
+  runs, wall, old = study._kept_runs(args.out, settings, free=("seeds", "fractions", "workers"))
+  if old is not None:  # the report covers the earlier cells and these
+    for k in ("seeds", "fractions"):
+      settings[k] = sorted(set(old[k]) | set(settings[k]))
   done = {(r["fraction"], r["method"], r["seed"]) for r in runs}
   todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
   todo = [(x, s) for s in seeds for x in fractions
@@ -191,7 +163,7 @@ def main(argv=None):
   with concurrent.futures.ProcessPoolExecutor(
       max_workers=max(1, args.workers), mp_context=multiprocessing.get_context("spawn"),
       initializer=study._worker_init, initargs=(args.jit_cache,)) as pool:
-    futures = [pool.submit(dense_task, args, s) for s in todo_dense]
+    futures = [pool.submit(study.dense_task, args, s) for s in todo_dense]
     futures += [pool.submit(cell_task, args, x, s) for x, s in todo]
     for fut in concurrent.futures.as_completed(futures):
       out = fut.result()
@@ -205,10 +177,7 @@ def main(argv=None):
       report = {"settings": settings, "wall_time": wall + time.time() - start,
                 "complete": len(runs) == expected,
                 "cells": aggregate(runs, settings["fractions"]), "runs": runs}
-      tmp = os.path.join(args.out, ".study.json.tmp")
-      with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-      os.replace(tmp, path)
+      study.write_json(args.out, report)
       write_markdown(os.path.join(args.out, "study.md"), report)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
   return 0

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -94,13 +93,6 @@ def cell_task(args, p, seed):
   for method, r in results.items():
     print(f"  {pattern_key(p)} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return p, seed, results
-
-
-def dense_task(args, seed):
-  base = study.Baselines(study.make_config(args, 0.9, "hypersparse", seed))
-  result, _, _ = study.dense_states(args, base, seed)
-  print(f"  seed={seed} dense: {study._fmt(result)}", flush=True)
-  return seed, result
 
 
 def aggregate(runs, pats):
@@ -235,29 +227,17 @@ def main(argv=None):
   from hypersparse_jax import data
   spe = data.steps_per_epoch(data.load_dataset(cfg.dataset, cfg.data_dir).num_train,
                              cfg.batch_size)
-  settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("sparsity", "penalty", "seed", "init_from", "download",
-                           "distribution", "nm", "structure")}
+  settings = study.base_settings(cfg)
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(args.sparsities),
                   distributions=list(args.distributions), nm=list(args.nm), seeds=list(seeds),
                   quick=quick, steps_per_epoch=spe, gmp_every=args.gmp_every or spe)
   print(f"pattern study: {json.dumps(settings)}", flush=True)
 
-  runs, wall = [], 0.0
-  path = os.path.join(args.out, "study.json")
-  free = ("seeds", "sparsities", "distributions", "nm", "workers")
-  try:
-    with open(path) as f:
-      old = json.load(f)
-    if {k: v for k, v in old["settings"].items() if k not in free} == {
-        k: v for k, v in json.loads(json.dumps(settings)).items() if k not in free}:
-      runs, wall = old["runs"], float(old["wall_time"])
-      for k in ("seeds", "sparsities", "distributions", "nm"):  # the report covers both
-        settings[k] = sorted(set(old["settings"][k]) | set(settings[k]), key=str)
-    else:
-      print(f"{path} holds a study with other settings: starting afresh", flush=True)
-  except (OSError, ValueError, KeyError):
-    pass
+  grown = ("seeds", "sparsities", "distributions", "nm")
+  runs, wall, old = study._kept_runs(args.out, settings, free=grown + ("workers",))
+  if old is not None:  # the report covers the earlier cells and these
+    for k in grown:
+      settings[k] = sorted(set(old[k]) | set(settings[k]), key=str)
   done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
   todo_dense = [s for s in seeds if ("dense", "dense", s) not in done]
   todo = [(p, s) for s in seeds for p in pats
@@ -274,7 +254,7 @@ def main(argv=None):
   with concurrent.futures.ProcessPoolExecutor(
       max_workers=max(1, args.workers), mp_context=ctx, initializer=study._worker_init,
       initargs=(args.jit_cache,)) as pool:
-    futures = [pool.submit(dense_task, args, s) for s in todo_dense]
+    futures = [pool.submit(study.dense_task, args, s) for s in todo_dense]
     futures += [pool.submit(cell_task, args, p, s) for p, s in todo]
     for fut in concurrent.futures.as_completed(futures):
       out = fut.result()
@@ -288,10 +268,7 @@ def main(argv=None):
       report = {"settings": settings, "wall_time": wall + time.time() - start,
                 "complete": len(runs) == expected,
                 "cells": aggregate(runs, all_pats), "runs": runs}
-      tmp = os.path.join(args.out, ".study.json.tmp")
-      with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-      os.replace(tmp, path)
+      study.write_json(args.out, report)
       write_markdown(os.path.join(args.out, "study.md"), report)
       write_plot(os.path.join(args.out, "study.png"), report)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)

@@ -136,7 +136,7 @@ def _leaf_budgets(leaves, sparsity: float, distribution: str) -> list[float]:
   if distribution == "uniform":
     return [sparsity] * len(leaves)
   densities = erk_densities([tuple(jnp.shape(x)) for _, x in leaves], sparsity)
-  return [min(1.0, max(0.0, 1.0 - d)) if d < 1.0 else 0.0 for d in densities]
+  return [max(0.0, 1.0 - d) for d in densities]  # ERK's dense leaves: 0
 
 
 def layer_sparsities(params, sparsity: float, distribution: str = "global", *,

@@ -283,13 +283,12 @@ def channel_hypersparse(params, sparsity: float, *, groups=None, where=None,
 # ------------------------------------------------------------------------------------------------
 
 
-def _kept_indices(variables, mask, groups):
-  """Per group, the indices of the channels the (masked) model still uses."""
+def _kept_indices(pmask, groups):
+  """Per group, the indices of the channels whose producer kernel slice ``pmask`` keeps."""
   out = []
   for g in groups:
-    km = np.asarray(_get(mask["params"] if "params" in mask else mask, g.producer)["kernel"])
-    alive = km.reshape(-1, km.shape[-1]).any(axis=0)
-    out.append(np.flatnonzero(alive))
+    km = np.asarray(_get(pmask, g.producer)["kernel"])
+    out.append(np.flatnonzero(km.reshape(-1, km.shape[-1]).any(axis=0)))
   return out
 
 
@@ -316,7 +315,7 @@ def slim(model, variables, mask, *, groups=None):
   pmask = mask["params"] if isinstance(mask, dict) and "params" in mask and not bare else mask
   params = masking.apply_mask(variables["params"], pmask)
   groups = channel_groups(params) if groups is None else list(groups)
-  kept = _kept_indices(variables, pmask, groups)
+  kept = _kept_indices(pmask, groups)
   new = jax.tree.map(np.asarray, {**variables, "params": params})
   for g, idx in zip(groups, kept):
     prod = _get(new["params"], g.producer)
@@ -349,8 +348,7 @@ def slim(model, variables, mask, *, groups=None):
   elif isinstance(model, lib.DigitsCNN):
     smaller = dataclasses.replace(model, widths=(widths[("conv1",)], widths[("conv2",)]))
   elif isinstance(model, lib.VGG):
-    convs = [g.producer for g in channel_groups(params)]
-    smaller = dataclasses.replace(model, widths=tuple(widths[c] for c in convs))
+    smaller = dataclasses.replace(model, widths=tuple(widths[g.producer] for g in groups))
   elif isinstance(model, lib.CIFARResNet):
     blocks = sorted({g.producer[0] for g in groups}, key=_natural)
     inner = []
@@ -363,6 +361,25 @@ def slim(model, variables, mask, *, groups=None):
                      "library's LeNet-300-100, LeNet-5, MLP, CNN, VGG and CIFAR ResNet it does")
   new = jax.tree.map(jnp.asarray, new)
   return smaller, (new["params"] if bare else new)
+
+
+def slim_summary(model, variables, input_shape: Sequence[int]) -> dict:
+  """What channel pruning bought, for ``variables`` whose removed channels are exactly zero
+  (as :func:`channel_mask` and the masked fine-tuning leave them): channels kept per group,
+  removed and in all, and the parameters and XLA FLOPs (one input of ``input_shape``, batch
+  included) of the dense and of the :func:`slim` model."""
+  mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
+  groups = channel_groups(variables["params"])
+  kept = {g.name: len(i) for g, i in zip(groups, _kept_indices(mask, groups))}
+  total = sum(int(_get(variables["params"], g.producer)["kernel"].shape[-1]) for g in groups)
+  small_model, small = slim(model, variables, mask, groups=groups)
+  count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
+  removed = total - sum(kept.values())
+  return {"channels_removed": removed, "channels_total": total,
+          "channel_sparsity_achieved": removed / total, "channels_kept": kept,
+          "params_dense": count(variables["params"]), "params_slim": count(small["params"]),
+          "flops_dense": count_flops(model, variables, input_shape),
+          "flops_slim": count_flops(small_model, small, input_shape)}
 
 
 def count_flops(model, variables, input_shape: Sequence[int]) -> float:

@@ -36,7 +36,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from hypersparse_jax import transform as art_lib
@@ -562,25 +561,11 @@ class Trainer:
     return summary
 
   def _channel_summary(self, params, stats):
-    """Channels removed, and the parameters and FLOPs of the slimmed model against the dense
-    one (XLA's count of one image's forward pass)."""
+    """Channels removed, and the slimmed model's parameters and FLOPs against the dense one's
+    (:func:`channels.slim_summary`; one image's forward pass)."""
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-    mask = jax.tree.map(lambda x: x != 0, params)  # removed channels are exactly zero
-    keep = {}
-    for g in channels.channel_groups(params):
-      k = np.asarray(channels._get(mask, g.producer)["kernel"])
-      keep[g.name] = k.reshape(-1, k.shape[-1]).any(axis=0)
-    removed = sum(int((~k).sum()) for k in keep.values())
-    total = sum(k.size for k in keep.values())
-    small_model, small = channels.slim(self.model, variables, mask)
     shape = (1,) + tuple(self.task.example_input.shape[1:])
-    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
-    return {"structure": "channel", "channels_removed": removed, "channels_total": total,
-            "channel_sparsity_achieved": removed / total,
-            "channels_kept": {name: int(k.sum()) for name, k in keep.items()},
-            "params_dense": count(params), "params_slim": count(small["params"]),
-            "flops_dense": channels.count_flops(self.model, variables, shape),
-            "flops_slim": channels.count_flops(small_model, small, shape)}
+    return {"structure": "channel", **channels.slim_summary(self.model, variables, shape)}
 
   def _log_epoch(self, r):
     pruned = r.get("pruned_train_accuracy")

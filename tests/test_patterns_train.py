@@ -102,8 +102,7 @@ def test_pattern_run_files_and_exact_resume(extra, tmp_path):
 
 
 def test_nm_onnx_export_keeps_the_pattern(tmp_path, capsys):
-  pytest.importorskip("onnx")
-  import onnx
+  import onnx  # the [test] extra installs it: no skip in CI
   from onnx import numpy_helper
   from hypersparse_jax import onnx_export
   run = str(tmp_path / "run")
@@ -144,8 +143,7 @@ def test_bad_distribution_is_refused_by_the_parser(capsys):
 
 
 def test_slim_export_onnx_and_npz_give_the_runs_logits(tmp_path, capsys):
-  pytest.importorskip("onnxruntime")
-  import onnxruntime as ort
+  import onnxruntime as ort  # the [test] extra installs it
   from hypersparse_jax import data, onnx_export
   run = str(tmp_path / "run")
   assert cli.main(TINY + ["--model", "cnn", "--structure", "channel", "--sparsity", "0.75",
