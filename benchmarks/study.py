@@ -88,6 +88,9 @@ FASHION_STUDY = dict(warmup_epochs=5, epochs=6, lr_steps=(3, 5), max_art_epochs=
 # epochs), 3 fine-tune epochs (lr x 0.1 after 2). ~6 epochs of dense training.
 FASHION_STUDY_LENET5 = dict(warmup_epochs=3, epochs=3, lr_steps=(2,), max_art_epochs=12,
                             lambda_init=5e-5, eta=1.5)
+# the convolutional models that take it on Fashion-MNIST / MNIST (a VGG there is a narrow one,
+# --width 0.25 in the channel study: 1.3x LeNet-5 a step; the full VGG-11 ~40x by multiply-adds)
+CONV_MODELS = ("lenet5", "vgg", "resnet")
 
 
 def art_methods(args):
@@ -109,11 +112,11 @@ def make_config(args, sparsity, penalty, seed):
     preset.update(PYSOURCE_QUICK if args.quick else PYSOURCE_STUDY)
   if args.dataset in ("fashion_mnist", "mnist"):
     preset.update(DIGITS_QUICK if args.quick else
-                  FASHION_STUDY_LENET5 if args.model == "lenet5" else FASHION_STUDY)
+                  FASHION_STUDY_LENET5 if args.model in CONV_MODELS else FASHION_STUDY)
   if args.augment is not None:
     preset["augment"] = args.augment
   for name in ("model", "depth", "warmup_epochs", "epochs", "max_art_epochs", "lambda_init",
-               "eta", "lr_steps"):
+               "eta", "lr_steps", "width"):
     if getattr(args, name, None) is not None:
       preset[name] = getattr(args, name)
   if args.model in ("mlp", "cnn") and args.depth is None:
@@ -164,7 +167,8 @@ class Baselines:
       if not cfg.augment:  # as the image task trains: the clean images
         self.dataset = dataclasses.replace(self.dataset, crop_padding=0, flip=False)
       self.model = models.create_model(cfg.model, num_classes=self.dataset.num_classes,
-                                       depth=cfg.depth, batch_norm=cfg.batch_norm)
+                                       depth=cfg.depth, batch_norm=cfg.batch_norm,
+                                       width=cfg.width)
       self.spe = data.steps_per_epoch(self.dataset.num_train, cfg.batch_size)
       self.eval_step = image_task.make_eval_step(self.model, self.dataset)
       make_step = image_task.make_train_step
@@ -358,7 +362,7 @@ class Partial:
     try:
       with open(self.path) as f:
         saved = json.load(f)
-      if saved.get("key") == key:
+      if same_settings(saved.get("key"), key):
         self.results = saved["results"]
     except (OSError, ValueError, KeyError):
       pass
@@ -378,6 +382,24 @@ class Partial:
       os.remove(self.path)
     except OSError:
       pass
+
+
+def same_settings(old, new, free=()):
+  """Whether settings recorded earlier (``old``: a dict, or its JSON text) equal ``new``
+  apart from the keys ``free``. An option that ``old`` lacks counts as its
+  :data:`hypersparse_jax.config.LEGACY_DEFAULTS` value (what the code that wrote it did), as a
+  resumed run's ``config.json`` does: adding an option keeps earlier results valid."""
+  from hypersparse_jax.config import LEGACY_DEFAULTS
+  try:
+    old, new = (json.loads(x) if isinstance(x, str) else json.loads(json.dumps(x))
+                for x in (old, new))
+  except (TypeError, ValueError):
+    return False
+  if not isinstance(old, dict) or not isinstance(new, dict):
+    return False
+  missing = object()
+  return all(old.get(k, LEGACY_DEFAULTS.get(k, missing)) == new.get(k, LEGACY_DEFAULTS.get(
+      k, missing)) for k in set(old) | set(new) if k not in free)
 
 
 def settings_key(cfg):
@@ -416,12 +438,13 @@ def dense_states(args, base, seed):
   key = {k: v for k, v in dataclasses.asdict(base.cfg).items()
          if k not in ("sparsity", "penalty", "distribution", "nm", "structure")}  # dense: no
   key = json.dumps(key, sort_keys=True, default=str)
-  folder = os.path.join(args.out, ".dense_cache")
+  # a study that reuses another's runs (study_patterns.py) shares its folder's cache too
+  folder = getattr(args, "dense_cache", None) or os.path.join(args.out, ".dense_cache")
   path = os.path.join(folder, f"seed{seed}.pkl")
   try:
     with open(path, "rb") as f:
       cached = pickle.load(f)
-    if cached["key"] == key:
+    if same_settings(cached["key"], key):
       as_jax = lambda tree: jax.tree.map(base.jnp.asarray, tree)  # noqa: E731
       return cached["result"], as_jax(cached["warm"]), as_jax(cached["final"])
   except (OSError, EOFError, pickle.UnpicklingError, KeyError):
@@ -626,6 +649,8 @@ def build_parser():
   p.add_argument("--seeds", type=int, nargs="*", default=None)
   p.add_argument("--model", default=None)
   p.add_argument("--depth", type=int, default=None)
+  p.add_argument("--width", type=float, default=None,
+                 help="multiplier of the model's hidden widths (hypersparse-train --width)")
   p.add_argument("--warmup-epochs", type=int, default=None)
   p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs")
   p.add_argument("--max-art-epochs", type=int, default=None)
@@ -644,18 +669,14 @@ def build_parser():
   return p
 
 
-def main(argv=None):
-  args = build_parser().parse_args(argv)
-  if args.dataset is None:
-    args.dataset = "cifar10" if args.data_dir else "digits"
-  if args.out is None:
-    args.out = default_out(args.dataset, args.model)
+def study_settings(args):
+  """``(first cell's config, settings, sparsities, seeds)`` of a study: ``settings`` is what
+  ``study.json`` records and what a rerun must match for the finished cells to be kept."""
   text = args.dataset == "pysource"
   sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else
                                          PYSOURCE_SPARSITIES if text else SPARSITIES))
   seeds = tuple(args.seeds if args.seeds is not None else (
       (0,) if args.quick else PYSOURCE_SEEDS if text else SEEDS))
-  os.makedirs(args.out, exist_ok=True)
   cfg = make_config(args, sparsities[0], "hypersparse", seeds[0])
   from hypersparse_jax import data
   if text:
@@ -667,6 +688,17 @@ def main(argv=None):
   settings.update(lr_steps=list(cfg.lr_steps), sparsities=list(sparsities), seeds=list(seeds),
                   methods=list(methods(args)), quick=args.quick, steps_per_epoch=spe,
                   gmp_every=args.gmp_every or spe, workers=args.workers)
+  return cfg, settings, sparsities, seeds
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  if args.dataset is None:
+    args.dataset = "cifar10" if args.data_dir else "digits"
+  if args.out is None:
+    args.out = default_out(args.dataset, args.model)
+  os.makedirs(args.out, exist_ok=True)
+  cfg, settings, sparsities, seeds = study_settings(args)
   print(f"study: {json.dumps(settings)}", flush=True)
 
   start = time.time()
@@ -719,9 +751,7 @@ def _kept_runs(out, settings, free=("workers", "seeds", "sparsities")):
       old = json.load(f)
   except (OSError, ValueError):
     return [], 0.0, None
-  mine = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
-  if {k: v for k, v in old.get("settings", {}).items() if k not in free} != {
-      k: v for k, v in mine.items() if k not in free}:
+  if not same_settings(old.get("settings", {}), settings, free):
     print(f"{path} holds a study with other settings: starting afresh", flush=True)
     return [], 0.0, None
   return list(old.get("runs", [])), float(old.get("wall_time", 0.0)), old["settings"]

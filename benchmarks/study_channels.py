@@ -2,7 +2,7 @@
 of network slimming, at 50 / 75 / 90 % of the prunable channels removed.
 
     python benchmarks/study_channels.py --dataset fashion_mnist --model lenet5
-    python benchmarks/study_channels.py --dataset fashion_mnist --model vgg --depth 11
+    python benchmarks/study_channels.py --dataset fashion_mnist --model vgg --depth 11 --width 0.25
     python benchmarks/study_channels.py --quick --out /tmp/c     # digits CNN, a few epochs
 
 Methods per (fraction, seed), on the schedule of ``benchmarks/study.py`` for the dataset and
@@ -139,7 +139,8 @@ def main(argv=None):
     args.model = "cnn"
   if args.out is None:
     args.out = os.path.join("benchmarks", "results", f"channels_{args.dataset}_{args.model}"
-                            + (str(args.depth) if args.depth else ""))
+                            + (str(args.depth) if args.depth else "")
+                            + (f"_w{args.width:g}" if args.width not in (None, 1) else ""))
   fractions = tuple(args.fractions or ((0.5,) if args.quick else FRACTIONS))
   seeds = tuple(args.seeds if args.seeds is not None else ((0,) if args.quick else study.SEEDS))
   os.makedirs(args.out, exist_ok=True)

@@ -25,6 +25,11 @@ warm-up, ART cap, fine-tuning; the same initial weights per seed):
   ``M − floor(s_t·M)`` weights, never fewer than N), then the same masked fine-tuning.
 * ``dense`` once per seed (warm-up + fine-tune epochs), shared with every cell of the seed.
 
+The ``global`` cells and the dense runs are ``benchmarks/study.py``'s runs of the same
+configuration: where that study's results (``--reuse``, default its folder for the dataset and
+model) hold them with the same settings, they are taken from there, marked ``"from"``, and not
+run again (so are its kept dense models, ``.dense_cache/``).
+
 The headline is the final fine-tune epoch's test accuracy (no selection on the test set).
 Finished cells are kept in ``study.json`` and skipped when the study is run again. Written to
 ``--out``: ``study.json``, ``study.md`` (tables), ``study.png`` (accuracy against sparsity per
@@ -122,6 +127,11 @@ def write_markdown(path, report):
            + ("" if report["complete"] else " (incomplete: cells still to run)") + ".", "",
            f"Dense ({s['warmup_epochs'] + s['epochs']} epochs): "
            + (study._pm(dense["final_test_accuracy"]) if dense else "–"), ""]
+  sources = sorted({r["from"] for r in report["runs"] if r.get("from")})
+  if sources:
+    lines += [f"The global-threshold runs and the dense runs come from {', '.join(sources)} "
+              "(benchmarks/study.py's runs of the same configuration; the wall time above does "
+              "not include them).", ""]
   budget_rows = [d for d in s["distributions"]]
   if budget_rows:
     lines += ["| budget | method | " + " | ".join(f"{x * 100:g} %" for x in s["sparsities"])
@@ -205,7 +215,49 @@ def build_parser():
   p.description = __doc__.split("\n\n")[0]
   p.add_argument("--distributions", nargs="*", default=None, choices=DISTRIBUTIONS)
   p.add_argument("--nm", nargs="*", default=None, help="N:M patterns (default 2:4 1:4)")
+  p.add_argument("--reuse", default=None, metavar="DIR",
+                 help="take the global-threshold cells and dense runs that this folder's "
+                      "benchmarks/study.py results hold for the same settings instead of "
+                      "running them again (default: the main study's folder for the dataset "
+                      "and model; '' to run everything)")
   return p
+
+
+# the settings of benchmarks/study.py's report that do not change what one of its runs computes
+_MAIN_ONLY = ("seeds", "sparsities", "distributions", "nm", "workers", "methods")
+
+
+def reused_runs(folder, settings, cells, seeds):
+  """Runs of the main study (``benchmarks/study.py``'s ``study.json`` in ``folder``) that are
+  this study's runs: its ART + HyperSparse, one-shot and GMP runs at κ are the ``global@κ``
+  cells (the same configuration, the same code path: on LeNet-300-100 all 30 such runs of
+  the two studies agreed to the last digit), and its dense runs are the dense runs. Only
+  with the same settings; ``cells``: the ``(pattern, seed)`` still to run. Returns the runs
+  in this study's form, each marked ``"from": folder``."""
+  try:
+    with open(os.path.join(folder, "study.json")) as f:
+      main = json.load(f)
+  except (OSError, ValueError):
+    return []
+  if not study.same_settings(main.get("settings", {}), settings, free=_MAIN_ONLY):
+    print(f"{folder}: other settings, nothing reused", flush=True)
+    return []
+  by = {(r["method"], r["target"], r["seed"]): r for r in main.get("runs", [])}
+  out = []
+  for p, s in cells:
+    if p.get("nm") or p["distribution"] != "global":
+      continue
+    found = [by.get((m, p["sparsity"], s)) for m in METHODS]
+    if all(found):
+      out += [dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
+                   pattern=pattern_key(p), method=m, seed=s, **{"from": folder})
+              for m, r in zip(METHODS, found)]
+  for s in seeds:
+    r = by.get(("dense", 0.0, s))
+    if r is not None:
+      out.append(dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
+                      pattern="dense", method="dense", seed=s, **{"from": folder}))
+  return out
 
 
 def main(argv=None):
@@ -239,9 +291,21 @@ def main(argv=None):
     for k in grown:
       settings[k] = sorted(set(old[k]) | set(settings[k]), key=str)
   done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
-  todo_dense = [s for s in seeds if ("dense", "dense", s) not in done]
   todo = [(p, s) for s in seeds for p in pats
           if not all((pattern_key(p), m, s) in done for m in METHODS)]
+  reuse = study.default_out(args.dataset, args.model) if args.reuse is None else args.reuse
+  if reuse:
+    taken = [r for r in reused_runs(reuse, settings, todo,
+                                    [s for s in seeds if ("dense", "dense", s) not in done])
+             if (r["pattern"], r["method"], r["seed"]) not in done]
+    if taken:
+      print(f"took {len(taken)} runs of {reuse}", flush=True)
+    runs = [r for r in runs if (r["pattern"], r["seed"]) not in
+            {(t["pattern"], t["seed"]) for t in taken if t["method"] != "dense"}] + taken
+    done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
+    todo = [(p, s) for p, s in todo if not all((pattern_key(p), m, s) in done for m in METHODS)]
+    args.dense_cache = os.path.join(reuse, ".dense_cache")  # its trained dense models too
+  todo_dense = [s for s in seeds if ("dense", "dense", s) not in done]
   runs = [r for r in runs if r["method"] == "dense" or
           (r["pattern"], r["seed"]) not in {(pattern_key(p), s) for p, s in todo}]
   print(f"kept {len(runs)} runs; {len(todo_dense)} dense runs and {len(todo)} cells to go",

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(fashion_mnist, mnist)")
   p.add_argument("--depth", type=int, default=None, help="ResNet 6n+2 or VGG 11/13/16/19 "
                  f"(reference: {ref['depth']})")
+  p.add_argument("--width", type=float, default=None, metavar="MULTIPLIER",
+                 help="image models: multiply every hidden width (channels, units) by this, "
+                      "e.g. 0.25 for a quarter-width VGG (default 1: the published model)")
   p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", default=None,
                  help="VGG/CNN without BatchNorm")
   p.add_argument("--sparsity", type=float, default=None, help=f"prune rate κ in [0, 1) "

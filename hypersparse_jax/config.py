@@ -33,7 +33,7 @@ REFERENCE_DEFAULTS = dict(
     batch_size=64, lr=0.1, lr_decay=0.1, lr_steps=(80, 120), weight_decay=1e-4, momentum=0.9,
     eval_batch_size=500, layers=None, d_model=None, heads=None, context=None, optimizer="sgd",
     prune_embeddings=False, steps_per_epoch=None, eval_windows=None, augment=True,
-    distribution="global", nm=None, structure="weight")
+    distribution="global", nm=None, structure="weight", width=1.0)
 DIGITS_PRESET = dict(
     REFERENCE_DEFAULTS, model="mlp", depth=None, lambda_init=2e-4, eta=1.25, warmup_epochs=10,
     epochs=20, max_art_epochs=40, lr=0.05, lr_steps=(10, 15), eval_batch_size=450)
@@ -100,6 +100,7 @@ class TrainConfig:
   distribution: str = "global"
   nm: Optional[str] = None         # an N:M pattern, "2:4" (then sparsity = 1 − N/M)
   structure: str = "weight"        # 'weight' or 'channel' (sparsity: fraction of channels)
+  width: float = 1.0               # image models: multiplier of the hidden widths (1: published)
 
   @property
   def nm_pair(self) -> Optional[tuple]:
@@ -186,6 +187,10 @@ class TrainConfig:
     if self.model in models.FIXED_DEPTH_MODELS and self.depth is not None:
       raise ValueError(f"--depth is not used by --model {self.model} (its depth is fixed), "
                        f"got {self.depth}; leave --depth out")
+    models.check_width(self.width)
+    if self.width != 1 and self.model == "transformer":
+      raise ValueError(f"--width {self.width:g} is for the image models; the transformer's width "
+                       "is --d-model")
     if self.model == "resnet" and not self.batch_norm:
       raise ValueError("--no-batch-norm is not supported by --model resnet (the CIFAR ResNet "
                        "always uses BatchNorm); use --model vgg or cnn")
@@ -254,7 +259,9 @@ LEGACY_DEFAULTS = {"val_fraction": 0.0, "art_rule": "best_mean", "pruned_eval": 
                    # --no-augment came with Fashion-MNIST; runs before it always augmented
                    "augment": True,
                    # per-layer budgets and N:M came after; runs before were global
-                   "distribution": "global", "nm": None, "structure": "weight"}
+                   "distribution": "global", "nm": None, "structure": "weight",
+                   # --width came with the channel study; runs before it were full width
+                   "width": 1.0}
 
 
 def _normalized_path(path):

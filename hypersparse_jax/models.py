@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import functools
+import math
 
 import flax.linen as nn
 
@@ -190,7 +191,8 @@ class Bottleneck(nn.Module):
 
 
 class CIFARResNet(nn.Module):
-    """CIFAR ResNet of depth ``6n + 2`` with stage widths 32/64/128 (the reference's ResNet).
+    """CIFAR ResNet of depth ``6n + 2`` with stage widths 32/64/128 (the reference's ResNet;
+    ``stage_widths`` scales them).
 
     3x3 stem conv (32) + BN + ReLU, three stages of ``n`` blocks (strides 1, 2, 2), global
     average pool, dense head. BasicBlocks below depth 54, Bottlenecks (expansion 4) from 54 on
@@ -202,6 +204,8 @@ class CIFARResNet(nn.Module):
       depth: ``6n + 2`` (20, 32, 56, ...).
       num_classes: output logits.
       dtype: computation dtype (parameters stay float32).
+      inner: per block, its inner widths after channel pruning (None: ``planes``).
+      stage_widths: the stem's and stages' ``planes`` (32, 64, 128); the stem has the first.
 
     Raises:
       ValueError: at construction, for a depth that is not ``6n + 2`` with ``n >= 1``.
@@ -212,6 +216,8 @@ class CIFARResNet(nn.Module):
     dtype: Dtype = jnp.float32
     # per block (stage by stage), its inner widths after channel pruning; None: the full ones
     inner: Optional[Sequence[Sequence[int]]] = None
+    # the stem's and the three stages' widths (``planes``); ``create_model(width=)`` scales them
+    stage_widths: Sequence[int] = (32, 64, 128)
 
     default_input_shape = (1, 32, 32, 3)
 
@@ -220,6 +226,7 @@ class CIFARResNet(nn.Module):
         if self.inner is not None and len(self.inner) != 3 * n:
             raise ValueError(f"inner must give the widths of all {3 * n} blocks, got "
                              f"{len(self.inner)}")
+        _check_widths("stage_widths", self.stage_widths, 3)
         _check_num_classes(self.num_classes)
         super().__post_init__()
 
@@ -235,11 +242,12 @@ class CIFARResNet(nn.Module):
         n, bottleneck = resnet_blocks_per_stage(self.depth)
         block_cls = Bottleneck if bottleneck else BasicBlock
         x = jnp.asarray(x, self.dtype)
-        x = _Conv(32, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_he_fan_out,
+        stem = self.stage_widths[0]
+        x = _Conv(stem, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_he_fan_out,
                     dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_batch_norm("bn1", train, self.dtype)(x))
-        in_channels = 32
-        for stage, (planes, stride) in enumerate(zip((32, 64, 128), (1, 2, 2)), start=1):
+        in_channels = stem
+        for stage, (planes, stride) in enumerate(zip(self.stage_widths, (1, 2, 2)), start=1):
             for i in range(n):
                 s = stride if i == 0 else 1
                 out_channels = planes * block_cls.expansion
@@ -646,7 +654,7 @@ FIXED_DEPTH_MODELS = ("mlp", "cnn", "lenet300", "lenet5", "transformer")
 
 def create_model(name: str, *, num_classes: int, depth: int | None = None,
                  batch_norm: bool = True, dtype: Dtype = jnp.float32,
-                 transformer: dict | None = None) -> nn.Module:
+                 transformer: dict | None = None, width: float = 1.0) -> nn.Module:
     """Create a model by name.
 
     Args:
@@ -663,15 +671,21 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
       transformer: for ``'transformer'`` (:class:`TransformerLM`, ``num_classes`` is its
         vocabulary): ``{'layers', 'd_model', 'heads', 'context'}`` (missing keys: the class
         defaults).
+      width: multiplier of every hidden width of an image model (channels of the convolutions,
+        units of the hidden dense layers; the output layer keeps ``num_classes``): each becomes
+        ``max(1, round(width * w))``, e.g. ``0.25`` for a quarter-width VGG-11
+        (16-32-64-64-128-128-128-128). 1 (the default) is the published model. The transformer
+        has ``d_model`` instead (a width other than 1 is refused there).
 
     Returns:
       An unbound Flax module; call ``model.init(rng, x, train=False)``.
 
     Raises:
-      ValueError: for an unknown name, a missing or invalid depth, or a depth given to a model
-        that has none.
+      ValueError: for an unknown name, a missing or invalid depth, a depth given to a model
+        that has none, or a width that is not a positive finite number.
     """
     key = name.lower() if isinstance(name, str) else name
+    check_width(width)
     if key not in MODEL_NAMES:
         raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_NAMES)}")
     if key in ("resnet", "vgg") and depth is None:
@@ -680,20 +694,43 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None,
     if key in FIXED_DEPTH_MODELS and depth is not None:
         raise ValueError(f"model {key!r} has a fixed depth; pass depth=None, got {depth!r}")
     if key == "transformer":
+        if width != 1:
+            raise ValueError(f"width {width!r} is for the image models; the transformer's width "
+                             "is d_model (--d-model)")
         return TransformerLM(vocab_size=num_classes, dtype=dtype, **(transformer or {}))
     if transformer is not None:
         raise ValueError(f"transformer settings are for model 'transformer', not {key!r}")
+    scaled = lambda widths: tuple(scale_width(w, width) for w in widths)  # noqa: E731
     if key == "resnet":
         if not batch_norm:
             raise ValueError("the CIFAR ResNet always uses BatchNorm; batch_norm=False is "
                              "not supported")
-        return CIFARResNet(depth=depth, num_classes=num_classes, dtype=dtype)
+        return CIFARResNet(depth=depth, num_classes=num_classes, dtype=dtype,
+                           stage_widths=scaled(CIFARResNet.stage_widths))
     if key == "vgg":
-        return VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)
+        _check_vgg_depth(depth)
+        return VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes, dtype=dtype,
+                   widths=None if width == 1 else scaled(
+                       v for v in VGG_CONFIGS[depth] if v != "M"))
     if key == "mlp":
-        return DigitsMLP(num_classes=num_classes, dtype=dtype)
+        return DigitsMLP(num_classes=num_classes, dtype=dtype, hidden=scaled(DigitsMLP.hidden))
     if key == "lenet300":
-        return LeNet300(num_classes=num_classes, dtype=dtype)
+        return LeNet300(num_classes=num_classes, dtype=dtype, hidden=scaled(LeNet300.hidden))
     if key == "lenet5":
-        return LeNet5(num_classes=num_classes, dtype=dtype)
-    return DigitsCNN(batch_norm=batch_norm, num_classes=num_classes, dtype=dtype)
+        return LeNet5(num_classes=num_classes, dtype=dtype, widths=scaled(LeNet5.widths))
+    return DigitsCNN(batch_norm=batch_norm, num_classes=num_classes, dtype=dtype,
+                     widths=scaled(DigitsCNN.widths))
+
+
+def check_width(width) -> None:
+    """Raises ValueError unless ``width`` (a multiplier of the hidden widths) is a positive,
+    finite number."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (
+            math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a positive finite number (a multiplier of the model's "
+                         f"hidden widths; 1 = the published model), got {width!r}")
+
+
+def scale_width(w: int, width: float) -> int:
+    """``max(1, round(width * w))``: one hidden width under the multiplier ``width``."""
+    return max(1, int(round(width * w)))

@@ -447,7 +447,8 @@ def load_run_variables(run_dir: str, *, checkpoint: str = "selected", final: boo
   else:
     num_classes = 100 if dataset == "cifar100" else 10
   model = models.create_model(config["model"], num_classes=num_classes, depth=config.get("depth"),
-                              batch_norm=config.get("batch_norm", True))
+                              batch_norm=config.get("batch_norm", True),
+                              width=config.get("width", 1.0))
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1,) + image_shape), train=False))
   variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
@@ -455,7 +456,7 @@ def load_run_variables(run_dir: str, *, checkpoint: str = "selected", final: boo
   if shapes(variables) != shapes(dict(expected)):
     raise checkpointing.CheckpointError(
         f"the {kind} checkpoint of {run_dir!r} does not fit the model of its config.json "
-        f"({config['model']}, depth {config.get('depth')})")
+        f"({config['model']}, depth {config.get('depth')}, width {config.get('width', 1.0):g})")
   info = {"checkpoint": kind, "epoch": epoch, "selection": selection,
           "selection_reason": reason, "dataset": dataset, "model": config["model"],
           "depth": config.get("depth"), "sparsity_target": config.get("sparsity"),
@@ -510,7 +511,8 @@ def check_output_path(path: str) -> None:
 
 def _model_description(model) -> dict:
   """The class and the width attributes that rebuild a (slimmed) library model."""
-  keys = [k for k in ("depth", "num_classes", "batch_norm", "hidden", "widths", "inner")
+  keys = [k for k in ("depth", "num_classes", "batch_norm", "hidden", "widths", "inner",
+                      "stage_widths")
           if hasattr(model, k)]
   out = {"class": type(model).__name__}
   for k in keys:
@@ -547,7 +549,7 @@ def load_slim_npz(path: str):
         node = node.setdefault(p_, {})
       node[leaf] = f[name]
   cls = getattr(models, desc.pop("class"))
-  for k in ("hidden", "widths"):
+  for k in ("hidden", "widths", "stage_widths"):
     if desc.get(k) is not None:
       desc[k] = tuple(desc[k])
   if desc.get("inner") is not None:

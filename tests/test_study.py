@@ -215,3 +215,33 @@ def test_quick_pattern_study_and_resume(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "kept 10 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
+
+
+def test_pattern_study_takes_the_main_studys_global_runs():
+  """The pattern study's global-threshold cells are the main study's runs: on the committed
+  LeNet-300-100 results (where the pattern study ran them itself, before it could reuse them)
+  what it would take from the main study equals what it computed, run for run; with other
+  settings it takes nothing."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study_patterns
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  results = ROOT / "benchmarks" / "results"
+  own = json.loads((results / "patterns_fashion_mnist_lenet300" / "study.json").read_text())
+  settings, seeds = own["settings"], own["settings"]["seeds"]
+  cells = [({"distribution": "global", "nm": None, "sparsity": x}, s)
+           for x in settings["sparsities"] for s in seeds]
+  cells += [({"distribution": "erk", "nm": None, "sparsity": 0.9}, 0),
+            ({"distribution": "global", "nm": "2:4", "sparsity": 0.5}, 0)]
+  main = str(results / "study_fashion_mnist")
+  taken = study_patterns.reused_runs(main, settings, cells, seeds)
+  assert len(taken) == 3 * len(settings["sparsities"]) * len(seeds) + len(seeds)
+  mine = {(r["pattern"], r["method"], r["seed"]): r for r in own["runs"]}
+  for r in taken:
+    assert r["from"] == main
+    computed = mine[(r["pattern"], r["method"], r["seed"])]
+    for k in ("final_test_accuracy", "best_test_accuracy", "sparsity", "art_epochs"):
+      assert r[k] == computed[k], (r, computed)
+  assert study_patterns.reused_runs(main, dict(settings, lr=0.1), cells, seeds) == []
+  assert study_patterns.reused_runs(str(results / "nowhere"), settings, cells, seeds) == []

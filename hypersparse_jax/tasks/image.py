@@ -130,7 +130,8 @@ class ImageClassification(Task):
       dataset = data.with_validation_split(dataset, config.val_fraction, seed=config.seed)
     self.data = dataset
     self.model = models.create_model(config.model, num_classes=dataset.num_classes,
-                                     depth=config.depth, batch_norm=config.batch_norm)
+                                     depth=config.depth, batch_norm=config.batch_norm,
+                                     width=config.width)
     self.steps_per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
     self.example_input = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
     self.eval_step = make_eval_step(self.model, dataset)
