@@ -709,7 +709,8 @@ def main(argv=None):
   done = {(r["method"], r["target"], r["seed"]) for r in runs}
   arts = methods(args)[:-1]  # every method of a cell but dense
   todo_dense = [seed for seed in seeds if ("dense", 0.0, seed) not in done]
-  todo_cells = [(s, seed) for s in sparsities for seed in seeds
+  # seed by seed: an interrupted study leaves whole seeds finished, not every seed half done
+  todo_cells = [(s, seed) for seed in seeds for s in sparsities
                 if not all((m, s, seed) in done for m in arts)]
   runs = [r for r in runs if r["method"] == "dense" or (r["target"], r["seed"]) not in todo_cells]
   if len(runs):
