@@ -60,7 +60,7 @@ LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2"
 SPARSITIES = (0.9, 0.95, 0.98, 0.99, 0.995)
 # what a channel-pruned run records of its summary.json (benchmarks/study_channels.py)
 CHANNEL_SIZES = ("params_dense", "params_slim", "flops_dense", "flops_slim",
-                 "channel_sparsity_achieved")
+                 "channel_sparsity_achieved", "slim_model")
 SEEDS = (0, 1, 2)
 
 # Digits settings of the study: the digits preset of config.py with fewer epochs, so the whole

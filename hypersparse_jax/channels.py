@@ -366,8 +366,9 @@ def slim(model, variables, mask, *, groups=None):
 def slim_summary(model, variables, input_shape: Sequence[int]) -> dict:
   """What channel pruning bought, for ``variables`` whose removed channels are exactly zero
   (as :func:`channel_mask` and the masked fine-tuning leave them): channels kept per group,
-  removed and in all, and the parameters and XLA FLOPs (one input of ``input_shape``, batch
-  included) of the dense and of the :func:`slim` model."""
+  removed and in all, the parameters and XLA FLOPs (one input of ``input_shape``, batch
+  included) of the dense and of the :func:`slim` model, and the slim model's architecture
+  (``slim_model``, :func:`describe_model`)."""
   mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
   groups = channel_groups(variables["params"])
   kept = {g.name: len(i) for g, i in zip(groups, _kept_indices(mask, groups))}
@@ -379,7 +380,42 @@ def slim_summary(model, variables, input_shape: Sequence[int]) -> dict:
           "channel_sparsity_achieved": removed / total, "channels_kept": kept,
           "params_dense": count(variables["params"]), "params_slim": count(small["params"]),
           "flops_dense": count_flops(model, variables, input_shape),
-          "flops_slim": count_flops(small_model, small, input_shape)}
+          "flops_slim": count_flops(small_model, small, input_shape),
+          "slim_model": describe_model(small_model)}
+
+
+# the attributes that give a library model its architecture (describe_model)
+_ARCH_KEYS = ("depth", "num_classes", "batch_norm", "hidden", "widths", "inner", "stage_widths")
+_DESCRIBABLE = ("LeNet300", "LeNet5", "DigitsMLP", "DigitsCNN", "VGG", "CIFARResNet")
+
+
+def describe_model(model) -> dict:
+  """JSON-ready ``{'class': ..., <width attributes>}`` of a library model (a slimmed one
+  included): :func:`model_from_description` rebuilds the same architecture. The speed of a
+  slimmed model depends on this alone, not on its weights."""
+  out = {"class": type(model).__name__}
+  for k in _ARCH_KEYS:
+    if hasattr(model, k):
+      v = getattr(model, k)
+      out[k] = [list(x) if isinstance(x, (tuple, list)) else x for x in v] if isinstance(
+          v, (tuple, list)) else v
+  return out
+
+
+def model_from_description(desc: dict):
+  """The model of :func:`describe_model`'s ``desc`` (unbound; initialise or load its
+  variables). Raises ValueError for a class that is not one of the library's image models."""
+  from hypersparse_jax import models as lib
+  desc = dict(desc)
+  name = desc.pop("class", None)
+  if name not in _DESCRIBABLE:
+    raise ValueError(f"model class {name!r} is not one of {', '.join(_DESCRIBABLE)}")
+  for k in ("hidden", "widths", "stage_widths"):
+    if desc.get(k) is not None:
+      desc[k] = tuple(desc[k])
+  if desc.get("inner") is not None:
+    desc["inner"] = tuple(tuple(x) for x in desc["inner"])
+  return getattr(lib, name)(**desc)
 
 
 def count_flops(model, variables, input_shape: Sequence[int]) -> float:

@@ -509,26 +509,14 @@ def check_output_path(path: str) -> None:
                           f"({e.strerror or first_line(e)})") from None
 
 
-def _model_description(model) -> dict:
-  """The class and the width attributes that rebuild a (slimmed) library model."""
-  keys = [k for k in ("depth", "num_classes", "batch_norm", "hidden", "widths", "inner",
-                      "stage_widths")
-          if hasattr(model, k)]
-  out = {"class": type(model).__name__}
-  for k in keys:
-    v = getattr(model, k)
-    out[k] = [list(x) if isinstance(x, (tuple, list)) else x for x in v] if isinstance(
-        v, (tuple, list)) else v
-  return out
-
-
 def write_slim_npz(model, variables, path: str) -> None:
   """The slimmed model's variables as plain arrays (``'params/conv1/kernel'``, ...) plus
   ``'model'``: JSON of its class and widths (:func:`load_slim_npz` rebuilds both)."""
   import jax
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
           for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
-  flat["model"] = np.asarray(json.dumps(_model_description(model)))
+  from hypersparse_jax import channels
+  flat["model"] = np.asarray(json.dumps(channels.describe_model(model)))
   tmp = path + ".tmp.npz"
   np.savez_compressed(tmp, **flat)
   os.replace(tmp, path)
@@ -536,7 +524,6 @@ def write_slim_npz(model, variables, path: str) -> None:
 
 def load_slim_npz(path: str):
   """``(model, variables)`` from :func:`write_slim_npz`'s file."""
-  from hypersparse_jax import models
   with np.load(path) as f:
     desc = json.loads(str(f["model"]))
     variables: dict = {}
@@ -548,13 +535,8 @@ def load_slim_npz(path: str):
       for p_ in parents:
         node = node.setdefault(p_, {})
       node[leaf] = f[name]
-  cls = getattr(models, desc.pop("class"))
-  for k in ("hidden", "widths", "stage_widths"):
-    if desc.get(k) is not None:
-      desc[k] = tuple(desc[k])
-  if desc.get("inner") is not None:
-    desc["inner"] = tuple(tuple(x) for x in desc["inner"])
-  return cls(**desc), variables
+  from hypersparse_jax import channels
+  return channels.model_from_description(desc), variables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -618,12 +600,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       model, variables = channels.slim(model, variables, mask)
       slimmed = {"params_dense": dense_params, "params_slim": sum(
           int(np.size(x)) for x in jax.tree.leaves(variables["params"]))}
-      metadata.update(slim=json.dumps(_model_description(model)))
+      metadata.update(slim=json.dumps(channels.describe_model(model)))
       if args.output.endswith(".npz"):
         write_slim_npz(model, variables, args.output)
         print(f"wrote {args.output}: the slimmed {info['model']} ({slimmed['params_slim']:,} "
               f"of {slimmed['params_dense']:,} parameters), "
-              f"{json.dumps(_model_description(model))}")
+              f"{json.dumps(channels.describe_model(model))}")
         return 0
     if nm:  # an N:M run: the exported kernels must have the pattern (zeros are kept as zeros)
       from hypersparse_jax import budgets

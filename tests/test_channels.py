@@ -4,6 +4,7 @@ logits equal the masked models'."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -246,3 +247,28 @@ def test_channel_mask_bad_input():
   bad["conv1"]["kernel"] = bad["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="conv1 contains NaN"):
     hs.channel_mask(bad, 0.5)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet300", "cnn", "vgg11", "resnet20"])
+def test_describe_model_rebuilds_the_slimmed_architecture(name):
+  model = MODELS[name]()
+  v = _init(model, seed=2)
+  small_model, small = hs.slim(model, v, hs.channel_mask(v["params"], 0.5))
+  desc = channels.describe_model(small_model)
+  assert desc["class"] == type(model).__name__
+  rebuilt = channels.model_from_description(json.loads(json.dumps(desc)))  # as a file holds it
+  assert rebuilt == small_model
+  shapes = jax.eval_shape(lambda k: rebuilt.init(k, jnp.zeros(model.default_input_shape),
+                                                 train=False), jax.random.PRNGKey(0))
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, small)
+  # slim_summary records it, with the slimmed parameter count it describes
+  summary = channels.slim_summary(model, dict(v, params=hs.apply_mask(
+      v["params"], hs.channel_mask(v["params"], 0.5))), model.default_input_shape)
+  assert summary["slim_model"] == desc
+  assert summary["params_slim"] == sum(int(np.prod(x.shape)) for x in
+                                       jax.tree.leaves(shapes["params"]))
+
+
+def test_model_from_description_refuses_other_classes():
+  with pytest.raises(ValueError, match="'create_model' is not one of"):
+    channels.model_from_description({"class": "create_model"})

@@ -1,0 +1,83 @@
+"""benchmarks/bench_slim_speed.py --from-study on small hand-made study files: every distinct
+slimmed architecture is timed once against the dense model, with parameter counts worked out
+by hand, and the accuracy/speed plot is drawn."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bench():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import bench_slim_speed
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  return bench_slim_speed
+
+
+def _lenet300(h1, h2):
+  return {"class": "LeNet300", "num_classes": 10, "hidden": [h1, h2]}
+
+
+def _stat(x):
+  return {"mean": x, "std": 0.0, "n": 1}
+
+
+def test_from_study_times_each_architecture_once(tmp_path):
+  bench = _bench()
+  settings = {"dataset": "fashion_mnist", "model": "lenet300", "depth": None,
+              "batch_norm": True, "width": 1.0}
+  runs = [{"method": "art_hypersparse", "fraction": 0.5, "seed": 0, "final_test_accuracy": 0.88,
+           "slim_model": _lenet300(150, 50)},
+          {"method": "art_hypersparse", "fraction": 0.5, "seed": 1, "final_test_accuracy": 0.87,
+           "slim_model": _lenet300(150, 50)},  # the same widths: timed once
+          {"method": "l1_filter", "fraction": 0.9, "seed": 0, "final_test_accuracy": 0.80,
+           "slim_model": _lenet300(30, 10)},
+          {"method": "dense", "fraction": 0.0, "seed": 0, "final_test_accuracy": 0.89}]
+  cells = [{"method": "dense", "final_test_accuracy": _stat(0.89)}]
+  (tmp_path / "ch").mkdir()
+  (tmp_path / "ch" / "study.json").write_text(json.dumps(
+      {"settings": settings, "runs": runs, "cells": cells}))
+  (tmp_path / "un").mkdir()
+  (tmp_path / "un" / "study.json").write_text(json.dumps(
+      {"settings": dict(settings, sparsities=[0.9]), "runs": [],
+       "cells": [{"method": "art_hypersparse", "target": 0.9,
+                  "final_test_accuracy": _stat(0.885)},
+                 {"method": "dense", "target": 0.0, "final_test_accuracy": _stat(0.89)}]}))
+  out, png = tmp_path / "speed.json", tmp_path / "t.png"
+  assert bench.main(["--from-study", str(tmp_path / "ch"), "--unstructured", str(tmp_path / "un"),
+                     "--repeats", "1", "--no-onnx", "--out", str(out), "--plot", str(png)]) == 0
+  study = json.loads(out.read_text())["studies"][0]
+  v = study["variants"]
+  assert sorted(v) == ["arch0", "arch1", "dense", "weights_0.9"]
+  # parameters by hand: 784-h1-h2-10 with biases
+  count = lambda h1, h2: 784 * h1 + h1 + h1 * h2 + h2 + h2 * 10 + 10  # noqa: E731
+  assert v["dense"]["params"] == count(300, 100) == 266_610
+  assert v["arch0"]["params"] == count(150, 50) and v["arch1"]["params"] == count(30, 10)
+  assert v["weights_0.9"]["params"] == count(300, 100)  # zeros are still parameters
+  for key in v:
+    for batch in ("batch_1", "batch_256"):
+      assert v[key]["xla"][batch]["median_ms"] > 0
+  assert all(v["dense"]["xla"][b]["speedup_vs_dense"] == 1.0 for b in ("batch_1", "batch_256"))
+  assert [r["arch"] for r in study["runs"]] == ["arch0", "arch0", "arch1"]
+  assert study["dense_accuracy"] == 0.89
+  assert study["unstructured"][0]["cells"][0]["target"] == 0.9
+  assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_from_study_without_slim_models_says_so(tmp_path):
+  bench = _bench()
+  (tmp_path / "study.json").write_text(json.dumps(
+      {"settings": {"dataset": "fashion_mnist", "model": "lenet5"},
+       "runs": [{"method": "l1_filter", "fraction": 0.5, "seed": 0}], "cells": []}))
+  try:
+    bench.main(["--from-study", str(tmp_path), "--no-onnx", "--out", str(tmp_path / "o.json")])
+  except SystemExit as e:
+    assert "no run records its slimmed model" in str(e)
+  else:
+    raise AssertionError("a study without slim_model was accepted")
