@@ -169,8 +169,12 @@ def from_studies(args, onnx_ok):
     report = _load(folder)
     s = report["settings"]
     shape = DATASET_IMAGE_SHAPES[s["dataset"]]
-    runs = [r for r in report["runs"] if r.get("slim_model")
+    runs = [r for r in report["runs"] if r["method"] != "dense"
             and (args.seeds is None or r["seed"] in args.seeds)]
+    if any(not r.get("slim_model") for r in runs):
+      print(f"{folder}: {sum(not r.get('slim_model') for r in runs)} of {len(runs)} runs do not "
+            "record their slimmed model (older runs): left out", flush=True)
+    runs = [r for r in runs if r.get("slim_model")]
     if not runs:
       raise SystemExit(f"{folder}: no run records its slimmed model (slim_model); rerun "
                        "benchmarks/study_channels.py with this version")
@@ -189,8 +193,12 @@ def from_studies(args, onnx_ok):
         variants[archs[key]] = (m, init(m))
       rows.append({k: r.get(k) for k in ("method", "fraction", "seed", "final_test_accuracy",
                                           "params_slim", "flops_slim")} | {"arch": archs[key]})
-    same = [(f, u) for f, u in unstructured if u["settings"]["model"] == s["model"]
+    same = [(f, u) for f, u in unstructured
+            if all(u["settings"].get(k) == s.get(k) for k in ("dataset", "model", "depth"))
             and u["settings"].get("width", 1.0) == s.get("width", 1.0)]
+    if len(same) < len(unstructured):
+      print(f"{folder}: {len(unstructured) - len(same)} --unstructured studies are of another "
+            "dataset or model: not drawn beside it", flush=True)
     for _, u in same:
       for kappa in u["settings"]["sparsities"]:
         zeroed = dict(dense_vars, params=hs.apply_mask(

@@ -391,9 +391,9 @@ def same_settings(old, new, free=()):
   resumed run's ``config.json`` does: adding an option keeps earlier results valid."""
   from hypersparse_jax.config import LEGACY_DEFAULTS
   try:
-    old, new = (json.loads(x) if isinstance(x, str) else json.loads(json.dumps(x))
+    old, new = (json.loads(x) if isinstance(x, str) else json.loads(json.dumps(x, default=str))
                 for x in (old, new))
-  except (TypeError, ValueError):
+  except ValueError:  # an unreadable record: not the same settings
     return False
   if not isinstance(old, dict) or not isinstance(new, dict):
     return False
@@ -624,12 +624,14 @@ def write_plot(path, report):
 # ------------------------------------------------------------------------------------------------
 
 
-def default_out(dataset, model=None):
-  """Each dataset's study has its own folder (and each ``--model``'s), so one study never
-  overwrites another's."""
+def default_out(dataset, model=None, depth=None, width=None):
+  """Each dataset's study has its own folder (and each ``--model``'s, ``--depth``'s and
+  ``--width``'s), so one study never overwrites another's."""
   name = "study" if dataset == "digits" else f"study_{dataset}"
   if model is not None:
-    name += f"_{model}"
+    name += f"_{model}{depth or ''}"
+  if width not in (None, 1):
+    name += f"_w{width:g}"
   return os.path.join("benchmarks", "results", name)
 
 
@@ -696,7 +698,7 @@ def main(argv=None):
   if args.dataset is None:
     args.dataset = "cifar10" if args.data_dir else "digits"
   if args.out is None:
-    args.out = default_out(args.dataset, args.model)
+    args.out = default_out(args.dataset, args.model, args.depth, args.width)
   os.makedirs(args.out, exist_ok=True)
   cfg, settings, sparsities, seeds = study_settings(args)
   print(f"study: {json.dumps(settings)}", flush=True)

@@ -26,9 +26,10 @@ warm-up, ART cap, fine-tuning; the same initial weights per seed):
 * ``dense`` once per seed (warm-up + fine-tune epochs), shared with every cell of the seed.
 
 The ``global`` cells and the dense runs are ``benchmarks/study.py``'s runs of the same
-configuration: where that study's results (``--reuse``, default its folder for the dataset and
-model) hold them with the same settings, they are taken from there, marked ``"from"``, and not
-run again (so are its kept dense models, ``.dense_cache/``).
+configuration: where that study's results hold them with the same settings (``--reuse DIR``;
+by default its folder for the dataset and model, or the dataset's folder for the preset's
+model), they are taken from there, marked ``"from"``, and not run again; its kept dense
+models (``.dense_cache/``) are used too. Without such a study everything runs here.
 
 The headline is the final fine-tune epoch's test accuracy (no selection on the test set).
 Finished cells are kept in ``study.json`` and skipped when the study is run again. Written to
@@ -219,7 +220,7 @@ def build_parser():
                  help="take the global-threshold cells and dense runs that this folder's "
                       "benchmarks/study.py results hold for the same settings instead of "
                       "running them again (default: the main study's folder for the dataset "
-                      "and model; '' to run everything)")
+                      "and model, or the dataset's for its preset model; '' to run everything)")
   return p
 
 
@@ -238,6 +239,7 @@ def reused_runs(folder, settings, cells, seeds):
     with open(os.path.join(folder, "study.json")) as f:
       main = json.load(f)
   except (OSError, ValueError):
+    print(f"{folder}: no readable study.json, nothing reused", flush=True)
     return []
   if not study.same_settings(main.get("settings", {}), settings, free=_MAIN_ONLY):
     print(f"{folder}: other settings, nothing reused", flush=True)
@@ -260,13 +262,38 @@ def reused_runs(folder, settings, cells, seeds):
   return out
 
 
+def main_study_folder(args, settings):
+  """The folder of ``benchmarks/study.py``'s results with these settings: ``--reuse``, else
+  the main study's folder for the dataset, model, depth and width, or, for the dataset's preset
+  model, the dataset's folder (``study.py --dataset fashion_mnist`` without ``--model``);
+  None if none of them holds a study of the same settings."""
+  if args.reuse is not None:
+    candidates = [args.reuse] if args.reuse else []
+  else:
+    candidates = [study.default_out(args.dataset, args.model, args.depth, args.width),
+                  study.default_out(args.dataset)]
+  for folder in dict.fromkeys(candidates):
+    try:
+      with open(os.path.join(folder, "study.json")) as f:
+        main = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if study.same_settings(main.get("settings", {}), settings, free=_MAIN_ONLY):
+      return folder
+  if candidates:
+    print(f"no study of the same settings in {', '.join(candidates)}: nothing reused",
+          flush=True)
+  return None
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
   if args.dataset is None:
     args.dataset = "digits"
   if args.out is None:
-    args.out = os.path.join("benchmarks", "results",
-                            f"patterns_{args.dataset}" + (f"_{args.model}" if args.model else ""))
+    args.out = os.path.join("benchmarks", "results", f"patterns_{args.dataset}"
+                            + (f"_{args.model}{args.depth or ''}" if args.model else "")
+                            + (f"_w{args.width:g}" if args.width not in (None, 1) else ""))
   quick = args.quick
   args.sparsities = tuple(args.sparsities or ((0.9,) if quick else SPARSITIES))
   args.distributions = tuple(args.distributions if args.distributions is not None else
@@ -293,7 +320,7 @@ def main(argv=None):
   done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
   todo = [(p, s) for s in seeds for p in pats
           if not all((pattern_key(p), m, s) in done for m in METHODS)]
-  reuse = study.default_out(args.dataset, args.model) if args.reuse is None else args.reuse
+  reuse = main_study_folder(args, settings)
   if reuse:
     taken = [r for r in reused_runs(reuse, settings, todo,
                                     [s for s in seeds if ("dense", "dense", s) not in done])

@@ -215,7 +215,8 @@ def default_outdir(cfg: TrainConfig) -> str:
       "runs", f"{cfg.dataset}-{cfg.model}{cfg.depth or ''}-{cfg.penalty}-"
       + (f"nm{cfg.nm.replace(':', '-')}" if cfg.nm else f"{cfg.sparsity:g}")
       + ("" if cfg.distribution == "global" else f"-{cfg.distribution}")
-      + ("-channel" if cfg.structure == "channel" else ""))
+      + ("-channel" if cfg.structure == "channel" else "")
+      + ("" if cfg.width == 1 else f"-w{cfg.width:g}"))
 
 
 def _check_resumable(outdir: str, config: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -245,3 +246,30 @@ def test_pattern_study_takes_the_main_studys_global_runs():
       assert r[k] == computed[k], (r, computed)
   assert study_patterns.reused_runs(main, dict(settings, lr=0.1), cells, seeds) == []
   assert study_patterns.reused_runs(str(results / "nowhere"), settings, cells, seeds) == []
+
+
+def test_pattern_study_finds_the_main_study(monkeypatch):
+  """LeNet-300-100 is Fashion-MNIST's preset model: its main study is the dataset's folder
+  (run without --model); other settings find none (and then the pattern study keeps its own
+  dense cache)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study
+    import study_patterns
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  monkeypatch.chdir(ROOT)
+  settings = json.loads((ROOT / "benchmarks" / "results" / "patterns_fashion_mnist_lenet300" /
+                         "study.json").read_text())["settings"]
+  args = study_patterns.build_parser().parse_args(["--dataset", "fashion_mnist", "--model",
+                                                   "lenet300"])
+  assert study_patterns.main_study_folder(args, settings) == os.path.join(
+      "benchmarks", "results", "study_fashion_mnist")
+  assert study_patterns.main_study_folder(args, dict(settings, lr=0.1)) is None
+  args.reuse = ""
+  assert study_patterns.main_study_folder(args, settings) is None
+  # folders per depth and width
+  assert study.default_out("fashion_mnist", "vgg", 11, 0.25).endswith(
+      "study_fashion_mnist_vgg11_w0.25")
+  assert study.default_out("fashion_mnist", "lenet5", None, 1.0).endswith(
+      "study_fashion_mnist_lenet5")
