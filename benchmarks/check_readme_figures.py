@@ -56,6 +56,12 @@ def cell(report, method, target, key="final_test_accuracy"):
               if c["method"] == method and c["target"] == target)
 
 
+def seed_run(report, method, target, seed=0, key="final_test_accuracy"):
+  """One seed's run of a study (figures quoted before every seed is in)."""
+  return next(r[key] for r in report["runs"]
+              if r["method"] == method and r["target"] == target and r["seed"] == seed)
+
+
 def spread(report, method, target, key="final_test_accuracy"):
   """The standard deviation over seeds of a study cell."""
   return next(c[key]["std"] for c in report["cells"]
@@ -161,6 +167,15 @@ FIGURES: List[Figure] = [
                       pct(spread(d, "gmp", 0.98)),
                       pct(cell(d, "gmp", 0.995)), pct(cell(d, "art_l1", 0.995)),
                       pct(cell(d, "art_l2", 0.995)), pct(cell(d, "oneshot", 0.995)))),
+    Figure(README, r"ART \+ HyperSparse ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) % at 90 / 95 / 98 / 99 %,"
+           r"\s+ART \+ L1 ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) %, GMP ([\d.]+) / ([\d.]+) / "
+           r"([\d.]+) / ([\d.]+) %, one-shot\s+([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) %, against "
+           r"([\d.]+) % for the dense model trained (\d+) epochs", R("study_fashion_mnist_lenet5/study.json"),
+           lambda d: tuple(pct(seed_run(d, m, x)) for m in ("art_hypersparse", "art_l1", "gmp",
+                                                             "oneshot")
+                           for x in (0.9, 0.95, 0.98, 0.99))
+           + (pct(seed_run(d, "dense", 0.0)),
+              str(next(r["epochs"] for r in d["runs"] if r["method"] == "dense")))),
     # --- per-layer budgets and N:M ------------------------------------------------------------
     Figure(README, r"final fine-tune epoch, ([\d.]+) min on 2 loaded cores\)\. With ERK budgets\s+"
            r"ART \+ HyperSparse reaches ([\d.]+) / ([\d.]+) / ([\d.]+) % at 90 / 98 / 99 %, against "
