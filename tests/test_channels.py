@@ -261,12 +261,12 @@ def test_describe_model_rebuilds_the_slimmed_architecture(name):
   shapes = jax.eval_shape(lambda k: rebuilt.init(k, jnp.zeros(model.default_input_shape),
                                                  train=False), jax.random.PRNGKey(0))
   assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, small)
-  # slim_summary records it, with the slimmed parameter count it describes
-  summary = channels.slim_summary(model, dict(v, params=hs.apply_mask(
-      v["params"], hs.channel_mask(v["params"], 0.5))), model.default_input_shape)
-  assert summary["slim_model"] == desc
-  assert summary["params_slim"] == sum(int(np.prod(x.shape)) for x in
-                                       jax.tree.leaves(shapes["params"]))
+  if name == "lenet5":  # slim_summary records it (compiles for FLOPs: one model is enough)
+    summary = channels.slim_summary(model, dict(v, params=hs.apply_mask(
+        v["params"], hs.channel_mask(v["params"], 0.5))), model.default_input_shape)
+    assert summary["slim_model"] == desc
+    assert summary["params_slim"] == sum(int(np.prod(x.shape)) for x in
+                                         jax.tree.leaves(shapes["params"]))
 
 
 def test_model_from_description_refuses_other_classes():
