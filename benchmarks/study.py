@@ -624,6 +624,31 @@ def write_plot(path, report):
 # ------------------------------------------------------------------------------------------------
 
 
+def main_study_folder(args, settings, free):
+  """The folder of this script's results with ``settings`` (apart from the keys ``free``),
+  for the pattern and channel studies, which take runs from it: ``args.reuse`` if set ('':
+  none), else the main study's folder for the dataset, model, depth and width, or, for the
+  dataset's preset model, the dataset's folder (``--dataset fashion_mnist`` without
+  ``--model``); None (and a line saying so) if none of them holds a study of these settings."""
+  if getattr(args, "reuse", None) is not None:
+    candidates = [args.reuse] if args.reuse else []
+  else:
+    candidates = [default_out(args.dataset, args.model, args.depth, args.width),
+                  default_out(args.dataset)]
+  for folder in dict.fromkeys(candidates):
+    try:
+      with open(os.path.join(folder, "study.json")) as f:
+        main = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if same_settings(main.get("settings", {}), settings, free=free):
+      return folder
+  if candidates:
+    print(f"no study of the same settings in {', '.join(candidates)}: nothing reused",
+          flush=True)
+  return None
+
+
 def default_out(dataset, model=None, depth=None, width=None):
   """Each dataset's study has its own folder (and each ``--model``'s, ``--depth``'s and
   ``--width``'s), so one study never overwrites another's."""

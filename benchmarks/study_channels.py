@@ -16,7 +16,8 @@ model (the same initial weights per seed):
 * ``l1_filter``: L1-norm filter pruning (Li et al. 2017) of the trained dense model: in every
   prunable layer the same fraction of channels, those of smallest weight L1 norm, then the same
   masked fine-tuning as ART's.
-* ``dense`` once per seed (warm-up + fine-tune epochs).
+* ``dense`` once per seed (warm-up + fine-tune epochs), taken from ``benchmarks/study.py``'s
+  results of the same settings where they exist (``--reuse``), with its kept dense models.
 
 Each finished run also records the slimmed model's parameters and XLA FLOPs. The headline is
 the final fine-tune epoch's test accuracy. Resumable like the other studies.
@@ -128,10 +129,19 @@ def write_markdown(path, report):
     f.write("\n".join(lines) + "\n")
 
 
+# the settings of benchmarks/study.py's report that do not change its dense runs
+_MAIN_ONLY = ("seeds", "sparsities", "fractions", "workers", "methods", "gmp_every",
+              "steps_per_epoch")
+
+
 def main(argv=None):
   p = study.build_parser()
   p.description = __doc__.split("\n\n")[0]
   p.add_argument("--fractions", type=float, nargs="*", default=None)
+  p.add_argument("--reuse", default=None, metavar="DIR",
+                 help="take the dense runs (and kept dense models) of this folder's "
+                      "benchmarks/study.py results of the same settings (default: the main "
+                      "study's folder for the dataset and model; '' to train them here)")
   args = p.parse_args(argv)
   if args.dataset is None:
     args.dataset = "digits"
@@ -154,6 +164,18 @@ def main(argv=None):
     for k in ("seeds", "fractions"):
       settings[k] = sorted(set(old[k]) | set(settings[k]))
   done = {(r["fraction"], r["method"], r["seed"]) for r in runs}
+  main = study.main_study_folder(args, settings, _MAIN_ONLY)
+  if main:  # the dense runs of benchmarks/study.py with these settings, and its dense models
+    with open(os.path.join(main, "study.json")) as f:
+      taken = [dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
+                    fraction=0.0, method="dense", seed=r["seed"], **{"from": main})
+               for r in json.load(f)["runs"] if r["method"] == "dense" and r["seed"] in seeds
+               and (0.0, "dense", r["seed"]) not in done]
+    if taken:
+      print(f"took {len(taken)} dense runs of {main}", flush=True)
+    runs += taken
+    done |= {(0.0, "dense", r["seed"]) for r in taken}
+    args.dense_cache = os.path.join(main, ".dense_cache")
   todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
   todo = [(x, s) for s in seeds for x in fractions
           if not all((x, m, s) in done for m in METHODS)]

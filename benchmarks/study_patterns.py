@@ -263,27 +263,8 @@ def reused_runs(folder, settings, cells, seeds):
 
 
 def main_study_folder(args, settings):
-  """The folder of ``benchmarks/study.py``'s results with these settings: ``--reuse``, else
-  the main study's folder for the dataset, model, depth and width, or, for the dataset's preset
-  model, the dataset's folder (``study.py --dataset fashion_mnist`` without ``--model``);
-  None if none of them holds a study of the same settings."""
-  if args.reuse is not None:
-    candidates = [args.reuse] if args.reuse else []
-  else:
-    candidates = [study.default_out(args.dataset, args.model, args.depth, args.width),
-                  study.default_out(args.dataset)]
-  for folder in dict.fromkeys(candidates):
-    try:
-      with open(os.path.join(folder, "study.json")) as f:
-        main = json.load(f)
-    except (OSError, ValueError):
-      continue
-    if study.same_settings(main.get("settings", {}), settings, free=_MAIN_ONLY):
-      return folder
-  if candidates:
-    print(f"no study of the same settings in {', '.join(candidates)}: nothing reused",
-          flush=True)
-  return None
+  """:func:`study.main_study_folder` for this study's settings."""
+  return study.main_study_folder(args, settings, _MAIN_ONLY)
 
 
 def main(argv=None):

@@ -273,3 +273,62 @@ def test_pattern_study_finds_the_main_study(monkeypatch):
       "study_fashion_mnist_vgg11_w0.25")
   assert study.default_out("fashion_mnist", "lenet5", None, 1.0).endswith(
       "study_fashion_mnist_lenet5")
+
+
+def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
+  """The channel study of LeNet-5 finds the main LeNet-5 study (same schedule) for its dense
+  runs; the quarter-width VGG has none and trains its own."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import study
+    import study_channels
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  monkeypatch.chdir(ROOT)
+
+  def settings(argv):
+    args = study.build_parser().parse_args(argv)
+    args.reuse = None
+    cfg = study.make_config(args, 0.5, "hypersparse", 0)
+    s = study.base_settings(cfg)
+    s.update(lr_steps=list(cfg.lr_steps), fractions=[0.5], seeds=[0], quick=False)
+    return args, s
+
+  args, s = settings(["--dataset", "fashion_mnist", "--model", "lenet5"])
+  assert study.main_study_folder(args, s, study_channels._MAIN_ONLY) == os.path.join(
+      "benchmarks", "results", "study_fashion_mnist_lenet5")
+  args, s = settings(["--dataset", "fashion_mnist", "--model", "vgg", "--depth", "11",
+                      "--width", "0.25"])
+  assert study.main_study_folder(args, s, study_channels._MAIN_ONLY) is None
+
+
+def test_quick_channel_study_and_resume(tmp_path):
+  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the three methods
+  and the dense run, each pruned run with its slimmed architecture, which has the parameter
+  count it reports; a second run keeps every run."""
+  out = tmp_path / "channels"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "study_channels.py"), "--quick", "--out",
+         str(out), "--workers", "1", "--jit-cache", str(tmp_path / "jit")]
+  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((out / "study.json").read_text())
+  assert report["complete"] is True
+  runs = report["runs"]
+  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "l1_filter"]
+  import jax
+  import jax.numpy as jnp
+  from hypersparse_jax import channels
+  for r in runs:
+    if r["method"] == "dense":
+      continue
+    assert 0.4 < r["sparsity"] < 0.6 and r["params_slim"] < r["params_dense"]
+    m = channels.model_from_description(r["slim_model"])
+    shapes = jax.eval_shape(lambda k, m=m: m.init(k, jnp.zeros((1, 8, 8, 1)), train=False),
+                            jax.random.PRNGKey(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == (
+        r["params_slim"])
+  assert "| ART + group HyperSparse |" in (out / "study.md").read_text()
+  again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "kept 4 runs; 0 dense runs and 0 cells to go" in again.stdout
+  assert json.loads((out / "study.json").read_text())["runs"] == runs
