@@ -610,8 +610,12 @@ def write_plot(path, report):
   ax.set_xlabel("sparsity κ (%)")
   ax.set_ylabel("test bits per byte (lower is better)" if scale == 1
                 else "final fine-tune test accuracy (%)")
+  ns = sorted({c["final_test_accuracy"]["n"] for c in report["cells"]
+               if c["method"] != "dense" and c.get("final_test_accuracy")})
+  seeds = (f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else "no"
   ax.set_title(f"{report['settings']['dataset']} / {report['settings']['model']}: "
-               f"{len(report['settings']['seeds'])} seed(s), mean ± std")
+               f"{seeds} seed(s) per point, mean ± std"
+               + ("" if report.get("complete", True) else " (incomplete)"))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
