@@ -62,6 +62,21 @@ def seed_run(report, method, target, seed=0, key="final_test_accuracy"):
               if r["method"] == method and r["target"] == target and r["seed"] == seed)
 
 
+def _warmup_seconds(d):
+  """LeNet-5's and LeNet-300-100's seconds per warm-up epoch in epoch_times.json."""
+  by = {m["model"]: m["seconds_per_epoch"]["warmup"] for m in d["models"]}
+  return f"{by['lenet5']:.1f}", f"{by['lenet300']:.2f}"
+
+
+def _cell_seconds(report, seed):
+  """Least and most worker-seconds a finished cell of ``seed`` took (its runs' times summed)."""
+  cells = {}
+  for r in report["runs"]:
+    if r["method"] != "dense" and r["seed"] == seed:
+      cells[r["target"]] = cells.get(r["target"], 0.0) + r["time"]
+  return f"{min(cells.values()):.0f}", f"{max(cells.values()):.0f}"
+
+
 def spread(report, method, target, key="final_test_accuracy"):
   """The standard deviation over seeds of a study cell."""
   return next(c[key]["std"] for c in report["cells"]
@@ -167,15 +182,23 @@ FIGURES: List[Figure] = [
                       pct(spread(d, "gmp", 0.98)),
                       pct(cell(d, "gmp", 0.995)), pct(cell(d, "art_l1", 0.995)),
                       pct(cell(d, "art_l2", 0.995)), pct(cell(d, "oneshot", 0.995)))),
-    Figure(README, r"ART \+ HyperSparse ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) % at 90 / 95 / 98 / 99 %,"
-           r"\s+ART \+ L1 ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) %, GMP ([\d.]+) / ([\d.]+) / "
-           r"([\d.]+) / ([\d.]+) %, one-shot\s+([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) %, against "
-           r"([\d.]+) % for the dense model trained (\d+) epochs", R("study_fashion_mnist_lenet5/study.json"),
+    Figure(README, r"a LeNet-5 warm-up\s+epoch took ([\d.]+) s against LeNet-300-100's ([\d.]+) s "
+           r"in `benchmarks/results/epoch_times.json`", R("epoch_times.json"),
+           lambda d: _warmup_seconds(d)),
+    Figure(README, r"ART \+\s+HyperSparse " + " / ".join([r"([\d.]+)"] * 5) + r" % at 90 / 95 / 98 / "
+           r"99 / 99.5 %, ART \+ L1\s+" + " / ".join([r"([\d.]+)"] * 5) + r" %, GMP "
+           + " / ".join([r"([\d.]+)"] * 5) + r" %, one-shot\s+" + " / ".join([r"([\d.]+)"] * 5)
+           + r" %, against ([\d.]+) % for the dense model trained (\d+) epochs",
+           R("study_fashion_mnist_lenet5/study.json"),
            lambda d: tuple(pct(seed_run(d, m, x)) for m in ("art_hypersparse", "art_l1", "gmp",
                                                              "oneshot")
-                           for x in (0.9, 0.95, 0.98, 0.99))
+                           for x in (0.9, 0.95, 0.98, 0.99, 0.995))
            + (pct(seed_run(d, "dense", 0.0)),
               str(next(r["epochs"] for r in d["runs"] if r["method"] == "dense")))),
+    Figure(BENCH, r"epoch took ([\d.]+) s against LeNet-300-100's ([\d.]+) s \(`results/epoch_times"
+           r"\.json`", R("epoch_times.json"), lambda d: _warmup_seconds(d)),
+    Figure(BENCH, r"seed 0's cells took (\d+)–(\d+) s of one\s+worker's time each",
+           R("study_fashion_mnist_lenet5/study.json"), lambda d: _cell_seconds(d, seed=0)),
     # --- per-layer budgets and N:M ------------------------------------------------------------
     Figure(README, r"final fine-tune epoch, ([\d.]+) min on 2 loaded cores\)\. With ERK budgets\s+"
            r"ART \+ HyperSparse reaches ([\d.]+) / ([\d.]+) / ([\d.]+) % at 90 / 98 / 99 %, against "

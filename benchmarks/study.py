@@ -83,7 +83,8 @@ PYSOURCE_QUICK = dict(layers=1, d_model=32, heads=2, context=32, batch_size=16,
 # Fashion-MNIST: the CLI preset's schedule (LeNet-300-100, clean images, 5 warm-up epochs, ART
 # until the stop rule or 25 epochs, 6 fine-tune epochs): ~1 min a run on 2 CPU cores.
 FASHION_STUDY = dict(warmup_epochs=5, epochs=6, lr_steps=(3, 5), max_art_epochs=25)
-# LeNet-5 costs ~25 s an epoch on 2 cores (~12x LeNet-300-100), so its study runs a shortened
+# A LeNet-5 epoch costs 56.7 s against LeNet-300-100's 2.05 s on 2 loaded cores
+# (results/epoch_times.json), so its study runs a shortened
 # schedule: 3 warm-up epochs, λ starting 2.5x higher and growing 1.5x an epoch (ART at most 12
 # epochs), 3 fine-tune epochs (lr x 0.1 after 2). ~6 epochs of dense training.
 FASHION_STUDY_LENET5 = dict(warmup_epochs=3, epochs=3, lr_steps=(2,), max_art_epochs=12,
@@ -628,12 +629,13 @@ def write_plot(path, report):
 # ------------------------------------------------------------------------------------------------
 
 
-def main_study_folder(args, settings, free):
-  """The folder of this script's results with ``settings`` (apart from the keys ``free``),
-  for the pattern and channel studies, which take runs from it: ``args.reuse`` if set ('':
-  none), else the main study's folder for the dataset, model, depth and width, or, for the
+def find_main_study(args, settings, free):
+  """``(folder, report)`` of this script's results with ``settings`` (apart from the keys
+  ``free``), for the pattern and channel studies, which take runs from it: ``args.reuse`` if set
+  ('': none), else the main study's folder for the dataset, model, depth and width, or, for the
   dataset's preset model, the dataset's folder (``--dataset fashion_mnist`` without
-  ``--model``); None (and a line saying so) if none of them holds a study of these settings."""
+  ``--model``); ``(None, None)`` (and a line saying so) if none of them holds a study of these
+  settings."""
   if getattr(args, "reuse", None) is not None:
     candidates = [args.reuse] if args.reuse else []
   else:
@@ -646,11 +648,18 @@ def main_study_folder(args, settings, free):
     except (OSError, ValueError):
       continue
     if same_settings(main.get("settings", {}), settings, free=free):
-      return folder
+      return folder, main
   if candidates:
     print(f"no study of the same settings in {', '.join(candidates)}: nothing reused",
           flush=True)
-  return None
+  return None, None
+
+
+def borrow_run(run, folder, **fields):
+  """A run of this script's ``study.json`` (in ``folder``) in another study's form: without its
+  method/target/seed keys, with ``fields`` and ``"from": folder``."""
+  return dict({k: v for k, v in run.items() if k not in ("method", "target", "seed")},
+              **fields, **{"from": folder})
 
 
 def default_out(dataset, model=None, depth=None, width=None):

@@ -164,18 +164,16 @@ def main(argv=None):
     for k in ("seeds", "fractions"):
       settings[k] = sorted(set(old[k]) | set(settings[k]))
   done = {(r["fraction"], r["method"], r["seed"]) for r in runs}
-  main = study.main_study_folder(args, settings, _MAIN_ONLY)
-  if main:  # the dense runs of benchmarks/study.py with these settings, and its dense models
-    with open(os.path.join(main, "study.json")) as f:
-      taken = [dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
-                    fraction=0.0, method="dense", seed=r["seed"], **{"from": main})
-               for r in json.load(f)["runs"] if r["method"] == "dense" and r["seed"] in seeds
-               and (0.0, "dense", r["seed"]) not in done]
+  folder, main = study.find_main_study(args, settings, _MAIN_ONLY)
+  if folder:  # the dense runs of benchmarks/study.py with these settings, and its dense models
+    taken = [study.borrow_run(r, folder, fraction=0.0, method="dense", seed=r["seed"])
+             for r in main["runs"] if r["method"] == "dense" and r["seed"] in seeds
+             and (0.0, "dense", r["seed"]) not in done]
     if taken:
-      print(f"took {len(taken)} dense runs of {main}", flush=True)
+      print(f"took {len(taken)} dense runs of {folder}", flush=True)
     runs += taken
     done |= {(0.0, "dense", r["seed"]) for r in taken}
-    args.dense_cache = os.path.join(main, ".dense_cache")
+    args.dense_cache = os.path.join(folder, ".dense_cache")
   todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
   todo = [(x, s) for s in seeds for x in fractions
           if not all((x, m, s) in done for m in METHODS)]

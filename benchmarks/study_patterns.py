@@ -228,22 +228,13 @@ def build_parser():
 _MAIN_ONLY = ("seeds", "sparsities", "distributions", "nm", "workers", "methods")
 
 
-def reused_runs(folder, settings, cells, seeds):
-  """Runs of the main study (``benchmarks/study.py``'s ``study.json`` in ``folder``) that are
-  this study's runs: its ART + HyperSparse, one-shot and GMP runs at κ are the ``global@κ``
-  cells (the same configuration, the same code path: on LeNet-300-100 all 30 such runs of
-  the two studies agreed to the last digit), and its dense runs are the dense runs. Only
-  with the same settings; ``cells``: the ``(pattern, seed)`` still to run. Returns the runs
-  in this study's form, each marked ``"from": folder``."""
-  try:
-    with open(os.path.join(folder, "study.json")) as f:
-      main = json.load(f)
-  except (OSError, ValueError):
-    print(f"{folder}: no readable study.json, nothing reused", flush=True)
-    return []
-  if not study.same_settings(main.get("settings", {}), settings, free=_MAIN_ONLY):
-    print(f"{folder}: other settings, nothing reused", flush=True)
-    return []
+def reused_runs(folder, main, cells, seeds):
+  """Runs of the main study (``main``: ``benchmarks/study.py``'s report in ``folder``, of the
+  same settings, :func:`study.find_main_study`) that are this study's runs: its ART +
+  HyperSparse, one-shot and GMP runs at κ are the ``global@κ`` cells (the same configuration,
+  the same code path: on LeNet-300-100 all 30 such runs of the two studies agreed to the last
+  digit), and its dense runs of ``seeds`` are the dense runs. ``cells``: the ``(pattern,
+  seed)`` still to run. Returns the runs in this study's form, each marked ``"from": folder``."""
   by = {(r["method"], r["target"], r["seed"]): r for r in main.get("runs", [])}
   out = []
   for p, s in cells:
@@ -251,20 +242,11 @@ def reused_runs(folder, settings, cells, seeds):
       continue
     found = [by.get((m, p["sparsity"], s)) for m in METHODS]
     if all(found):
-      out += [dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
-                   pattern=pattern_key(p), method=m, seed=s, **{"from": folder})
+      out += [study.borrow_run(r, folder, pattern=pattern_key(p), method=m, seed=s)
               for m, r in zip(METHODS, found)]
-  for s in seeds:
-    r = by.get(("dense", 0.0, s))
-    if r is not None:
-      out.append(dict({k: v for k, v in r.items() if k not in ("method", "target", "seed")},
-                      pattern="dense", method="dense", seed=s, **{"from": folder}))
+  out += [study.borrow_run(by[("dense", 0.0, s)], folder, pattern="dense", method="dense",
+                           seed=s) for s in seeds if ("dense", 0.0, s) in by]
   return out
-
-
-def main_study_folder(args, settings):
-  """:func:`study.main_study_folder` for this study's settings."""
-  return study.main_study_folder(args, settings, _MAIN_ONLY)
 
 
 def main(argv=None):
@@ -301,9 +283,9 @@ def main(argv=None):
   done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
   todo = [(p, s) for s in seeds for p in pats
           if not all((pattern_key(p), m, s) in done for m in METHODS)]
-  reuse = main_study_folder(args, settings)
+  reuse, main = study.find_main_study(args, settings, _MAIN_ONLY)
   if reuse:
-    taken = [r for r in reused_runs(reuse, settings, todo,
+    taken = [r for r in reused_runs(reuse, main, todo,
                                     [s for s in seeds if ("dense", "dense", s) not in done])
              if (r["pattern"], r["method"], r["seed"]) not in done]
     if taken:

@@ -371,9 +371,10 @@ def slim_summary(model, variables, input_shape: Sequence[int]) -> dict:
   (``slim_model``, :func:`describe_model`)."""
   mask = jax.tree.map(lambda x: np.asarray(x) != 0, variables["params"])
   groups = channel_groups(variables["params"])
-  kept = {g.name: len(i) for g, i in zip(groups, _kept_indices(mask, groups))}
-  total = sum(int(_get(variables["params"], g.producer)["kernel"].shape[-1]) for g in groups)
   small_model, small = slim(model, variables, mask, groups=groups)
+  width = lambda params, g: int(_get(params, g.producer)["kernel"].shape[-1])  # noqa: E731
+  kept = {g.name: width(small["params"], g) for g in groups}  # what slim() kept
+  total = sum(width(variables["params"], g) for g in groups)
   count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
   removed = total - sum(kept.values())
   return {"channels_removed": removed, "channels_total": total,

@@ -14,13 +14,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"art_hypersparse", "art_l1", "art_l2", "oneshot", "gmp", "dense"}
 
 
+def _bench(*names):
+  """The benchmark scripts ``names`` (modules of benchmarks/) imported."""
+  import importlib
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    return [importlib.import_module(n) for n in names]
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _run_quick(script, out, tmp_path, *extra):
+  """``benchmarks/<script> --quick`` into ``out`` in a subprocess (outside the repository, so
+  that no committed study is reused); its CompletedProcess after checking the exit code."""
+  cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out),
+         "--workers", "1", "--jit-cache", str(tmp_path / "jit"), *extra]
+  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
 def test_quick_study(tmp_path):
   out = tmp_path / "study"
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
-       "--jit-cache", str(tmp_path / "jit")],
-      cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _run_quick("study.py", out, tmp_path)
   for name in ("study.json", "study.md", "study.png"):
     assert (out / name).is_file() and (out / name).stat().st_size > 0, name
   assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
@@ -57,11 +73,7 @@ def test_quick_study(tmp_path):
   cut = dict(report, runs=[r for r in runs if r["target"] != last])
   (out / "study.json").write_text(json.dumps(cut))
   # ... and within that cell, its ART + L2 run had finished (kept in .partial/): not redone
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study
-  finally:
-    sys.path.pop(0)
+  study, = _bench("study")
   sargs = study.build_parser().parse_args(["--quick", "--out", str(out)])
   sargs.dataset = "digits"
   key = study.settings_key(study.make_config(sargs, last, "hypersparse", 0))
@@ -71,11 +83,7 @@ def test_quick_study(tmp_path):
   (out / ".partial").mkdir(exist_ok=True)
   (out / ".partial" / f"k{last:g}_s0.json").write_text(
       json.dumps({"key": key, "results": {"art_l2": kept_l2}}))
-  again = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
-       "--jit-cache", str(tmp_path / "jit")],
-      cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  again = _run_quick("study.py", out, tmp_path)
   assert f"kept {len(cut['runs'])} finished runs" in again.stdout, again.stdout[-2000:]
   assert "0 dense runs and 1 cells to go" in again.stdout, again.stdout[-2000:]
   resumed = json.loads((out / "study.json").read_text())
@@ -88,11 +96,7 @@ def test_quick_study(tmp_path):
   assert sorted(kept, key=key) == sorted(cut["runs"], key=key)  # kept as they were
   # Extendable: more seeds later (``--seeds 1``, here at one sparsity) keep every earlier run;
   # the report covers both seeds and says it is not complete (seed 1 lacks the first sparsity).
-  more = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--quick", "--out", str(out),
-       "--seeds", "1", "--sparsities", str(last), "--jit-cache", str(tmp_path / "jit")],
-      cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+  more = _run_quick("study.py", out, tmp_path, "--seeds", "1", "--sparsities", str(last))
   assert "1 dense runs and 1 cells to go" in more.stdout, more.stdout[-2000:]
   extended = json.loads((out / "study.json").read_text())
   assert extended["settings"]["seeds"] == [0, 1]
@@ -136,11 +140,7 @@ def test_quick_study(tmp_path):
 def test_pysource_tables_and_plot_from_runs(tmp_path):
   """The pysource report (bits per byte, lower is better) from hand-made runs: means and stds
   recomputed here, and the two ART penalties, one-shot, GMP and dense as the methods."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study
-  finally:
-    sys.path.pop(0)
+  study, = _bench("study")
   assert study.methods("pysource") == ("art_hypersparse", "art_l1", "oneshot", "gmp", "dense")
   sparsities, runs = [0.9, 0.98], []
   for seed, shift in ((0, 0.0), (1, 0.1)):
@@ -174,11 +174,7 @@ def test_pysource_tables_and_plot_from_runs(tmp_path):
 def test_default_out_is_per_dataset():
   """Without --out, each dataset's study writes to its own folder (the digits study keeps
   benchmarks/results/study), so running one study never overwrites another's results."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study
-  finally:
-    sys.path.pop(0)
+  study, = _bench("study")
   results = pathlib.Path("benchmarks") / "results"
   assert pathlib.Path(study.default_out("digits")) == results / "study"
   assert pathlib.Path(study.default_out("pysource")) == results / "study_pysource"
@@ -194,10 +190,7 @@ def test_quick_pattern_study_and_resume(tmp_path):
   with ART + HyperSparse, one-shot and GMP; the models have the pattern's sparsity; a second
   run keeps every finished cell."""
   out = tmp_path / "patterns"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "study_patterns.py"), "--quick", "--out",
-         str(out), "--workers", "1", "--jit-cache", str(tmp_path / "jit")]
-  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _run_quick("study_patterns.py", out, tmp_path)
   report = json.loads((out / "study.json").read_text())
   assert report["complete"] is True
   runs = report["runs"]
@@ -212,8 +205,7 @@ def test_quick_pattern_study_and_resume(tmp_path):
   table = (out / "study.md").read_text()
   assert "| erk | ART + HyperSparse |" in table and "| 2:4 | 50.00 % |" in table
   assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
-  again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
+  again = _run_quick("study_patterns.py", out, tmp_path)
   assert "kept 10 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
 
@@ -223,11 +215,7 @@ def test_pattern_study_takes_the_main_studys_global_runs():
   LeNet-300-100 results (where the pattern study ran them itself, before it could reuse them)
   what it would take from the main study equals what it computed, run for run; with other
   settings it takes nothing."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study_patterns
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  study, study_patterns = _bench("study", "study_patterns")
   results = ROOT / "benchmarks" / "results"
   own = json.loads((results / "patterns_fashion_mnist_lenet300" / "study.json").read_text())
   settings, seeds = own["settings"], own["settings"]["seeds"]
@@ -236,7 +224,9 @@ def test_pattern_study_takes_the_main_studys_global_runs():
   cells += [({"distribution": "erk", "nm": None, "sparsity": 0.9}, 0),
             ({"distribution": "global", "nm": "2:4", "sparsity": 0.5}, 0)]
   main = str(results / "study_fashion_mnist")
-  taken = study_patterns.reused_runs(main, settings, cells, seeds)
+  report = json.loads((results / "study_fashion_mnist" / "study.json").read_text())
+  assert study.same_settings(report["settings"], settings, study_patterns._MAIN_ONLY)
+  taken = study_patterns.reused_runs(main, report, cells, seeds)
   assert len(taken) == 3 * len(settings["sparsities"]) * len(seeds) + len(seeds)
   mine = {(r["pattern"], r["method"], r["seed"]): r for r in own["runs"]}
   for r in taken:
@@ -244,30 +234,27 @@ def test_pattern_study_takes_the_main_studys_global_runs():
     computed = mine[(r["pattern"], r["method"], r["seed"])]
     for k in ("final_test_accuracy", "best_test_accuracy", "sparsity", "art_epochs"):
       assert r[k] == computed[k], (r, computed)
-  assert study_patterns.reused_runs(main, dict(settings, lr=0.1), cells, seeds) == []
-  assert study_patterns.reused_runs(str(results / "nowhere"), settings, cells, seeds) == []
+  assert not study.same_settings(report["settings"], dict(settings, lr=0.1),
+                                 study_patterns._MAIN_ONLY)
 
 
 def test_pattern_study_finds_the_main_study(monkeypatch):
   """LeNet-300-100 is Fashion-MNIST's preset model: its main study is the dataset's folder
   (run without --model); other settings find none (and then the pattern study keeps its own
   dense cache)."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study
-    import study_patterns
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  study, study_patterns = _bench("study", "study_patterns")
   monkeypatch.chdir(ROOT)
   settings = json.loads((ROOT / "benchmarks" / "results" / "patterns_fashion_mnist_lenet300" /
                          "study.json").read_text())["settings"]
   args = study_patterns.build_parser().parse_args(["--dataset", "fashion_mnist", "--model",
                                                    "lenet300"])
-  assert study_patterns.main_study_folder(args, settings) == os.path.join(
-      "benchmarks", "results", "study_fashion_mnist")
-  assert study_patterns.main_study_folder(args, dict(settings, lr=0.1)) is None
+  find = lambda s: study.find_main_study(args, s, study_patterns._MAIN_ONLY)  # noqa: E731
+  folder, report = find(settings)
+  assert folder == os.path.join("benchmarks", "results", "study_fashion_mnist")
+  assert report["settings"]["model"] == "lenet300" and report["runs"]
+  assert find(dict(settings, lr=0.1)) == (None, None)
   args.reuse = ""
-  assert study_patterns.main_study_folder(args, settings) is None
+  assert find(settings) == (None, None)
   # folders per depth and width
   assert study.default_out("fashion_mnist", "vgg", 11, 0.25).endswith(
       "study_fashion_mnist_vgg11_w0.25")
@@ -278,12 +265,7 @@ def test_pattern_study_finds_the_main_study(monkeypatch):
 def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
   """The channel study of LeNet-5 finds the main LeNet-5 study (same schedule) for its dense
   runs; the quarter-width VGG has none and trains its own."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import study
-    import study_channels
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  study, study_channels = _bench("study", "study_channels")
   monkeypatch.chdir(ROOT)
 
   def settings(argv):
@@ -295,11 +277,11 @@ def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
     return args, s
 
   args, s = settings(["--dataset", "fashion_mnist", "--model", "lenet5"])
-  assert study.main_study_folder(args, s, study_channels._MAIN_ONLY) == os.path.join(
+  assert study.find_main_study(args, s, study_channels._MAIN_ONLY)[0] == os.path.join(
       "benchmarks", "results", "study_fashion_mnist_lenet5")
   args, s = settings(["--dataset", "fashion_mnist", "--model", "vgg", "--depth", "11",
                       "--width", "0.25"])
-  assert study.main_study_folder(args, s, study_channels._MAIN_ONLY) is None
+  assert study.find_main_study(args, s, study_channels._MAIN_ONLY) == (None, None)
 
 
 def test_quick_channel_study_and_resume(tmp_path):
@@ -307,10 +289,7 @@ def test_quick_channel_study_and_resume(tmp_path):
   and the dense run, each pruned run with its slimmed architecture, which has the parameter
   count it reports; a second run keeps every run."""
   out = tmp_path / "channels"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "study_channels.py"), "--quick", "--out",
-         str(out), "--workers", "1", "--jit-cache", str(tmp_path / "jit")]
-  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _run_quick("study_channels.py", out, tmp_path)
   report = json.loads((out / "study.json").read_text())
   assert report["complete"] is True
   runs = report["runs"]
@@ -328,7 +307,6 @@ def test_quick_channel_study_and_resume(tmp_path):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == (
         r["params_slim"])
   assert "| ART + group HyperSparse |" in (out / "study.md").read_text()
-  again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
+  again = _run_quick("study_channels.py", out, tmp_path)
   assert "kept 4 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
