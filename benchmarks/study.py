@@ -60,7 +60,7 @@ LABELS = {"art_hypersparse": "ART + HyperSparse", "art_l1": "ART + L1", "art_l2"
 SPARSITIES = (0.9, 0.95, 0.98, 0.99, 0.995)
 # what a channel-pruned run records of its summary.json (benchmarks/study_channels.py)
 CHANNEL_SIZES = ("params_dense", "params_slim", "flops_dense", "flops_slim",
-                 "channel_sparsity_achieved", "slim_model")
+                 "channel_sparsity_achieved", "channels_kept", "slim_model")
 SEEDS = (0, 1, 2)
 
 # Digits settings of the study: the digits preset of config.py with fewer epochs, so the whole
@@ -430,34 +430,46 @@ def cell_task(args, sparsity, seed):
   return sparsity, seed, results
 
 
-def dense_states(args, base, seed):
-  """``base.dense()`` of this seed, trained once per study: its result and its warm-up and
-  final states are kept in ``<out>/.dense_cache/`` (not committed) for the seed's other cells
-  (the dense run does not depend on κ). A cache from other settings is ignored."""
+def cached_states(path, key, names, compute):
+  """``compute()`` → ``(result, *states)``, kept in ``path``: a pickle of ``key`` (the
+  settings' JSON text), ``result`` and the states (host arrays) under ``names``. A file of other
+  settings, or none, is computed and replaced atomically."""
   import pickle
-  jax = base.jax
-  key = {k: v for k, v in dataclasses.asdict(base.cfg).items()
-         if k not in ("sparsity", "penalty", "distribution", "nm", "structure")}  # dense: no
-  key = json.dumps(key, sort_keys=True, default=str)
-  # a study that reuses another's runs (study_patterns.py) shares its folder's cache too
-  folder = getattr(args, "dense_cache", None) or os.path.join(args.out, ".dense_cache")
-  path = os.path.join(folder, f"seed{seed}.pkl")
+  import jax
+  import jax.numpy as jnp
   try:
     with open(path, "rb") as f:
       cached = pickle.load(f)
     if same_settings(cached["key"], key):
-      as_jax = lambda tree: jax.tree.map(base.jnp.asarray, tree)  # noqa: E731
-      return cached["result"], as_jax(cached["warm"]), as_jax(cached["final"])
-  except (OSError, EOFError, pickle.UnpicklingError, KeyError):
+      return (cached["result"],) + tuple(jax.tree.map(jnp.asarray, cached[n]) for n in names)
+  except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
     pass
-  result, warm, final = base.dense()
-  os.makedirs(folder, exist_ok=True)
+  result, *states = compute()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "wb") as f:
-    pickle.dump({"key": key, "result": result, "warm": jax.device_get(warm),
-                 "final": jax.device_get(final)}, f)
+    pickle.dump({"key": key, "result": result,
+                 **{n: jax.device_get(st) for n, st in zip(names, states)}}, f)
   os.replace(tmp, path)
-  return result, warm, final
+  return (result, *states)
+
+
+def cell_key(cfg, **extra):
+  """The settings a per-seed state depends on (not κ or the pattern), as JSON text."""
+  key = {k: v for k, v in dataclasses.asdict(cfg).items()
+         if k not in ("sparsity", "penalty", "distribution", "nm", "structure")}
+  key.update(extra)
+  return json.dumps(key, sort_keys=True, default=str)
+
+
+def dense_states(args, base, seed):
+  """``base.dense()`` of this seed, trained once per study: its result and its warm-up and
+  final states are kept in ``<out>/.dense_cache/`` (not committed) for the seed's other cells
+  (the dense run does not depend on κ). A cache from other settings is ignored."""
+  # a study that reuses another's runs (study_patterns.py) shares its folder's cache too
+  folder = getattr(args, "dense_cache", None) or os.path.join(args.out, ".dense_cache")
+  return cached_states(os.path.join(folder, f"seed{seed}.pkl"), cell_key(base.cfg),
+                       ("warm", "final"), base.dense)
 
 
 def dense_task(args, seed):

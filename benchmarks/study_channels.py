@@ -1,5 +1,5 @@
-"""Channel study: ART + group HyperSparse against L1-norm filter pruning and the group-L1 penalty
-of network slimming, at 50 / 75 / 90 % of the prunable channels removed.
+"""Channel study: ART + group HyperSparse against ART + group L1, L1-norm filter pruning and
+network slimming, at 50 / 75 / 90 % of the prunable channels removed.
 
     python benchmarks/study_channels.py --dataset fashion_mnist --model lenet5
     python benchmarks/study_channels.py --dataset fashion_mnist --model vgg --depth 11 --width 0.25
@@ -11,11 +11,24 @@ model (the same initial weights per seed):
 * ``art_hypersparse``: ``hypersparse-train --structure channel`` (group HyperSparse on the
   channel magnitudes: BatchNorm scales where BatchNorm follows, else the weights' L2 norms,
   divided by their layer's mean; :mod:`hypersparse_jax.channels`).
-* ``art_l1``: the same protocol with the group-L1 penalty ``Σ m̃`` (with BatchNorm, network
-  slimming's L1 on the scales, Liu et al. 2017; without, the group lasso), λ growing as ART's.
+* ``art_l1``: the same protocol with the group-L1 penalty ``Σ m̃`` on the same normalised
+  magnitudes (a group lasso; with BatchNorm, an L1 on the scales ÷ their layer's mean), λ
+  growing as ART's and ART's stop rule: the paper's L1 baseline carried over to channels, not
+  network slimming (below).
 * ``l1_filter``: L1-norm filter pruning (Li et al. 2017) of the trained dense model: in every
   prunable layer the same fraction of channels, those of smallest weight L1 norm, then the same
   masked fine-tuning as ART's.
+* ``slimming``: network slimming (Liu et al. 2017), only for models whose every prunable
+  layer is followed by BatchNorm (their method prunes by the BatchNorm scales): the dense
+  schedule (warm-up + fine-tune epochs) from the same initial weights with the fixed-λ
+  subgradient ``λ·sign(γ)`` added to the scales' gradients (``art(..., penalty='l1',
+  structure='channel', normalized=False)`` with η = 1 and no warm-up), then one global
+  threshold on the raw ``|γ|`` (``channel_mask(..., normalized=False)``; every layer keeps its
+  largest channel) and the same masked fine-tuning. Liu et al. use λ = 1e-4 for VGG on CIFAR
+  over 160 epochs of 391 steps at lr 0.1 / 0.01 / 0.001: a total pull ``Σ lr·λ`` of 0.33 per
+  scale. Our schedule is a few epochs, so λ is scaled to give the same total pull
+  (:func:`slimming_lambda`; ``--slimming-lambda`` overrides). The sparsity-trained model does
+  not depend on the fraction: it is trained once per seed (``<out>/.slim_cache/``).
 * ``dense`` once per seed (warm-up + fine-tune epochs), taken from ``benchmarks/study.py``'s
   results of the same settings where they exist (``--reuse``), with its kept dense models.
 
@@ -39,15 +52,42 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
-METHODS = ("art_hypersparse", "art_l1", "l1_filter")
-LABELS = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1 (slimming)",
-          "l1_filter": "L1-norm filters + FT", "dense": "dense"}
+METHODS = ("art_hypersparse", "art_l1", "l1_filter", "slimming")
+LABELS = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1",
+          "l1_filter": "L1-norm filters + FT (Li et al.)",
+          "slimming": "network slimming + FT (Liu et al.)", "dense": "dense"}
 FRACTIONS = (0.5, 0.75, 0.9)
+# Liu et al. 2017, VGG on CIFAR: λ = 1e-4 summed over 160 epochs × 391 steps at lr 0.1, 0.01
+# (from epoch 80), 0.001 (from 120): the L1 term's total pull on a scale.
+LIU_PULL = 1e-4 * 391 * (80 * 0.1 + 40 * 0.01 + 40 * 0.001)
+
+
+def slimming_lambda(cfg, steps_per_epoch):
+  """λ whose total pull ``Σ lr·λ`` over the dense schedule (warm-up + fine-tune epochs, the lr
+  decayed after warm-up + each of ``cfg.lr_steps``) equals Liu et al.'s (:data:`LIU_PULL`)."""
+  w = cfg.warmup_epochs
+  lr_sum = sum(cfg.lr * cfg.lr_decay ** sum(e >= w + s for s in cfg.lr_steps)
+               for e in range(w + cfg.epochs)) * steps_per_epoch
+  return LIU_PULL / lr_sum
+
+
+def methods_for(cfg):
+  """The study's methods for this model: network slimming needs BatchNorm after every prunable
+  layer (LeNet-5 has none)."""
+  import jax
+  import jax.numpy as jnp
+  from hypersparse_jax import channels, models
+  model = models.create_model(cfg.model, num_classes=10, depth=cfg.depth,
+                              batch_norm=cfg.batch_norm, width=cfg.width)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros(model.default_input_shape),
+                                               train=False), jax.random.PRNGKey(0))
+  bn = all(g.norm is not None for g in channels.channel_groups(shapes["params"]))
+  return METHODS if bn else tuple(m for m in METHODS if m != "slimming")
 
 
 def l1_filter_mask(params, fraction):
   """Li et al.'s criterion: per prunable layer, remove ``floor(fraction·C)`` channels of
-  smallest weight L1 norm (ties: the later channel goes first... the earlier is kept)."""
+  smallest weight L1 norm (ties: the stable sort removes the earlier channel first)."""
   from hypersparse_jax import channels
   groups = channels.channel_groups(params)
   keeps = []
@@ -91,10 +131,54 @@ def cell_task(args, fraction, seed):
     return dict(base.oneshot(final, fraction), **{k: sizes[k] for k in study.CHANNEL_SIZES})
 
   results["l1_filter"] = partial.run("l1_filter", l1_filter)
+  if "slimming" in methods_for(cfg):
+    results["slimming"] = partial.run("slimming", lambda: slimming(args, base, fraction, seed))
   partial.done()
   for method, r in results.items():
     print(f"  channels={fraction:g} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return fraction, seed, results
+
+
+def slimming_states(args, base, seed, lam):
+  """The sparsity-trained model of network slimming for this seed (see the module doc):
+  ``(result, final state)``, kept in ``<out>/.slim_cache/seed<seed>.pkl``."""
+  import optax
+  from hypersparse_jax import transform
+  cfg = base.cfg
+
+  def train():
+    start = time.time()
+    tx = optax.chain(transform.art(0.0, lambda_init=lam, eta=1.0, steps_per_epoch=base.spe,
+                                   warmup_epochs=0, penalty="l1", structure="channel",
+                                   normalized=False), base.dense_tx)
+    step = base.image_task.make_train_step(base.model, tx, base.dataset)
+    state = {"params": base.init_params, "batch_stats": base.init_stats,
+             "opt_state": tx.init(base.init_params)}
+    for epoch in range(cfg.warmup_epochs + cfg.epochs):
+      state = base.run_epoch(step, state, epoch)
+    return dict(test_accuracy=base.test_accuracy(state), time=time.time() - start), state
+
+  path = os.path.join(args.out, ".slim_cache", f"seed{seed}.pkl")
+  return study.cached_states(path, study.cell_key(cfg, slimming_lambda=lam), ("final",), train)
+
+
+def slimming(args, base, fraction, seed):
+  """Network slimming at ``fraction``: prune the sparsity-trained model by the raw BatchNorm
+  scales (one global threshold), then the same masked fine-tuning as the other methods."""
+  import jax
+  from hypersparse_jax import channels, masking
+  lam = args.slimming_lambda or slimming_lambda(base.cfg, base.spe)
+  trained, final = slimming_states(args, base, seed, lam)
+  start = time.time()
+  mask = channels.channel_mask(final["params"], fraction, normalized=False)
+  variables = jax.device_get({"params": masking.apply_mask(final["params"], mask),
+                              "batch_stats": final["batch_stats"]})
+  sizes = channels.slim_summary(base.model, variables, (1,) + tuple(base.dataset.image_shape))
+  first = base.cfg.warmup_epochs + base.cfg.epochs
+  state, accs = base.finetune(final["params"], final["batch_stats"], mask, first)
+  return dict(base._result(state, accs, start, 0, first + base.cfg.epochs),
+              slimming_lambda=lam, sparsity_trained_accuracy=trained["test_accuracy"],
+              sparsity_training_time=trained["time"], **{k: sizes[k] for k in study.CHANNEL_SIZES})
 
 
 def aggregate(runs, fractions):
@@ -122,15 +206,18 @@ def write_markdown(path, report):
            "| method | " + " | ".join(f"{x * 100:g} % of channels" for x in s["fractions"]) + " |",
            "|---|" + "---|" * len(s["fractions"])]
   for m in METHODS:
-    row = [study._pm(by[(x, m)]["final_test_accuracy"]) if (x, m) in by else "–"
-           for x in s["fractions"]]
+    if m not in s.get("methods", METHODS):
+      row = ["n/a (no BatchNorm)"] * len(s["fractions"])
+    else:
+      row = [study._pm(by[(x, m)]["final_test_accuracy"]) if (x, m) in by else "–"
+             for x in s["fractions"]]
     lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
 # the settings of benchmarks/study.py's report that do not change its dense runs
-_MAIN_ONLY = ("seeds", "sparsities", "fractions", "workers", "methods", "gmp_every",
+_MAIN_ONLY = ("seeds", "sparsities", "fractions", "workers", "methods", "gmp_every", "slimming_lambda",
               "steps_per_epoch")
 
 
@@ -138,6 +225,9 @@ def main(argv=None):
   p = study.build_parser()
   p.description = __doc__.split("\n\n")[0]
   p.add_argument("--fractions", type=float, nargs="*", default=None)
+  p.add_argument("--slimming-lambda", type=float, default=None,
+                 help="network slimming's fixed λ (default: Liu et al.'s total pull on this "
+                      "schedule, slimming_lambda())")
   p.add_argument("--reuse", default=None, metavar="DIR",
                  help="take the dense runs (and kept dense models) of this folder's "
                       "benchmarks/study.py results of the same settings (default: the main "
@@ -156,8 +246,9 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   cfg = study.make_config(args, 0.5, "hypersparse", seeds[0])
   settings = study.base_settings(cfg)
+  methods = methods_for(cfg)
   settings.update(lr_steps=list(cfg.lr_steps), fractions=list(fractions), seeds=list(seeds),
-                  quick=args.quick)
+                  quick=args.quick, methods=list(methods), slimming_lambda=args.slimming_lambda)
   print(f"channel study: {json.dumps(settings)}", flush=True)
   runs, wall, old = study._kept_runs(args.out, settings, free=("seeds", "fractions", "workers"))
   if old is not None:  # the report covers the earlier cells and these
@@ -176,7 +267,7 @@ def main(argv=None):
     args.dense_cache = os.path.join(folder, ".dense_cache")
   todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
   todo = [(x, s) for s in seeds for x in fractions
-          if not all((x, m, s) in done for m in METHODS)]
+          if not all((x, m, s) in done for m in methods)]
   runs = [r for r in runs if r["method"] == "dense" or (r["fraction"], r["seed"]) not in todo]
   print(f"kept {len(runs)} runs; {len(todo_dense)} dense runs and {len(todo)} cells to go",
         flush=True)
@@ -194,7 +285,7 @@ def main(argv=None):
         x, s, results = out
         for method, r in results.items():
           runs.append(dict(fraction=x, method=method, seed=s, **r))
-      expected = len(settings["seeds"]) * (1 + len(METHODS) * len(settings["fractions"]))
+      expected = len(settings["seeds"]) * (1 + len(methods) * len(settings["fractions"]))
       report = {"settings": settings, "wall_time": wall + time.time() - start,
                 "complete": len(runs) == expected,
                 "cells": aggregate(runs, settings["fractions"]), "runs": runs}

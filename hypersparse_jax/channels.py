@@ -187,11 +187,13 @@ def _keep(mags, sparsity):
   return keeps, t
 
 
-def channel_keep(params, sparsity: float, *, groups=None, where=None) -> dict:
+def channel_keep(params, sparsity: float, *, groups=None, where=None,
+                 normalized: bool = True) -> dict:
   """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
   sparsity = masking.check_sparsity(sparsity)
   groups = _select_groups(params, groups, where)
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups), sparsity)
+  _check_finite(params, groups)
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity)
   return {g.name: k for g, k in zip(groups, keeps)}
 
 
@@ -216,7 +218,18 @@ def _mask_from_keep(params, groups, keeps):
   return mask
 
 
-def channel_mask(params, sparsity: float, *, where=None, groups=None):
+def _check_finite(params, groups):
+  """The producers' weights and the BatchNorm scales (the magnitudes' carriers) are finite."""
+  for g in groups:
+    named = [(g.name, x) for x in jax.tree.leaves(_get(params, g.producer))]
+    if g.norm is not None:
+      named.append(("/".join(g.norm) + "/scale", _get(params, g.norm)["scale"]))
+    for name, x in named:
+      if masking._is_concrete(x) and not masking._all_finite(x):
+        raise ValueError(f"{name} contains NaN or infinite values; magnitudes must be finite")
+
+
+def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized: bool = True):
   """Channel pruning mask, shaped like ``params`` (see the module doc).
 
   Args:
@@ -225,6 +238,10 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None):
     where: predicate ``(path, kernel) -> bool`` on the producers' kernels: which groups may be
       pruned (default: all of :func:`channel_groups`).
     groups: the :class:`ChannelGroup` list (default: :func:`channel_groups`).
+    normalized: threshold the magnitudes divided by their layer's mean (the default: fair
+      across layers of different fan-in); False thresholds the raw magnitudes, as network
+      slimming (Liu et al. 2017) does with the BatchNorm scales. Either way every layer keeps
+      its largest channel.
 
   Returns:
     A bool pytree like ``params``: False on the producer kernel slices, biases and BatchNorm
@@ -232,23 +249,24 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None):
   """
   sparsity = masking.check_sparsity(sparsity)
   groups = _select_groups(params, groups, where)
-  for g in groups:
-    for x in jax.tree.leaves(_get(params, g.producer)):
-      if masking._is_concrete(x) and not masking._all_finite(x):
-        raise ValueError(f"{g.name} contains NaN or infinite weights; magnitudes must be finite")
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups), sparsity)
+  _check_finite(params, groups)
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity)
   return _mask_from_keep(params, groups, keeps)
 
 
 def channel_hypersparse(params, sparsity: float, *, groups=None, where=None,
-                        scale_constant: float = penalties.REFERENCE_SCALE, penalty="hypersparse"):
+                        scale_constant: float = penalties.REFERENCE_SCALE, penalty="hypersparse",
+                        normalized: bool = True):
   """Group HyperSparse (or ``penalty='l1'``: ``Σ m̃``) over channels: ``(grads, value, t)``,
   the float32 gradient tree (zeros outside the groups' carriers), the loss form's value and the
-  channel threshold ``t`` (see the module doc)."""
+  channel threshold ``t`` (see the module doc). ``normalized=False`` uses the raw magnitudes
+  ``m_c`` (``μ_l = 1``): with ``penalty='l1'`` and BatchNorm this is network slimming's
+  ``Σ |γ_c|`` (gradient ``sign(γ_c)``), without it the group lasso ``Σ ‖θ_c‖``."""
   sparsity = masking.check_sparsity(sparsity)
   groups = _select_groups(params, groups, where)
   raw = [jnp.sqrt(jnp.sum(jnp.square(_carriers(params, g)), axis=1)) for g in groups]
-  mus = [jnp.maximum(jnp.mean(m), jnp.finfo(jnp.float32).tiny) for m in raw]
+  mus = [jnp.maximum(jnp.mean(m), jnp.finfo(jnp.float32).tiny) if normalized
+         else jnp.ones([], jnp.float32) for m in raw]
   mags = [m / mu for m, mu in zip(raw, mus)]
   if penalty == "l1":
     t = jnp.zeros([], jnp.float32)

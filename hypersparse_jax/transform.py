@@ -136,7 +136,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
         where: Optional[Predicate] = None,
         scale_constant: float = penalties.REFERENCE_SCALE, distribution: str = "global",
         nm: Optional[tuple] = None, structure: str = "weight",
-        groups=None) -> optax.GradientTransformation:
+        groups=None, normalized: bool = True) -> optax.GradientTransformation:
   """ART's regulariser as an optax transformation: ``updates + λ_t · ∇penalty(params)``.
 
   Put it first in the chain so that weight decay and momentum see the regularised gradient, as
@@ -169,6 +169,9 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       (:mod:`hypersparse_jax.channels`; ``sparsity`` is then the fraction of prunable channels
       removed; ``penalty='l1'`` is the group lasso ``Σ m̃``, L2 is refused). ``groups``: the
       channel groups (default: :func:`hypersparse_jax.channels.channel_groups`).
+      ``normalized`` (channels only): the magnitudes divided by their layer's mean (default)
+      or raw; ``penalty='l1', normalized=False`` with ``eta=1`` and ``warmup_epochs=0`` is
+      network slimming's fixed-λ ``Σ|γ|`` (Liu et al. 2017) on layers with BatchNorm.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
@@ -204,6 +207,8 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   if channel and (nm is not None or distribution != "global"):
     raise ValueError("structure='channel' prunes channels with one global threshold; it does "
                      "not combine with nm or a per-layer distribution")
+  if not normalized and not channel:
+    raise ValueError("normalized=False applies to structure='channel' only")
   if channel and penalty not in ("hypersparse", "l1"):
     raise ValueError(f"structure='channel' takes penalty 'hypersparse' or 'l1' (group lasso), "
                      f"got {penalty!r}")
@@ -242,7 +247,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       def regularised(_):
         grads, value, t = channels.channel_hypersparse(
             params, sparsity, groups=groups, where=where, scale_constant=scale_constant,
-            penalty=penalty)
+            penalty=penalty, normalized=normalized)
         return _add_scaled(updates, grads, lam), t.astype(jnp.float32), jnp.isfinite(value)
 
       def warmup(_):

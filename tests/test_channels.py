@@ -72,9 +72,9 @@ def test_groups_of_the_library_models():
     channels.channel_groups({"encoder": {"kernel": jnp.ones((2, 2))}})
 
 
-def _numpy_keep(params, groups, kappa):
-  """Magnitudes (BN scale or weight norm) / layer mean, global sort, then rescue each layer's
-  largest channel."""
+def _numpy_keep(params, groups, kappa, normalized=True):
+  """Magnitudes (BN scale or weight norm) / layer mean (raw with ``normalized=False``), global
+  sort, then rescue each layer's largest channel."""
   mags = []
   for g in groups:
     if g.norm is not None:
@@ -82,7 +82,7 @@ def _numpy_keep(params, groups, kappa):
     else:
       k = np.asarray(channels._get(params, g.producer)["kernel"], np.float32)
       m = np.sqrt((np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1) ** 2).sum(1))
-    mags.append((m / m.mean()).astype(np.float32))
+    mags.append((m / m.mean() if normalized else m).astype(np.float32))
   allm = np.concatenate(mags)
   t = np.sort(allm)[min(int(math.floor(kappa * allm.size)), allm.size - 1)]
   keeps = []
@@ -93,14 +93,17 @@ def _numpy_keep(params, groups, kappa):
   return keeps
 
 
-@pytest.mark.parametrize("name,kappa", [("lenet5", 0.5), ("lenet5", 0.9), ("cnn", 0.9),
-                                        ("vgg11", 0.5), ("resnet20", 0.9)])
-def test_channel_mask_matches_numpy(name, kappa):
+@pytest.mark.parametrize("name,kappa,normalized", [
+    ("lenet5", 0.5, True), ("lenet5", 0.9, True), ("cnn", 0.9, True), ("vgg11", 0.5, True),
+    ("resnet20", 0.9, True), ("vgg11", 0.75, False), ("lenet5", 0.5, False)])
+def test_channel_mask_matches_numpy(name, kappa, normalized):
   v = _init(MODELS[name]())
   params = v["params"]
   groups = channels.channel_groups(params)
-  mask = hs.channel_mask(params, kappa)
-  keeps = _numpy_keep(params, groups, kappa)
+  mask = hs.channel_mask(params, kappa, normalized=normalized)
+  keeps = _numpy_keep(params, groups, kappa, normalized)
+  if not normalized:  # the raw threshold differs from the normalised one on these weights
+    assert any(not np.array_equal(a, b) for a, b in zip(keeps, _numpy_keep(params, groups, kappa)))
   covered = set()
   for g, keep in zip(groups, keeps):
     km = np.asarray(channels._get(mask, g.producer)["kernel"])
@@ -121,17 +124,34 @@ def test_channel_mask_matches_numpy(name, kappa):
       assert np.all(np.asarray(m)), key
 
 
-def test_a_layer_never_loses_all_its_channels():
-  v = _init(models.LeNet300())
-  params = jax.tree.map(lambda x: x, v["params"])
-  # fc1's weights ×1e-3: still comparable after the per-layer normalisation, so scale only
-  # one channel up and make the rest of fc2 tiny relative to it
-  k = np.asarray(params["fc2"]["kernel"]).copy()
-  k[:, 0] *= 1000.0
-  params["fc2"]["kernel"] = jnp.asarray(k)
-  mask = hs.channel_mask(params, 0.9)
+@pytest.mark.parametrize("normalized", [True, False])
+def test_a_layer_never_loses_all_its_channels(normalized):
+  """Columns with chosen norms: fc1 (300 units) has 100 channels at 0.1 and 200 in [1.3, 1.6]
+  (layer mean 1), fc2 (100 units) 100 in [0.9, 1.1] × 1e-3 (mean ≈ 1 after normalising).
+  At κ = 0.5 the threshold is fc1's smallest large channel, normalised or raw, so every fc2
+  channel lies below it: fc2 keeps exactly its largest, fc1 those above the threshold."""
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(np.array, _init(models.LeNet300())["params"])
+
+  def columns(shape, norms):
+    k = rng.normal(size=shape)
+    return (k / np.linalg.norm(k, axis=0) * norms).astype(np.float32)
+
+  fc1 = np.concatenate([np.full(100, 0.1), rng.uniform(1.3, 1.6, 200)])
+  fc1 *= 300 / fc1.sum()  # mean exactly 1: normalised = raw
+  fc2 = rng.uniform(0.9, 1.1, 100)
+  params["fc1"]["kernel"] = columns((784, 300), fc1)
+  params["fc2"]["kernel"] = columns((300, 100), fc2 * 1e-3)
+  params = jax.tree.map(jnp.asarray, params)
+  t = np.sort(fc1)[100]  # rank floor(0.5·400) = 200 of the sorted 400: fc1's 101st smallest
+  assert np.max(fc2 / fc2.mean() if normalized else fc2 * 1e-3) < t
+  mask = hs.channel_mask(params, 0.5, normalized=normalized)
   alive = np.asarray(mask["fc2"]["kernel"]).any(0)
-  assert alive.sum() >= 1 and alive[0]
+  assert alive.sum() == 1 and alive[np.argmax(fc2)]  # rescued: exactly its largest channel
+  np.testing.assert_array_equal(np.asarray(mask["fc2"]["bias"]), alive)
+  kept1 = np.asarray(mask["fc1"]["kernel"]).any(0)
+  assert kept1.sum() == 199  # fc1 by the threshold alone: its large channels but the smallest
+  np.testing.assert_array_equal(kept1, fc1 > np.sort(fc1)[100] * (1 + 1e-6))
 
 
 def _plain_group_penalty(groups, t, kappa_unused=None):
@@ -192,6 +212,99 @@ def test_group_hypersparse_gradient_matches_autograd_and_numpy(name):
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["lenet5", "cnn", "vgg11"])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_group_l1_gradient_matches_autograd_and_numpy(name, normalized):
+  """``penalty='l1'``: Σ m̃ (or Σ m raw: network slimming's Σ|γ| with BatchNorm, the group
+  lasso Σ‖θ‖ without), against autograd of that sum and a float64 NumPy restatement."""
+  params = _init(MODELS[name](), seed=5)["params"]
+  groups = channels.channel_groups(params)
+  grads, value, _ = channels.channel_hypersparse(params, 0.5, penalty="l1",
+                                                  normalized=normalized)
+
+  def l1(p):
+    total = 0.0
+    for g in groups:
+      if g.norm is not None:
+        th = channels._get(p, g.norm)["scale"][:, None]
+      else:
+        k = channels._get(p, g.producer)["kernel"]
+        th = jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+      m = jnp.sqrt(jnp.sum(th ** 2, axis=1))
+      total = total + jnp.sum(m / jax.lax.stop_gradient(jnp.mean(m)) if normalized else m)
+    return total
+
+  auto = jax.grad(l1)(params)
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(auto)[0], jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(p))
+  np.testing.assert_allclose(float(value), float(l1(params)), rtol=1e-5)
+  for g in groups:  # NumPy: sign(γ)/μ with BatchNorm, θ/(‖θ‖·μ) without
+    if g.norm is not None:
+      gam = np.asarray(channels._get(params, g.norm)["scale"], np.float64)
+      mu = np.abs(gam).mean() if normalized else 1.0
+      np.testing.assert_allclose(np.asarray(channels._get(grads, g.norm)["scale"]),
+                                 np.sign(gam) / mu, rtol=1e-5)
+      assert not np.any(np.asarray(channels._get(grads, g.producer)["kernel"]))
+    else:
+      k = np.asarray(channels._get(params, g.producer)["kernel"], np.float64)
+      norms = np.sqrt((k.reshape(-1, k.shape[-1]) ** 2).sum(0))
+      mu = norms.mean() if normalized else 1.0
+      np.testing.assert_allclose(np.asarray(channels._get(grads, g.producer)["kernel"]),
+                                 k / (norms * mu), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("penalty,normalized", [("hypersparse", True), ("l1", True),
+                                                 ("l1", False)])
+def test_art_over_channels_adds_lambda_times_the_group_gradient(penalty, normalized):
+  """``art(structure='channel')``: the warm-up step leaves the updates alone, then each update
+  is ``g + λ_e·∇`` of the group penalty, λ growing by η; with ``penalty='l1',
+  normalized=False`` the term is network slimming's ``λ·sign(γ)`` on the BatchNorm scales and
+  ``λ·θ/‖θ‖`` on the weights of groups without BatchNorm (NumPy, by hand)."""
+  params = _init(models.DigitsCNN(), seed=4)["params"]
+  lam0, kappa = 0.3, 0.5
+  tx = hs.art(kappa, lambda_init=lam0, eta=2.0, steps_per_epoch=1, warmup_epochs=1,
+              penalty=penalty, structure="channel", normalized=normalized)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.5, x.dtype), params)
+  update = jax.jit(tx.update)
+  u0, state = update(grads, state, params)
+  for a, b in zip(jax.tree.leaves(u0), jax.tree.leaves(grads)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(state.lambda_) == 0.0
+  term, _, t = channels.channel_hypersparse(params, kappa, penalty=penalty, normalized=normalized)
+  for epoch, lam in ((1, lam0), (2, 2 * lam0)):
+    u, state = update(grads, state, params)
+    assert float(state.lambda_) == pytest.approx(lam)
+    for a, b, h in zip(jax.tree.leaves(u), jax.tree.leaves(grads), jax.tree.leaves(term)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b) + lam * np.asarray(h),
+                                 rtol=1e-5, atol=1e-6)
+    if penalty == "l1" and not normalized:  # by hand: Liu et al.'s subgradient
+      for g in channels.channel_groups(params):
+        gam = np.asarray(channels._get(params, g.norm)["scale"])
+        np.testing.assert_allclose(np.asarray(channels._get(u, g.norm)["scale"]),
+                                   0.5 + lam * np.sign(gam), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(channels._get(u, g.producer)["kernel"]), 0.5)
+  if penalty == "hypersparse":  # the channel threshold is kept in the state
+    assert float(state.threshold) == pytest.approx(float(t), rel=1e-6) and float(t) > 0
+
+
+def test_art_over_channels_refuses_what_it_cannot_do():
+  with pytest.raises(ValueError, match="does not combine with nm or a per-layer"):
+    hs.art(0.5, steps_per_epoch=1, structure="channel", nm=(2, 4))
+  with pytest.raises(ValueError, match="does not combine with nm or a per-layer"):
+    hs.art(0.5, steps_per_epoch=1, structure="channel", distribution="erk")
+  with pytest.raises(ValueError, match="takes penalty 'hypersparse' or 'l1'.*'l2'"):
+    hs.art(0.5, steps_per_epoch=1, structure="channel", penalty="l2")
+  with pytest.raises(ValueError, match="normalized=False applies to structure='channel' only"):
+    hs.art(0.5, steps_per_epoch=1, normalized=False)
+  with pytest.raises(ValueError, match="structure must be 'weight' or 'channel', got 'filter'"):
+    hs.art(0.5, steps_per_epoch=1, structure="filter")
+  tx = hs.art(0.5, steps_per_epoch=1, structure="channel")
+  with pytest.raises(ValueError, match="pass groups="):  # no library model's names
+    tx.init({"encoder": {"kernel": jnp.ones((2, 2))}})
+
+
 def _logits(model, variables):
   x = jax.random.normal(jax.random.PRNGKey(7), (4,) + tuple(model.default_input_shape[1:]))
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
@@ -247,6 +360,12 @@ def test_channel_mask_bad_input():
   bad["conv1"]["kernel"] = bad["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="conv1 contains NaN"):
     hs.channel_mask(bad, 0.5)
+  cnn = _init(models.DigitsCNN())["params"]  # a BatchNorm scale carries the magnitude
+  cnn["bn2"]["scale"] = cnn["bn2"]["scale"].at[1].set(jnp.inf)
+  with pytest.raises(ValueError, match="bn2/scale contains NaN or infinite"):
+    hs.channel_mask(cnn, 0.5)
+  with pytest.raises(ValueError, match="bn2/scale contains NaN or infinite"):
+    channels.channel_keep(cnn, 0.5)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet300", "cnn", "vgg11", "resnet20"])

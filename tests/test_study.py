@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"art_hypersparse", "art_l1", "art_l2", "oneshot", "gmp", "dense"}
@@ -285,15 +286,18 @@ def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
 
 
 def test_quick_channel_study_and_resume(tmp_path):
-  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the three methods
+  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the four methods
   and the dense run, each pruned run with its slimmed architecture, which has the parameter
-  count it reports; a second run keeps every run."""
+  count it reports; network slimming's channels are those of a NumPy global threshold on the
+  raw BatchNorm scales of its kept sparsity-trained model, with λ from Liu et al.'s total pull
+  worked out here; a second run keeps every run."""
   out = tmp_path / "channels"
   _run_quick("study_channels.py", out, tmp_path)
   report = json.loads((out / "study.json").read_text())
   assert report["complete"] is True
   runs = report["runs"]
-  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "l1_filter"]
+  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "l1_filter",
+                                               "slimming"]
   import jax
   import jax.numpy as jnp
   from hypersparse_jax import channels
@@ -307,6 +311,24 @@ def test_quick_channel_study_and_resume(tmp_path):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == (
         r["params_slim"])
   assert "| ART + group HyperSparse |" in (out / "study.md").read_text()
+  # network slimming: λ = 1e-4·391·(80·0.1 + 40·0.01 + 40·0.001) / Σ lr over this schedule
+  import math
+  import pickle
+  from hypersparse_jax import data
+  s = report["settings"]
+  spe = math.ceil(data.load_dataset("digits", None).num_train / s["batch_size"])
+  lr_sum = spe * sum(s["lr"] * s["lr_decay"] ** sum(e >= s["warmup_epochs"] + k
+                                                   for k in s["lr_steps"])
+                     for e in range(s["warmup_epochs"] + s["epochs"]))
+  slim = next(r for r in runs if r["method"] == "slimming")
+  assert slim["slimming_lambda"] == pytest.approx(1e-4 * 391 * 8.44 / lr_sum)
+  with open(out / ".slim_cache" / "seed0.pkl", "rb") as f:
+    trained = pickle.load(f)["final"]["params"]
+  gammas = [np.abs(np.asarray(trained[bn]["scale"], np.float32)) for bn in ("bn1", "bn2")]
+  allg = np.concatenate(gammas)
+  t = np.sort(allg)[int(math.floor(0.5 * allg.size))]
+  kept = [int(max(1, (g > t).sum() + (g.max() <= t))) for g in gammas]
+  assert [slim["channels_kept"]["conv1"], slim["channels_kept"]["conv2"]] == kept
   again = _run_quick("study_channels.py", out, tmp_path)
-  assert "kept 4 runs; 0 dense runs and 0 cells to go" in again.stdout
+  assert "kept 5 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
