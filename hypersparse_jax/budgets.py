@@ -240,23 +240,24 @@ def _budget_mask(params, sparsity, distribution, where):
 def nm_axis(path, leaf) -> int:
   """The input (contracted) axis along which N:M groups a prunable leaf.
 
-  ``(in, out)`` dense kernels: 0. HWIO convolution kernels (4-D): 2 (``I``). 3-D kernels are
-  Flax attention projections: ``query`` / ``key`` / ``value`` ``(d_model, heads, head_dim)``
-  contract axis 0 (the model axis); ``out`` ``(heads, head_dim, d_model)`` contracts heads and
-  head_dim: axis 1 (consecutive weights within a head). An embedding ``(vocab, d_model)`` used
-  as the output layer contracts ``d_model``: axis 1. Other ranks: the second-to-last axis.
+  ``(in, out)`` dense kernels: 0. Convolution kernels ``(*spatial, I, O)`` of any rank (Flax's
+  ``nn.Conv`` layout: ``(W, I, O)`` for 1-D, HWIO for 2-D, ``(D, H, W, I, O)`` for 3-D): the
+  ``I`` axis, ``ndim - 2``. Flax attention projections are told apart by their module name:
+  ``query`` / ``key`` / ``value`` kernels ``(d_model, heads, head_dim)`` contract axis 0 (the
+  model axis); ``out`` ``(heads, head_dim, d_model)`` contracts heads and head_dim, and its
+  groups run along axis 1 (consecutive weights within a head), which is ``ndim - 2`` as for a
+  convolution. An embedding ``(vocab, d_model)`` used as the output layer contracts
+  ``d_model``: axis 1.
   """
   names = [masking._key_name(k) for k in masking._strip_variable(path)]
   ndim = jnp.ndim(leaf)
   if names and names[-1] == "embedding":
     return 1
-  if ndim == 2:
+  if ndim <= 2:
     return 0
-  if ndim == 4:
-    return 2
-  if ndim == 3:
-    return 1 if len(names) >= 2 and names[-2] == "out" else 0
-  return max(0, ndim - 2)
+  if ndim == 3 and len(names) >= 2 and names[-2] in ("query", "key", "value"):
+    return 0
+  return ndim - 2
 
 
 def _groups(x, axis: int, m: int):

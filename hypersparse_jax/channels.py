@@ -246,6 +246,18 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
   Returns:
     A bool pytree like ``params``: False on the producer kernel slices, biases and BatchNorm
     scales/biases of the removed channels, True elsewhere.
+
+  Example: an MLP whose hidden layer has channel norms 1, 2, 3. As for weights, the channels
+  at or below the one of rank ``floor(κ n)`` (0-based, ascending) go: κ = 0.3 of 3 removes one.
+
+    >>> import jax.numpy as jnp, hypersparse_jax as hs
+    >>> params = {"fc1": {"kernel": jnp.array([[1., 0., 3.], [0., 2., 0.]]), "bias": jnp.zeros(3)},
+    ...           "fc2": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> mask = hs.channel_mask(params, 0.3)
+    >>> mask["fc1"]["kernel"].tolist()
+    [[False, True, True], [False, True, True]]
+    >>> mask["fc1"]["bias"].tolist(), bool(mask["fc2"]["kernel"].all())
+    ([False, True, True], True)
   """
   sparsity = masking.check_sparsity(sparsity)
   groups = _select_groups(params, groups, where)

@@ -328,6 +328,14 @@ def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None,
       names the pattern, the layers it leaves dense, and counts the groups that hold more than
       ``n`` non-zeros (0 for a model that has the pattern).
   """
+  from hypersparse_jax import budgets
+  budgets.check_distribution(distribution)
+  if nm is not None:
+    nm = budgets.check_nm(*nm)
+    budgets.check_pattern(1 - nm[0] / nm[1] if sparsity is None else sparsity, distribution, nm)
+  elif distribution != "global" and sparsity is None:
+    raise ValueError(f"distribution={distribution!r} sets per-layer budgets from a sparsity; "
+                     "pass sparsity= too (or leave distribution 'global')")
   leaves = prunable_leaves(params, where)
   if mask is not None:
     _check_same_structure(params, mask)
@@ -341,8 +349,7 @@ def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None,
                                 int(np.prod(jnp.shape(x), dtype=np.int64))))
   pattern = None
   if nm is not None:
-    from hypersparse_jax import budgets
-    n, m = budgets.check_nm(*nm)
+    n, m = nm
     dense = budgets.nm_dense_leaves(params, n, m, where=where)
     counted = params if mask is None else apply_mask(params, mask)
     pattern = {"kind": "nm", "n": n, "m": m,
@@ -350,13 +357,11 @@ def sparsity_report(params, mask=None, *, where: Optional[Predicate] = None,
                "dense_leaves": [name for name, _, _ in dense]}
     layers = [l._replace(target=None if l.name in pattern["dense_leaves"] else 1 - n / m)
               for l in layers]
-  elif distribution != "global" and sparsity is not None:
-    from hypersparse_jax import budgets
-    targets = budgets._leaf_budgets(leaves, check_sparsity(sparsity),
-                                    budgets.check_distribution(distribution))
+  elif distribution != "global":
+    targets = budgets._leaf_budgets(leaves, check_sparsity(sparsity), distribution)
     pattern = {"kind": distribution, "sparsity": float(sparsity)}
     layers = [l._replace(target=k) for l, k in zip(layers, targets)]
   elif sparsity is not None:
-    pattern = {"kind": "global", "sparsity": float(sparsity)}
+    pattern = {"kind": "global", "sparsity": float(check_sparsity(sparsity))}
   return SparsityReport(layers, sum(l.kept for l in layers), sum(l.total for l in layers),
                         pattern)

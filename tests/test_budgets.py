@@ -277,6 +277,43 @@ def test_nm_axis_rules():
   assert budgets.nm_axis(path("attention", "query", "kernel"), jnp.zeros((8, 2, 4))) == 0
   assert budgets.nm_axis(path("attention", "out", "kernel"), jnp.zeros((2, 4, 8))) == 1
   assert budgets.nm_axis(path("token_embed", "embedding"), jnp.zeros((256, 8))) == 1
+  assert budgets.nm_axis(path("conv1d", "kernel"), jnp.zeros((3, 8, 4))) == 1
+  assert budgets.nm_axis(path("conv3d", "kernel"), jnp.zeros((3, 3, 3, 8, 4))) == 3
+
+
+def test_nm_groups_the_input_channels_of_real_flax_layers():
+  """Conv1D (W, I, O), Conv3D (D, H, W, I, O) and attention kernels as Flax makes them: groups run
+  along the axis the layer contracts with its input (I for convolutions; d_model for q/k/v)."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x1, x3, xs):
+      a = nn.Conv(6, (3,), name="c1d")(x1)
+      b = nn.Conv(4, (2, 2, 2), name="c3d")(x3)
+      c = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="att")(xs)
+      return a.sum() + b.sum() + c.sum()
+
+  v = Net().init(jax.random.PRNGKey(3), jnp.ones((1, 5, 8)), jnp.ones((1, 3, 3, 3, 8)),
+                 jnp.ones((1, 4, 8)))
+  params = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
+                                  v["params"])
+  expected = {("c1d",): (1, (3, 8, 6)), ("c3d",): (3, (2, 2, 2, 8, 4)),
+              ("att", "query"): (0, (8, 2, 4)), ("att", "key"): (0, (8, 2, 4)),
+              ("att", "value"): (0, (8, 2, 4)), ("att", "out"): (1, (2, 4, 8))}
+  mask = hs.nm_mask(params, 2, 4)
+  for names, (axis, shape) in expected.items():
+    w, k = params, mask
+    for n_ in names:
+      w, k = w[n_], k[n_]
+    w, k = np.asarray(w["kernel"]), np.asarray(k["kernel"])
+    assert w.shape == shape
+    ref = _ungroup_numpy(_nm_keep_numpy(_groups_numpy(w, axis, 4), 2), w.shape, axis)
+    np.testing.assert_array_equal(k, ref, err_msg="/".join(names))
+  # the I axis of the 1-D convolution, checked through the layer itself: with an input that is
+  # non-zero in one group of 4 channels only, each output sees at most 2 of them per tap
+  w1 = np.asarray(params["c1d"]["kernel"]) * np.asarray(mask["c1d"]["kernel"])
+  assert np.all((w1[:, 0:4, :] != 0).sum(axis=1) <= 2)
 
 
 def _nm_grad_numpy(w, axis, n, m):
@@ -395,6 +432,21 @@ def test_budget_report_shows_targets():
     assert layer.target == pytest.approx(1 - d, abs=1e-12)
   assert "budget erk at 90.00% overall" in str(report)
   assert report.as_dict()["pattern"] == {"kind": "erk", "sparsity": 0.9}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(distribution="erk2", sparsity=0.9), "distribution must be one of global, uniform, erk, got 'erk2'"),
+    (dict(distribution="erk2"), "got 'erk2'"),
+    (dict(distribution="erk"), "distribution='erk' sets per-layer budgets from a sparsity"),
+    (dict(nm=(2, 4), distribution="uniform"), "does not combine with distribution='uniform'"),
+    (dict(nm=(2, 4), sparsity=0.9), "has sparsity 1 - 2/4 = 0.5; got sparsity 0.9"),
+    (dict(nm=(4, 4)), "4"),
+    (dict(sparsity=1.5), "1.5"),
+])
+def test_sparsity_report_refuses_what_it_cannot_show(kwargs, message):
+  params = _tree(1)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    hs.sparsity_report(params, **kwargs)
 
 
 def test_bfloat16_nm_mask():

@@ -4,10 +4,11 @@ import doctest
 
 import pytest
 
-from hypersparse_jax import controller, masking, penalties, threshold, transform
+from hypersparse_jax import budgets, channels, controller, masking, penalties, threshold, transform
 
 
-@pytest.mark.parametrize("module", [masking, threshold, penalties, transform, controller],
+@pytest.mark.parametrize("module", [masking, threshold, penalties, transform, controller, budgets,
+                                    channels],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
