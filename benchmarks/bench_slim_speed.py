@@ -10,7 +10,9 @@ For LeNet-5 (Fashion-MNIST's 28x28x1) and VGG-11 with BatchNorm (28x28x1 too), a
 scales spread uniformly over [0.5, 1.5] (the speed of a smaller dense network does not depend
 on which channels went), :func:`hypersparse_jax.slim`,
 then per batch size (1 and 256) the median time of one forward pass of the dense and of each
-slimmed model, in XLA (``jax.jit``, eval mode) and in onnxruntime (CPU, the exported files),
+slimmed model, in XLA (``jax.jit``, eval mode; once with the library's CPU convolution, as the
+models run by default, once with ``lax.conv_general_dilated`` throughout) and in onnxruntime
+(CPU, the exported files),
 with the repeats of all models interleaved in one process so that the machine's load falls on
 all alike. Also parameters and XLA's FLOP count. The dense model with 90 % of its *weights*
 zeroed (unstructured, the paper's sparsity) is timed beside them: zeros alone buy no speed.
@@ -36,14 +38,34 @@ import time
 import numpy as np
 
 
+def xla_forwards(model, variables):
+  """Two jitted eval-mode forward passes: as the model runs by default (on CPU the library's
+  convolution, :mod:`hypersparse_jax.conv`) and with ``lax.conv_general_dilated`` throughout
+  (traced, on every new input shape, inside :func:`hypersparse_jax.conv.plain_convolutions`)."""
+  import jax
+  from hypersparse_jax import conv
+  default = jax.jit(lambda x: model.apply(variables, x, train=False))
+  plain = jax.jit(lambda x: model.apply(variables, x, train=False))
+
+  def plain_run(x):
+    with conv.plain_convolutions():
+      return plain(x)
+  return default, plain_run
+
+
 def time_variants(variants, shape, repeats, onnx_ok, batches=(1, 256)):
   """``{key: {'params', 'flops', 'xla': {'batch_B': {'median_ms', 'speedup_vs_dense'}},
-  'onnxruntime': ...}}`` for ``variants`` ``{key: (model, variables)}`` (one of them
-  ``'dense'``): one forward pass in eval mode per batch size, the repeats of all variants
-  interleaved in this process so that the machine's load falls on all alike; medians."""
+  'xla_lax': ..., 'onnxruntime': ...}}`` for ``variants`` ``{key: (model, variables)}`` (one
+  of them ``'dense'``): one forward pass in eval mode per batch size, the repeats of all
+  variants interleaved in this process so that the machine's load falls on all alike; medians.
+
+  ``xla`` is the model as it runs by default: on CPU the library's convolution
+  (:mod:`hypersparse_jax.conv` picks XLA's convolution or a patch matrix product by shape);
+  ``xla_lax`` is the same jit with every convolution ``lax.conv_general_dilated`` (traced
+  inside :func:`hypersparse_jax.conv.plain_convolutions`)."""
   import jax
   import jax.numpy as jnp
-  from hypersparse_jax import channels, conv
+  from hypersparse_jax import channels
   if onnx_ok:
     import onnxruntime as ort
     from hypersparse_jax import onnx_export
@@ -52,9 +74,7 @@ def time_variants(variants, shape, repeats, onnx_ok, batches=(1, 256)):
   for key, (m, v) in variants.items():
     out[key] = {"params": int(sum(np.size(x) for x in jax.tree.leaves(v["params"]))),
                 "flops": channels.count_flops(m, v, (1,) + tuple(shape))}
-    with conv.plain_convolutions():
-      fn = jax.jit(lambda x, m=m, v=v: m.apply(v, x, train=False))
-    runners[("xla", key)] = fn
+    runners[("xla", key)], runners[("xla_lax", key)] = xla_forwards(m, v)
     if onnx_ok:
       path = os.path.join(tmp, f"{key}.onnx")
       onnx_export.export_onnx(m, v, path, input_shape=(None,) + tuple(shape), verify=False)
@@ -65,13 +85,13 @@ def time_variants(variants, shape, repeats, onnx_ok, batches=(1, 256)):
     xj = jnp.asarray(x)
     times = {k: [] for k in runners}
     for k, r in runners.items():  # warm-up / compile
-      (r(xj).block_until_ready() if k[0] == "xla" else r[0].run(None, {r[1]: x}))
+      (r(xj).block_until_ready() if k[0].startswith("xla") else r[0].run(None, {r[1]: x}))
     inner = 20 if batch == 1 else 2
     for _ in range(repeats):
       for k, r in runners.items():
         t = time.perf_counter()
         for _ in range(inner):
-          if k[0] == "xla":
+          if k[0].startswith("xla"):
             r(xj).block_until_ready()
           else:
             r[0].run(None, {r[1]: x})

@@ -8,6 +8,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,11 +66,13 @@ def test_from_study_times_each_architecture_once(tmp_path):
   for key in v:
     for batch in ("batch_1", "batch_256"):
       assert v[key]["xla"][batch]["median_ms"] > 0
+      assert v[key]["xla_lax"][batch]["median_ms"] > 0
   for key in ("arch0", "arch1"):  # each ratio is the dense median over its own
     for b in ("batch_1", "batch_256"):
-      t = v[key]["xla"][b]
-      assert t["speedup_vs_dense"] == pytest.approx(v["dense"]["xla"][b]["median_ms"] /
-                                                    t["median_ms"])
+      for engine in ("xla", "xla_lax"):
+        t = v[key][engine][b]
+        assert t["speedup_vs_dense"] == pytest.approx(v["dense"][engine][b]["median_ms"] /
+                                                      t["median_ms"])
   assert [r["arch"] for r in study["runs"]] == ["arch0", "arch0", "arch1"]
   assert study["dense_accuracy"] == 0.89
   assert study["unstructured"][0]["cells"][0]["target"] == 0.9
@@ -87,3 +90,25 @@ def test_from_study_without_slim_models_says_so(tmp_path):
     assert "no run records its slimmed model" in str(e)
   else:
     raise AssertionError("a study without slim_model was accepted")
+
+
+def test_xla_lax_forward_never_takes_the_library_convolution(monkeypatch):
+  """VGG's last stage on 28x28 inputs (1x1 output, 3x3 kernel) is a case the library's CPU
+  convolution computes as a patch product; the ``xla_lax`` forward must not, on any batch size."""
+  import jax
+  import jax.numpy as jnp
+  from hypersparse_jax import conv, models
+  calls = []
+  real = conv._patches
+  monkeypatch.setattr(conv, "_patches", lambda *a, **k: calls.append(1) or real(*a, **k))
+  m = models.VGG(depth=11, num_classes=10, widths=(8, 16, 32, 32, 64, 64, 64, 64))
+  v = m.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 1)), train=False)
+  default, plain = _bench().xla_forwards(m, v)
+  calls.clear()  # init ran the library's convolution
+  x1, x3 = jnp.ones((1, 28, 28, 1)), jnp.ones((3, 28, 28, 1))
+  a1, a3 = plain(x1), plain(x3)
+  assert calls == []
+  b1, b3 = default(x1), default(x3)
+  assert calls, "the default forward should use the patch product on the 1x1 stage"
+  np.testing.assert_allclose(np.asarray(a1), np.asarray(b1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(a3), np.asarray(b3), rtol=1e-4, atol=1e-5)
