@@ -77,6 +77,20 @@ def _cell_seconds(report, seed):
   return f"{min(cells.values()):.0f}", f"{max(cells.values()):.0f}"
 
 
+def paired(report, method, target, key="final_test_accuracy"):
+  """ART + HyperSparse minus ``method`` per seed, in points, seed order."""
+  def run(m, seed):
+    return next(r[key] for r in report["runs"] if r["method"] == m and r["seed"] == seed
+                and abs(r["target"] - target) < 1e-9)
+  seeds = sorted({r["seed"] for r in report["runs"]})
+  return [100 * (run("art_hypersparse", s) - run(method, s)) for s in seeds]
+
+
+def span_of(values):
+  """(min, max) of ``values`` as the READMEs write them, two decimals."""
+  return (f"{min(values):.2f}", f"{max(values):.2f}")
+
+
 def spread(report, method, target, key="final_test_accuracy"):
   """The standard deviation over seeds of a study cell."""
   return next(c[key]["std"] for c in report["cells"]
@@ -190,14 +204,33 @@ FIGURES: List[Figure] = [
            + " / ".join([r"([\d.]+)"] * 5) + r" %, one-shot\s+" + " / ".join([r"([\d.]+)"] * 5)
            + r" %, against ([\d.]+) % for the dense model trained (\d+) epochs",
            R("study_fashion_mnist_lenet5/study.json"),
-           lambda d: tuple(pct(seed_run(d, m, x)) for m in ("art_hypersparse", "art_l1", "gmp",
-                                                             "oneshot")
+           lambda d: tuple(pct(cell(d, m, x)) for m in ("art_hypersparse", "art_l1", "gmp",
+                                                         "oneshot")
                            for x in (0.9, 0.95, 0.98, 0.99, 0.995))
-           + (pct(seed_run(d, "dense", 0.0)),
+           + (pct(cell(d, "dense", 0.0)),
               str(next(r["epochs"] for r in d["runs"] if r["method"] == "dense")))),
-    Figure(BENCH, r"epoch took ([\d.]+) s against LeNet-300-100's ([\d.]+) s \(`results/epoch_times"
+    Figure(README, r"seeds, final fine-tune epoch, (\d+) s on 2 loaded cores, a night",
+           R("study_fashion_mnist_lenet5/study.json"), lambda d: (f"{d['wall_time']:.0f}",)),
+    Figure(README, r"ART \+ L1 is ahead of it at 99\.5 % on every seed \(by ([\d.]+)–([\d.]+) points\)",
+           R("study_fashion_mnist_lenet5/study.json"),
+           lambda d: span_of([-x for x in paired(d, "art_l1", 0.995)])),
+    Figure(BENCH, r"78 runs, (\d+) s of wall time \(([\d.]+) h, summed",
+           R("study_fashion_mnist_lenet5/study.json"),
+           lambda d: (f"{d['wall_time']:.0f}", f"{d['wall_time'] / 3600:.1f}")),
+    Figure(BENCH, r"seed \(by ([\d.]+)–([\d.]+) points\), and ahead of GMP on every\s+seed at 99 % "
+           r"\(by ([\d.]+)–([\d.]+)\) and at 99\.5 % \(by ([\d.]+)–([\d.]+); means ([\d.]+) % "
+           r"against ([\d.]+) %\)\. ART \+\s+L1 is ahead of ART \+ HyperSparse at 99\.5 % on every "
+           r"seed \(by ([\d.]+)–([\d.]+); means ([\d.]+) % against\s+([\d.]+) %\)",
+           R("study_fashion_mnist_lenet5/study.json"),
+           lambda d: (span_of([x for m in ("art_l2", "oneshot") for k in (0.98, 0.99, 0.995)
+                               for x in paired(d, m, k)])
+                      + span_of(paired(d, "gmp", 0.99)) + span_of(paired(d, "gmp", 0.995))
+                      + (pct(cell(d, "art_hypersparse", 0.995)), pct(cell(d, "gmp", 0.995)))
+                      + span_of([-x for x in paired(d, "art_l1", 0.995)])
+                      + (pct(cell(d, "art_l1", 0.995)), pct(cell(d, "art_hypersparse", 0.995))))),
+    Figure(BENCH, r"epoch took ([\d.]+) s against LeNet-300-100's ([\d.]+) s\s+\(`results/epoch_times"
            r"\.json`", R("epoch_times.json"), lambda d: _warmup_seconds(d)),
-    Figure(BENCH, r"seed 0's cells took (\d+)–(\d+) s of one\s+worker's time each",
+    Figure(BENCH, r"seed 0's cells took (\d+)–(\d+) s of\s+one\s+worker's time each",
            R("study_fashion_mnist_lenet5/study.json"), lambda d: _cell_seconds(d, seed=0)),
     # --- per-layer budgets and N:M ------------------------------------------------------------
     Figure(README, r"final fine-tune epoch, ([\d.]+) min on 2 loaded cores\)\. With ERK budgets\s+"
@@ -365,6 +398,42 @@ FIGURES: List[Figure] = [
 ]
 
 
+# Tables the READMEs copy from a study's study.md: (doc, study.md, the table's header line start).
+TABLES = [
+    (README, "benchmarks/results/study_fashion_mnist/study.md", "| method | 90 % | 95 %"),
+    (README, "benchmarks/results/study_fashion_mnist_lenet5/study.md", "| method | 90 % | 95 %"),
+    (BENCH, "benchmarks/results/study_fashion_mnist_lenet5/study.md", "| method | 90 % | 95 %"),
+    (README, "benchmarks/results/patterns_fashion_mnist_lenet300/study.md", "| budget | method |"),
+    (README, "benchmarks/results/patterns_fashion_mnist_lenet300/study.md", "| N:M | sparsity |"),
+]
+
+
+def table_block(text: str, header: str) -> str:
+  """The Markdown table of ``text`` whose header line starts with ``header``."""
+  lines = text.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith(header))
+  end = start
+  while end < len(lines) and lines[end].startswith("|"):
+    end += 1
+  return "\n".join(lines[start:end])
+
+
+def check_tables(docs: Dict[str, str], root: str = ROOT) -> List[str]:
+  """Copied tables must equal their study.md's, line for line; images must exist."""
+  problems = []
+  for doc, source, header in TABLES:
+    with open(os.path.join(root, source), encoding="utf-8") as fh:
+      want = table_block(fh.read(), header)
+    if want not in docs[doc]:
+      problems.append(f"{doc}: the table of {source} (header {header!r}) is missing or differs "
+                      f"from the file's")
+  for doc, text in docs.items():
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+      if not os.path.isfile(os.path.join(root, os.path.dirname(doc), target)):
+        problems.append(f"{doc}: image {target} does not exist")
+  return problems
+
+
 def load_docs(root: str = ROOT) -> Dict[str, str]:
   docs = {}
   for f in {f.doc for f in FIGURES}:
@@ -376,7 +445,7 @@ def load_docs(root: str = ROOT) -> Dict[str, str]:
 def check(docs: Dict[str, str] = None, root: str = ROOT) -> List[str]:
   """One line per problem: a sentence not found, or a figure that does not match its file."""
   docs = load_docs(root) if docs is None else docs
-  problems = []
+  problems = check_tables(docs, root)
   for fig in FIGURES:
     with open(os.path.join(root, fig.source), encoding="utf-8") as fh:
       data = json.load(fh)

@@ -92,3 +92,20 @@ def test_figure_check_fails_on_a_stale_figure_or_a_lost_sentence():
   reworded = readme.replace("ResNet-32 trains at 0.574×", "ResNet-32 runs at 0.574×")
   problems = checker.check({**docs, "README.md": reworded})
   assert len(problems) == 1 and "sentence not found" in problems[0], problems
+
+
+def test_table_check_fails_on_an_edited_row_or_a_missing_image():
+  checker = _figure_checker()
+  docs = checker.load_docs()
+  readme = docs["README.md"]
+  row = "| ART + L1 | 91.16 ± 0.29 | 91.05 ± 0.30 |"  # LeNet-5's, copied from its study.md
+  assert readme.count(row) == 1
+  edited = readme.replace(row, "| ART + L1 | 91.61 ± 0.29 | 91.05 ± 0.30 |")
+  problems = checker.check({**docs, "README.md": edited})
+  assert len(problems) == 1 and "study_fashion_mnist_lenet5/study.md" in problems[0], problems
+  image = "benchmarks/results/study_fashion_mnist_lenet5/study.png"
+  assert image in readme
+  moved = readme.replace(image, "benchmarks/results/study_fashion_mnist_lenet5/gone.png")
+  problems = checker.check({**docs, "README.md": moved})
+  assert problems == ["README.md: image benchmarks/results/study_fashion_mnist_lenet5/gone.png "
+                      "does not exist"], problems
