@@ -294,10 +294,11 @@ def test_nm_groups_the_input_channels_of_real_flax_layers():
       c = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="att")(xs)
       return a.sum() + b.sum() + c.sum()
 
-  v = Net().init(jax.random.PRNGKey(3), jnp.ones((1, 5, 8)), jnp.ones((1, 3, 3, 3, 8)),
-                 jnp.ones((1, 4, 8)))
-  params = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
-                                  v["params"])
+  shapes = jax.eval_shape(Net().init, jax.random.PRNGKey(3), jnp.ones((1, 5, 8)),
+                          jnp.ones((1, 3, 3, 3, 8)), jnp.ones((1, 4, 8)))  # Flax's layouts
+  rng = np.random.default_rng(3)
+  params = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32)), shapes["params"])
   expected = {("c1d",): (1, (3, 8, 6)), ("c3d",): (3, (2, 2, 2, 8, 4)),
               ("att", "query"): (0, (8, 2, 4)), ("att", "key"): (0, (8, 2, 4)),
               ("att", "value"): (0, (8, 2, 4)), ("att", "out"): (1, (2, 4, 8))}
