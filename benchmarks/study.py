@@ -290,8 +290,9 @@ class Baselines:
     state, accs = self.finetune(dense_state["params"], dense_state["batch_stats"], mask, first)
     return self._result(state, accs, start, 0, first + self.cfg.epochs)
 
-  def gmp(self, warm_state, sparsity, ramp_epochs, every):
-    """Gradual magnitude pruning (Zhu & Gupta 2017) from the warm-up state, then fine-tuning."""
+  def gmp(self, warm_state, sparsity, ramp_epochs, every, with_state=False):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) from the warm-up state, then fine-tuning
+    (the pattern of :meth:`mask_at`); ``with_state``: ``(result, final state)``."""
     cfg, jax = self.cfg, self.jax
     start = time.time()
     state = jax.tree.map(lambda x: x.copy(), warm_state)
@@ -316,7 +317,8 @@ class Baselines:
     mask = self.mask_at(state["params"], sparsity)  # exactly κ at the end
     first = cfg.warmup_epochs + ramp_epochs
     state, accs = self.finetune(state["params"], state["batch_stats"], mask, first)
-    return self._result(state, accs, start, ramp_epochs, first + cfg.epochs)
+    result = self._result(state, accs, start, ramp_epochs, first + cfg.epochs)
+    return (result, state) if with_state else result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Channel study: ART + group HyperSparse against ART + group L1, L1-norm filter pruning and
-network slimming, at 50 / 75 / 90 % of the prunable channels removed.
+"""Channel study: ART + group HyperSparse against ART + group L1, L1-norm filter pruning (one-shot
+and gradual) and network slimming, at 50 / 75 / 90 % of the prunable channels removed.
 
     python benchmarks/study_channels.py --dataset fashion_mnist --model lenet5
     python benchmarks/study_channels.py --dataset fashion_mnist --model vgg --depth 11 --width 0.25
@@ -17,16 +17,25 @@ model (the same initial weights per seed):
   network slimming (below).
 * ``l1_filter``: L1-norm filter pruning (Li et al. 2017) of the trained dense model: in every
   prunable layer the same fraction of channels, those of smallest weight L1 norm, then the same
-  masked fine-tuning as ART's.
+  masked fine-tuning as ART's. Its total is the dense schedule's epochs + the fine-tune epochs,
+  fewer than ART's (below).
+* ``gmp_filter``: the same criterion applied gradually, with the same epochs as ART + group
+  HyperSparse: after the dense warm-up, the fraction follows GMP's cubic ramp
+  ``s_t = x (1 − (1 − t/T)^3)`` (``benchmarks/study.py``'s ``gmp``) over ``T`` = as many epochs
+  as ART + group HyperSparse regularised for this seed and fraction, Li et al.'s per-layer mask
+  recomputed every epoch at ``s_t`` and applied after every step, then the same masked
+  fine-tuning.
 * ``slimming``: network slimming (Liu et al. 2017), only for models whose every prunable
   layer is followed by BatchNorm (their method prunes by the BatchNorm scales): the dense
   schedule (warm-up + fine-tune epochs) from the same initial weights with the fixed-λ
   subgradient ``λ·sign(γ)`` added to the scales' gradients (``art(..., penalty='l1',
-  structure='channel', normalized=False)`` with η = 1 and no warm-up), then one global
+  structure='channel', normalized=False)`` with η = 1 and no warm-up) for as many epochs as
+  ART's warm-up + its cap on regularisation (``warmup_epochs + max_art_epochs``) at ART's
+  constant lr, so that with the fine-tuning its total equals ART's longest; then one global
   threshold on the raw ``|γ|`` (``channel_mask(..., normalized=False)``; every layer keeps its
   largest channel) and the same masked fine-tuning. Liu et al. use λ = 1e-4 for VGG on CIFAR
   over 160 epochs of 391 steps at lr 0.1 / 0.01 / 0.001: a total pull ``Σ lr·λ`` of 0.33 per
-  scale. Our schedule is a few epochs, so λ is scaled to give the same total pull
+  scale. Our sparsity training is a few epochs, so λ is scaled to give the same total pull
   (:func:`slimming_lambda`; ``--slimming-lambda`` overrides). The sparsity-trained model does
   not depend on the fraction: it is trained once per seed (``<out>/.slim_cache/``).
 * ``dense`` once per seed (warm-up + fine-tune epochs), taken from ``benchmarks/study.py``'s
@@ -52,9 +61,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
-METHODS = ("art_hypersparse", "art_l1", "l1_filter", "slimming")
+METHODS = ("art_hypersparse", "art_l1", "l1_filter", "gmp_filter", "slimming")
 LABELS = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1",
           "l1_filter": "L1-norm filters + FT (Li et al.)",
+          "gmp_filter": "gradual L1-norm filters + FT (same epochs)",
           "slimming": "network slimming + FT (Liu et al.)", "dense": "dense"}
 FRACTIONS = (0.5, 0.75, 0.9)
 # Liu et al. 2017, VGG on CIFAR: λ = 1e-4 summed over 160 epochs × 391 steps at lr 0.1, 0.01
@@ -62,13 +72,15 @@ FRACTIONS = (0.5, 0.75, 0.9)
 LIU_PULL = 1e-4 * 391 * (80 * 0.1 + 40 * 0.01 + 40 * 0.001)
 
 
+def slimming_epochs(cfg):
+  """Network slimming's sparsity-training epochs: ART's warm-up + its cap on regularisation."""
+  return cfg.warmup_epochs + cfg.max_art_epochs
+
+
 def slimming_lambda(cfg, steps_per_epoch):
-  """λ whose total pull ``Σ lr·λ`` over the dense schedule (warm-up + fine-tune epochs, the lr
-  decayed after warm-up + each of ``cfg.lr_steps``) equals Liu et al.'s (:data:`LIU_PULL`)."""
-  w = cfg.warmup_epochs
-  lr_sum = sum(cfg.lr * cfg.lr_decay ** sum(e >= w + s for s in cfg.lr_steps)
-               for e in range(w + cfg.epochs)) * steps_per_epoch
-  return LIU_PULL / lr_sum
+  """λ whose total pull ``Σ lr·λ`` over the sparsity training (:func:`slimming_epochs` at the
+  constant lr ``cfg.lr``) equals Liu et al.'s (:data:`LIU_PULL`)."""
+  return LIU_PULL / (cfg.lr * slimming_epochs(cfg) * steps_per_epoch)
 
 
 def methods_for(cfg):
@@ -108,34 +120,58 @@ def _art(args, fraction, penalty, seed):
   return study._art_run(a, fraction, penalty, seed)
 
 
-def cell_task(args, fraction, seed):
+def _sizes(base, state):
+  """:func:`hypersparse_jax.channels.slim_summary`'s fields for a masked state."""
   import jax
+  from hypersparse_jax import channels
+  variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+  if not variables["batch_stats"]:
+    variables.pop("batch_stats")
+  sizes = channels.slim_summary(base.model, variables, (1,) + tuple(base.dataset.image_shape))
+  return {k: sizes[k] for k in study.CHANNEL_SIZES}
+
+
+def cell_task(args, fraction, seed, have=None):
+  """The methods of one (fraction, seed) that ``have`` (method → kept result) lacks; returns
+  ``(fraction, seed, new results)``."""
+  import jax
+  have = dict(have or {})
   cfg = study.make_config(args, fraction, "hypersparse", seed)
+  todo = [m for m in methods_for(cfg) if m not in have]
   partial = study.Partial(args, f"c{fraction:g}_s{seed}", study.settings_key(cfg))
-  results = {m: partial.run(m, lambda m=m: _art(args, fraction, m[len("art_"):], seed))
-             for m in ("art_hypersparse", "art_l1")}
+  results = {}
+
+  def run(method, fn):
+    if method in todo:
+      results[method] = partial.run(method, fn)
+      print(f"  channels={fraction:g} seed={seed} {method}: {study._fmt(results[method])}",
+            flush=True)
+
+  for m in ("art_hypersparse", "art_l1"):
+    run(m, lambda m=m: _art(args, fraction, m[len("art_"):], seed))
   base = study.Baselines(cfg)
-  _, _, final = study.dense_states(args, base, seed)
   base.mask_at = lambda params, s: l1_filter_mask(jax.device_get(params), s)
+  if "l1_filter" in todo or "gmp_filter" in todo:
+    _, warm, final = study.dense_states(args, base, seed)
 
   def l1_filter():
     # the slimmed model's size first: the fine-tuning below donates the state's arrays
     from hypersparse_jax import masking
-    variables = jax.device_get({"params": final["params"], "batch_stats": final["batch_stats"]})
-    if not variables["batch_stats"]:
-      variables.pop("batch_stats")
-    variables["params"] = masking.apply_mask(
-        variables["params"], l1_filter_mask(variables["params"], fraction))
-    from hypersparse_jax import channels
-    sizes = channels.slim_summary(base.model, variables, (1,) + tuple(base.dataset.image_shape))
-    return dict(base.oneshot(final, fraction), **{k: sizes[k] for k in study.CHANNEL_SIZES})
+    masked = dict(final, params=masking.apply_mask(
+        jax.device_get(final["params"]), l1_filter_mask(jax.device_get(final["params"]),
+                                                        fraction)))
+    sizes = _sizes(base, masked)
+    return dict(base.oneshot(final, fraction), **sizes)
 
-  results["l1_filter"] = partial.run("l1_filter", l1_filter)
-  if "slimming" in methods_for(cfg):
-    results["slimming"] = partial.run("slimming", lambda: slimming(args, base, fraction, seed))
+  def gmp_filter():
+    ramp = max(1, int({**have, **results}["art_hypersparse"]["art_epochs"]))
+    result, state = base.gmp(warm, fraction, ramp, base.spe, with_state=True)
+    return dict(result, **_sizes(base, state))
+
+  run("l1_filter", l1_filter)
+  run("gmp_filter", gmp_filter)
+  run("slimming", lambda: slimming(args, base, fraction, seed))
   partial.done()
-  for method, r in results.items():
-    print(f"  channels={fraction:g} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return fraction, seed, results
 
 
@@ -146,20 +182,23 @@ def slimming_states(args, base, seed, lam):
   from hypersparse_jax import transform
   cfg = base.cfg
 
+  epochs = slimming_epochs(cfg)
+
   def train():
     start = time.time()
     tx = optax.chain(transform.art(0.0, lambda_init=lam, eta=1.0, steps_per_epoch=base.spe,
                                    warmup_epochs=0, penalty="l1", structure="channel",
-                                   normalized=False), base.dense_tx)
+                                   normalized=False), base.ramp_tx)
     step = base.image_task.make_train_step(base.model, tx, base.dataset)
     state = {"params": base.init_params, "batch_stats": base.init_stats,
              "opt_state": tx.init(base.init_params)}
-    for epoch in range(cfg.warmup_epochs + cfg.epochs):
+    for epoch in range(epochs):
       state = base.run_epoch(step, state, epoch)
     return dict(test_accuracy=base.test_accuracy(state), time=time.time() - start), state
 
   path = os.path.join(args.out, ".slim_cache", f"seed{seed}.pkl")
-  return study.cached_states(path, study.cell_key(cfg, slimming_lambda=lam), ("final",), train)
+  return study.cached_states(path, study.cell_key(cfg, slimming_lambda=lam,
+                                                  slimming_epochs=epochs), ("final",), train)
 
 
 def slimming(args, base, fraction, seed):
@@ -174,7 +213,7 @@ def slimming(args, base, fraction, seed):
   variables = jax.device_get({"params": masking.apply_mask(final["params"], mask),
                               "batch_stats": final["batch_stats"]})
   sizes = channels.slim_summary(base.model, variables, (1,) + tuple(base.dataset.image_shape))
-  first = base.cfg.warmup_epochs + base.cfg.epochs
+  first = slimming_epochs(base.cfg)
   state, accs = base.finetune(final["params"], final["batch_stats"], mask, first)
   return dict(base._result(state, accs, start, 0, first + base.cfg.epochs),
               slimming_lambda=lam, sparsity_trained_accuracy=trained["test_accuracy"],
@@ -250,10 +289,13 @@ def main(argv=None):
   settings.update(lr_steps=list(cfg.lr_steps), fractions=list(fractions), seeds=list(seeds),
                   quick=args.quick, methods=list(methods), slimming_lambda=args.slimming_lambda)
   print(f"channel study: {json.dumps(settings)}", flush=True)
-  runs, wall, old = study._kept_runs(args.out, settings, free=("seeds", "fractions", "workers"))
+  # a method added to the study keeps the earlier methods' runs: only the new one runs
+  runs, wall, old = study._kept_runs(args.out, settings,
+                                     free=("seeds", "fractions", "workers", "methods"))
   if old is not None:  # the report covers the earlier cells and these
     for k in ("seeds", "fractions"):
       settings[k] = sorted(set(old[k]) | set(settings[k]))
+    runs = [r for r in runs if r["method"] == "dense" or r["method"] in methods]
   done = {(r["fraction"], r["method"], r["seed"]) for r in runs}
   folder, main = study.find_main_study(args, settings, _MAIN_ONLY)
   if folder:  # the dense runs of benchmarks/study.py with these settings, and its dense models
@@ -268,7 +310,9 @@ def main(argv=None):
   todo_dense = [s for s in seeds if (0.0, "dense", s) not in done]
   todo = [(x, s) for s in seeds for x in fractions
           if not all((x, m, s) in done for m in methods)]
-  runs = [r for r in runs if r["method"] == "dense" or (r["fraction"], r["seed"]) not in todo]
+  have = {(x, s): {r["method"]: {k: v for k, v in r.items()
+                                 if k not in ("fraction", "method", "seed")}
+                   for r in runs if (r["fraction"], r["seed"]) == (x, s)} for x, s in todo}
   print(f"kept {len(runs)} runs; {len(todo_dense)} dense runs and {len(todo)} cells to go",
         flush=True)
   start = time.time()
@@ -276,7 +320,7 @@ def main(argv=None):
       max_workers=max(1, args.workers), mp_context=multiprocessing.get_context("spawn"),
       initializer=study._worker_init, initargs=(args.jit_cache,)) as pool:
     futures = [pool.submit(study.dense_task, args, s) for s in todo_dense]
-    futures += [pool.submit(cell_task, args, x, s) for x, s in todo]
+    futures += [pool.submit(cell_task, args, x, s, have[(x, s)]) for x, s in todo]
     for fut in concurrent.futures.as_completed(futures):
       out = fut.result()
       if len(out) == 2:

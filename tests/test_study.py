@@ -286,18 +286,20 @@ def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
 
 
 def test_quick_channel_study_and_resume(tmp_path):
-  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the four methods
+  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the five methods
   and the dense run, each pruned run with its slimmed architecture, which has the parameter
-  count it reports; network slimming's channels are those of a NumPy global threshold on the
-  raw BatchNorm scales of its kept sparsity-trained model, with λ from Liu et al.'s total pull
-  worked out here; a second run keeps every run."""
+  count it reports; both L1-norm filter methods keep C − floor(C/2) channels in every layer,
+  the gradual one over ART's epochs; network slimming's channels are those of a NumPy global
+  threshold on the raw BatchNorm scales of its kept sparsity-trained model, with λ from Liu et
+  al.'s total pull worked out here; a second run keeps every run, and a method added to a
+  finished study runs alone, the others kept."""
   out = tmp_path / "channels"
   _run_quick("study_channels.py", out, tmp_path)
   report = json.loads((out / "study.json").read_text())
   assert report["complete"] is True
   runs = report["runs"]
-  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "l1_filter",
-                                               "slimming"]
+  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "gmp_filter",
+                                               "l1_filter", "slimming"]
   import jax
   import jax.numpy as jnp
   from hypersparse_jax import channels
@@ -311,17 +313,25 @@ def test_quick_channel_study_and_resume(tmp_path):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == (
         r["params_slim"])
   assert "| ART + group HyperSparse |" in (out / "study.md").read_text()
-  # network slimming: λ = 1e-4·391·(80·0.1 + 40·0.01 + 40·0.001) / Σ lr over this schedule
+  by = {r["method"]: r for r in runs}
+  s = report["settings"]
+  for m in ("l1_filter", "gmp_filter"):  # digits CNN: conv1 and conv2 of 32 and 64 channels
+    assert by[m]["channels_kept"] == {"conv1": 32 - 16, "conv2": 64 - 32}, by[m]["channels_kept"]
+  art = by["art_hypersparse"]
+  assert by["gmp_filter"]["art_epochs"] == art["art_epochs"] >= 1
+  assert by["gmp_filter"]["epochs"] == s["warmup_epochs"] + art["art_epochs"] + s["epochs"]
+  assert by["l1_filter"]["epochs"] == s["warmup_epochs"] + 2 * s["epochs"]
+  # network slimming: λ = 1e-4·391·(80·0.1 + 40·0.01 + 40·0.001) / Σ lr over its sparsity
+  # training (warm-up + ART's cap on regularisation, constant lr)
   import math
   import pickle
   from hypersparse_jax import data
-  s = report["settings"]
   spe = math.ceil(data.load_dataset("digits", None).num_train / s["batch_size"])
-  lr_sum = spe * sum(s["lr"] * s["lr_decay"] ** sum(e >= s["warmup_epochs"] + k
-                                                   for k in s["lr_steps"])
-                     for e in range(s["warmup_epochs"] + s["epochs"]))
-  slim = next(r for r in runs if r["method"] == "slimming")
-  assert slim["slimming_lambda"] == pytest.approx(1e-4 * 391 * 8.44 / lr_sum)
+  sparse_epochs = s["warmup_epochs"] + s["max_art_epochs"]
+  slim = by["slimming"]
+  assert slim["slimming_lambda"] == pytest.approx(
+      1e-4 * 391 * 8.44 / (spe * s["lr"] * sparse_epochs))
+  assert slim["epochs"] == sparse_epochs + s["epochs"]
   with open(out / ".slim_cache" / "seed0.pkl", "rb") as f:
     trained = pickle.load(f)["final"]["params"]
   gammas = [np.abs(np.asarray(trained[bn]["scale"], np.float32)) for bn in ("bn1", "bn2")]
@@ -330,5 +340,17 @@ def test_quick_channel_study_and_resume(tmp_path):
   kept = [int(max(1, (g > t).sum() + (g.max() <= t))) for g in gammas]
   assert [slim["channels_kept"]["conv1"], slim["channels_kept"]["conv2"]] == kept
   again = _run_quick("study_channels.py", out, tmp_path)
-  assert "kept 5 runs; 0 dense runs and 0 cells to go" in again.stdout
+  assert "kept 6 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
+  # a study written before gmp_filter existed: only gmp_filter runs, the rest is kept
+  old = dict(report, runs=[r for r in runs if r["method"] != "gmp_filter"], complete=False)
+  old["settings"] = dict(s, methods=[m for m in s["methods"] if m != "gmp_filter"])
+  (out / "study.json").write_text(json.dumps(old))
+  again = _run_quick("study_channels.py", out, tmp_path)
+  assert "kept 5 runs; 0 dense runs and 1 cells to go" in again.stdout, again.stdout
+  assert "gmp_filter:" in again.stdout and "art_l1:" not in again.stdout
+  new = json.loads((out / "study.json").read_text())
+  assert new["complete"] is True
+  key = lambda r: (r["method"], r["seed"])  # noqa: E731
+  kept = {key(r): r for r in runs if r["method"] != "gmp_filter"}
+  assert {key(r): r for r in new["runs"] if r["method"] != "gmp_filter"} == kept
