@@ -220,16 +220,31 @@ def slimming(args, base, fraction, seed):
               sparsity_training_time=trained["time"], **{k: sizes[k] for k in study.CHANNEL_SIZES})
 
 
-def aggregate(runs, fractions):
+def _epochs(run, settings):
+  """The epochs a run trained in all: recorded by the baselines; ART's are its warm-up, its
+  regularisation epochs and its fine-tuning."""
+  if run.get("epochs") is not None:
+    return run["epochs"]
+  if run.get("art_epochs") is None or settings is None:
+    return None
+  return settings["warmup_epochs"] + run["art_epochs"] + settings["epochs"]
+
+
+def aggregate(runs, fractions, settings=None):
   cells = []
   for key in list(fractions) + [0.0]:
     for method in (("dense",) if key == 0.0 else METHODS):
       rs = [r for r in runs if r["fraction"] == key and r["method"] == method]
       if rs:
+        ratio = lambda r, k: (r[f"{k}_slim"] / r[f"{k}_dense"]  # noqa: E731
+                              if r.get(f"{k}_dense") else None)
         cells.append({"fraction": key, "method": method, "seeds": [r["seed"] for r in rs],
                       **{k: study._stats([r.get(k) for r in rs]) for k in (
                           "final_test_accuracy", "best_test_accuracy", "sparsity",
-                          "art_epochs", "time")}})
+                          "art_epochs", "time")},
+                      "epochs": study._stats([_epochs(r, settings) for r in rs]),
+                      "flops_fraction": study._stats([ratio(r, "flops") for r in rs]),
+                      "params_fraction": study._stats([ratio(r, "params") for r in rs])})
   return cells
 
 
@@ -245,11 +260,30 @@ def write_markdown(path, report):
            "| method | " + " | ".join(f"{x * 100:g} % of channels" for x in s["fractions"]) + " |",
            "|---|" + "---|" * len(s["fractions"])]
   for m in METHODS:
-    if m not in s.get("methods", METHODS):
+    if m == "slimming" and m not in s.get("methods", METHODS):
       row = ["n/a (no BatchNorm)"] * len(s["fractions"])
     else:
       row = [study._pm(by[(x, m)]["final_test_accuracy"]) if (x, m) in by else "–"
              for x in s["fractions"]]
+    lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+  lines += ["", "The slimmed models' XLA FLOPs (one image) and parameters, % of the dense model's "
+            "(mean over seeds), and the epochs each method trained in all (mean):", "",
+            "| method | " + " | ".join(f"{x * 100:g} %: FLOPs / params / epochs"
+                                      for x in s["fractions"]) + " |",
+            "|---|" + "---|" * len(s["fractions"])]
+  for m in METHODS:
+    if m not in s.get("methods", METHODS):
+      continue
+    row = []
+    for x in s["fractions"]:
+      c = by.get((x, m))
+      if c is None or c.get("flops_fraction") is None:
+        row.append("–")
+        continue
+      ep = c.get("epochs")
+      row.append(f"{100 * c['flops_fraction']['mean']:.1f} / "
+                 f"{100 * c['params_fraction']['mean']:.1f} / "
+                 + (f"{ep['mean']:.1f}" if ep else "–"))
     lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -332,7 +366,7 @@ def main(argv=None):
       expected = len(settings["seeds"]) * (1 + len(methods) * len(settings["fractions"]))
       report = {"settings": settings, "wall_time": wall + time.time() - start,
                 "complete": len(runs) == expected,
-                "cells": aggregate(runs, settings["fractions"]), "runs": runs}
+                "cells": aggregate(runs, settings["fractions"], settings), "runs": runs}
       study.write_json(args.out, report)
       write_markdown(os.path.join(args.out, "study.md"), report)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
