@@ -326,7 +326,23 @@ class Baselines:
 # ------------------------------------------------------------------------------------------------
 
 
+def exit_with_parent(poll_seconds=1.0):
+  """In a worker process: a daemon thread that ends the process when its parent is gone (a
+  study killed by SIGTERM or SIGKILL leaves no orphaned worker computing on; the finished
+  methods are in ``.partial/`` already)."""
+  import threading
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(poll_seconds)
+      if os.getppid() != parent:
+        os._exit(1)
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker_init(cache_dir):
+  exit_with_parent()
   import jax
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -354,3 +354,44 @@ def test_quick_channel_study_and_resume(tmp_path):
   key = lambda r: (r["method"], r["seed"])  # noqa: E731
   kept = {key(r): r for r in runs if r["method"] != "gmp_filter"}
   assert {key(r): r for r in new["runs"] if r["method"] != "gmp_filter"} == kept
+
+
+def test_study_workers_exit_when_the_study_is_killed(tmp_path):
+  """A study killed by SIGKILL (no chance to clean up) leaves no worker computing on: each
+  worker's watchdog (study.exit_with_parent, installed by the pool's initializer) sees its
+  parent gone and exits within seconds."""
+  import signal
+  import time
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+      "import concurrent.futures, multiprocessing, os, sys, time\n"
+      f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+      "import study\n"
+      "if __name__ == '__main__':\n"
+      "  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("
+      "'spawn'), initializer=study._worker_init, initargs=(None,)) as pool:\n"
+      "    print(pool.submit(os.getpid).result(), flush=True)\n"
+      "    pool.submit(time.sleep, 300).result()\n")
+  proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True)
+  try:
+    worker = int(proc.stdout.readline())
+    os.kill(worker, 0)  # alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      try:
+        os.kill(worker, 0)
+        with open(f"/proc/{worker}/stat") as f:  # a zombie not yet reaped has exited too
+          if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+      except (ProcessLookupError, FileNotFoundError):
+        break
+      time.sleep(0.2)
+    else:
+      os.kill(worker, signal.SIGKILL)
+      pytest.fail(f"worker {worker} still running 30 s after its study was killed")
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
