@@ -299,6 +299,7 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
         ax.scatter([1.0], [100 * s["dense_accuracy"]], marker="*", s=120, color="k",
                    label="dense", zorder=3)
       ax.set_xscale("log")
+      ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
       ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}×"))
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
       ax.axvline(1.0, color="0.8", lw=0.8)

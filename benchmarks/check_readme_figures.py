@@ -157,6 +157,93 @@ def _unstructured_span(d):
   return min(ups), max(ups)
 
 
+CHANNELS = os.path.join(RESULTS, "channels_fashion_mnist_lenet5", "study.json")
+
+
+def crun(report, method, fraction, seed, key="final_test_accuracy"):
+  """One run of a channel study."""
+  return next(r[key] for r in report["runs"] if r["method"] == method
+              and abs(r["fraction"] - fraction) < 1e-9 and r["seed"] == seed)
+
+
+def _seeds(report):
+  return sorted({r["seed"] for r in report["runs"]})
+
+
+def cdiff(report, a, b, fraction):
+  """Method ``a`` minus method ``b`` per seed at ``fraction``, in points."""
+  return [100 * (crun(report, a, fraction, s) - crun(report, b, fraction, s))
+          for s in _seeds(report)]
+
+
+def ccell(report, method, fraction, key="final_test_accuracy"):
+  return next(c[key]["mean"] for c in report["cells"]
+              if c["method"] == method and abs(c["fraction"] - fraction) < 1e-9)
+
+
+def wins(values):
+  """How many seeds of how many a method was ahead on, as the README words it."""
+  n, k = len(values), sum(v > 0 for v in values)
+  return "every seed" if k == n else f"{['no', 'one', 'two'][k]} seed{'s' if k != 1 else ''} of {['', '', '', 'three'][n]}"
+
+
+def flops_pct(report, method, fraction):
+  return [100 * crun(report, method, fraction, s, "flops_slim")
+          / crun(report, method, fraction, s, "flops_dense") for s in _seeds(report)]
+
+
+def tspeeds(d, method, fraction, engine="onnxruntime", batch="batch_256"):
+  """Measured speed-ups of a channel study's runs (slim_speed_trained.json, first study)."""
+  st = d["studies"][0]
+  return [st["variants"][r["arch"]][engine][batch]["speedup_vs_dense"] for r in st["runs"]
+          if r["method"] == method and abs(r["fraction"] - fraction) < 1e-9]
+
+
+def _channel_figures(r):
+  hs = "art_hypersparse"
+  d = lambda m, x: span_of(cdiff(r, hs, m, x))  # noqa: E731
+  gl = [v for x in (0.5, 0.75, 0.9) for v in cdiff(r, "gmp_filter", "l1_filter", x)]
+  return (f"{r['wall_time'] / 60:.1f}", f"{100 * ccell(r, hs, 0.5):.2f}",
+          f"{100 * ccell(r, hs, 0.75):.2f}", f"{100 * ccell(r, 'dense', 0.0):.2f}",
+          *d("art_l1", 0.5), *d("l1_filter", 0.5), *d("gmp_filter", 0.5),
+          *d("l1_filter", 0.75), *d("gmp_filter", 0.75), wins(cdiff(r, hs, "art_l1", 0.75)),
+          *span(flops_pct(r, hs, 0.5), ".1f").split("–"),
+          span(flops_pct(r, "l1_filter", 0.5), ".1f").split("–")[0],
+          *span_of([100 * crun(r, hs, 0.9, s) for s in _seeds(r)]),
+          wins([-v for v in cdiff(r, hs, "art_l1", 0.9)]),
+          ["none", "one", "two", "all three"][sum(v < 0 for v in cdiff(r, hs, "gmp_filter", 0.9))],
+          "every seed at every fraction" if min(gl) > 0 else "not always", *span_of(gl))
+
+
+def _channel_speed_figures(d):
+  st = d["studies"][0]
+  f = lambda m, x: tspeeds(d, m, x)  # noqa: E731
+  one = lambda v: f"{v[0]:.2f}" if len(set(v)) == 1 else "differ"  # noqa: E731
+  xla = [v["xla"]["batch_256"]["speedup_vs_dense"] for k, v in st["variants"].items()
+         if k.startswith("arch")]
+  un = [v[e]["batch_256"]["speedup_vs_dense"] for k, v in st["variants"].items()
+        if k.startswith("weights_") for e in ("xla", "onnxruntime")]
+  return (str(d["repeats"]), one(f("l1_filter", 0.5)), one(f("l1_filter", 0.75)),
+          one(f("l1_filter", 0.9)), span(f("art_hypersparse", 0.5), ".2f"),
+          span(f("art_hypersparse", 0.75), ".2f"), span(f("art_hypersparse", 0.9), ".2f"),
+          span(xla, ".2f"), span(un, ".2f"))
+
+
+def _load_json(path):
+  with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
+    return json.load(fh)
+
+
+def _channel_per_speed(pair):
+  r, d = pair
+  g50, s50 = ccell(r, "gmp_filter", 0.5), tspeeds(d, "gmp_filter", 0.5)[0]
+  faster = [s50 > v for v in tspeeds(d, "art_hypersparse", 0.75)]
+  return (f"{100 * g50:.2f}", f"{s50:.2f}",
+          "more" if g50 > ccell(r, "art_hypersparse", 0.75) else "less",
+          f"{100 * ccell(r, 'art_hypersparse', 0.75):.2f}",
+          wins([1 if x else -1 for x in faster]))
+
+
 FIGURES: List[Figure] = [
     # --- quickstart ------------------------------------------------------------------------------
     Figure(README, r"\(2026-12-02, 2 shared CPU cores\): ([\d.]+) % sparsity after (\d+) ART epochs, "
@@ -402,6 +489,34 @@ FIGURES: List[Figure] = [
            lambda d: (f"{d['results'][0]['fused_pass_ms']:.1f}",
                       f"{d['results'][0]['hypersparse_grad_ms']:.1f}",
                       f"{d['results'][0]['ratio_grad_to_pass']:.2f}")),
+    # --- channel pruning on Fashion-MNIST, LeNet-5 ---------------------------------------------
+    Figure(README, r"final fine-tune epoch, ([\d.]+) min on 2 loaded cores\)\.\s+At the same fraction "
+           r"of LeNet-5's 570.*?most accurate at 50 and 75 % \(([\d.]+) / ([\d.]+) %; dense\s+"
+           r"([\d.]+) %\): at 50 % ahead of ART \+ group L1, one-shot and gradual L1-norm filter "
+           r"pruning on every\s+seed \(by ([\d.]+)–([\d.]+), ([\d.]+)–([\d.]+) and ([\d.]+)–([\d.]+) "
+           r"points\), at 75 % ahead of both filter methods on\s+every seed \(([\d.]+)–([\d.]+) and "
+           r"([\d.]+)–([\d.]+)\) and of ART \+ group L1 on (.+?)\. That is not a.*?keeps "
+           r"([\d.]+)–([\d.]+) % of the FLOPs at 50 %, where the filter methods, the same fraction "
+           r"in\s+every layer, keep ([\d.]+) %\. At 90 % it cuts conv1 to 1–2 filters and the seeds "
+           r"scatter\s+\(([\d.]+)–([\d.]+) %\): ART \+ group L1 is ahead of it on (.+?), gradual "
+           r"filter pruning on\s+(\w+)\. Gradual filter pruning.*?beats\s+its one-shot form on "
+           r"(every seed at every fraction) \(by ([\d.]+)–([\d.]+) points\)",
+           CHANNELS, _channel_figures),
+    Figure(README, r"medians of (\d+) interleaved repeats, batch 256, idle machine at the start\): "
+           r"in onnxruntime the\s+filter methods' models run ([\d.]+) / ([\d.]+) / ([\d.]+)× faster "
+           r"than dense at 50 / 75 / 90 %, ART \+ group\s+HyperSparse's ([\d.–]+) / ([\d.–]+) / "
+           r"([\d.–]+)×; in XLA every slimmed LeNet-5 runs\s+([\d.–]+)× .*?zeroed run "
+           r"([\d.–]+)× in either engine", R("slim_speed_trained.json"), _channel_speed_figures),
+    Figure(BENCH, r"3 seeds, ([\d.]+) min of study\s+wall time on 2 loaded cores.*?models keep\s+"
+           r"([\d.]+)–([\d.]+)× the FLOPs of the filter methods' at 50 and 75 %", CHANNELS,
+           lambda r: (f"{r['wall_time'] / 60:.1f}", *span(
+               [crun(r, "art_hypersparse", x, s, "flops_slim") / crun(r, "l1_filter", x, s,
+                                                                      "flops_slim")
+                for x in (0.5, 0.75) for s in _seeds(r)], ".1f").split("–"))),
+    Figure(README, r"gradual filter pruning at 50 % \(([\d.]+) %, ([\d.]+)×\)\s+is (\w+) accurate than "
+           r"ART \+ group HyperSparse at 75 % \(([\d.]+) %\) and faster on (.+?)\.",
+           R("slim_speed_trained.json"),
+           lambda d: _channel_per_speed((_load_json(CHANNELS), d))),
 ]
 
 
@@ -412,6 +527,9 @@ TABLES = [
     (BENCH, "benchmarks/results/study_fashion_mnist_lenet5/study.md", "| method | 90 % | 95 %"),
     (README, "benchmarks/results/patterns_fashion_mnist_lenet300/study.md", "| budget | method |"),
     (README, "benchmarks/results/patterns_fashion_mnist_lenet300/study.md", "| N:M | sparsity |"),
+    (README, "benchmarks/results/channels_fashion_mnist_lenet5/study.md",
+     "| method | 50 % of channels"),
+    (README, "benchmarks/results/channels_fashion_mnist_lenet5/study.md", "| method | 50 %: FLOPs"),
 ]
 
 
