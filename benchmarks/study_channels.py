@@ -26,9 +26,8 @@ model (the same initial weights per seed):
   recomputed every epoch at ``s_t`` and applied after every step, then the same masked
   fine-tuning.
 * ``slimming``: network slimming (Liu et al. 2017), only for models whose every prunable
-  layer is followed by BatchNorm (their method prunes by the BatchNorm scales): the dense
-  schedule (warm-up + fine-tune epochs) from the same initial weights with the fixed-λ
-  subgradient ``λ·sign(γ)`` added to the scales' gradients (``art(..., penalty='l1',
+  layer is followed by BatchNorm (their method prunes by the BatchNorm scales): training from
+  the same initial weights with the fixed-λ subgradient ``λ·sign(γ)`` added to the scales' gradients (``art(..., penalty='l1',
   structure='channel', normalized=False)`` with η = 1 and no warm-up) for as many epochs as
   ART's warm-up + its cap on regularisation (``warmup_epochs + max_art_epochs``) at ART's
   constant lr, so that with the fine-tuning its total equals ART's longest; then one global
