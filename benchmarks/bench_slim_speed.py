@@ -37,6 +37,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study_channels import LABELS  # noqa: E402  (the channel study's method names)
+
 
 def xla_forwards(model, variables):
   """Two jitted eval-mode forward passes: as the model runs by default (on CPU the library's
@@ -261,9 +264,6 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
                            figsize=(5.5 * len(engines), 4 * len(studies)))
   colors = {"art_hypersparse": "C0", "art_l1": "C1", "l1_filter": "C2", "gmp_filter": "C4",
             "slimming": "C5"}
-  labels = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1",
-            "l1_filter": "L1-norm filters + FT", "gmp_filter": "gradual L1-norm filters + FT",
-            "slimming": "network slimming + FT"}
   for row, s in zip(axes, studies):
     for ax, engine in zip(row, engines):
       speed = lambda key: s["variants"][key][engine][batch]["speedup_vs_dense"]  # noqa: E731
@@ -278,7 +278,7 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
           acc = np.array([100 * r["final_test_accuracy"] for r in fr])
           ax.errorbar(np.median([speed(r["arch"]) for r in fr]), acc.mean(),
                       yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt="o", color=color,
-                      capsize=3, label=f"{labels[method]} (channels)" if frac == min(
+                      capsize=3, label=f"{LABELS[method]} (channels)" if frac == min(
                           r["fraction"] for r in rs) else None)
           ax.annotate(f"{frac * 100:g} %", (np.median([speed(r["arch"]) for r in fr]),
                                             acc.mean()), fontsize=7, xytext=(4, 4),

@@ -51,15 +51,23 @@ def pct(x: float, digits: int = 2) -> str:
   return f"{100 * x:.{digits}f}"
 
 
-def cell(report, method, target, key="final_test_accuracy"):
+# Weight studies (benchmarks/study.py) name a run's sparsity ``target``; channel studies
+# (benchmarks/study_channels.py) name the fraction of channels ``fraction``.
+
+
+def cell(report, method, target, key="final_test_accuracy", field="target"):
   return next(c[key]["mean"] for c in report["cells"]
-              if c["method"] == method and c["target"] == target)
+              if c["method"] == method and abs(c[field] - target) < 1e-9)
 
 
-def seed_run(report, method, target, seed=0, key="final_test_accuracy"):
+def seed_run(report, method, target, seed=0, key="final_test_accuracy", field="target"):
   """One seed's run of a study (figures quoted before every seed is in)."""
-  return next(r[key] for r in report["runs"]
-              if r["method"] == method and r["target"] == target and r["seed"] == seed)
+  return next(r[key] for r in report["runs"] if r["method"] == method
+              and abs(r[field] - target) < 1e-9 and r["seed"] == seed)
+
+
+def seeds_of(report):
+  return sorted({r["seed"] for r in report["runs"]})
 
 
 def _warmup_seconds(d):
@@ -77,13 +85,21 @@ def _cell_seconds(report, seed):
   return f"{min(cells.values()):.0f}", f"{max(cells.values()):.0f}"
 
 
-def paired(report, method, target, key="final_test_accuracy"):
-  """ART + HyperSparse minus ``method`` per seed, in points, seed order."""
-  def run(m, seed):
-    return next(r[key] for r in report["runs"] if r["method"] == m and r["seed"] == seed
-                and abs(r["target"] - target) < 1e-9)
-  seeds = sorted({r["seed"] for r in report["runs"]})
-  return [100 * (run("art_hypersparse", s) - run(method, s)) for s in seeds]
+def paired(report, method, target, key="final_test_accuracy", field="target",
+           base="art_hypersparse"):
+  """``base`` (ART + HyperSparse) minus ``method`` per seed, in points, seed order."""
+  return [100 * (seed_run(report, base, target, s, key, field)
+                 - seed_run(report, method, target, s, key, field)) for s in seeds_of(report)]
+
+
+_COUNT = ("no", "one", "two", "three")
+
+
+def seeds_ahead(diffs):
+  """On how many seeds the differences are positive, as the READMEs word it: 'every seed',
+  'two seeds of three', 'one seed of three'."""
+  k, n = sum(d > 0 for d in diffs), len(diffs)
+  return "every seed" if k == n else f"{_COUNT[k]} seed{'' if k == 1 else 's'} of {_COUNT[n]}"
 
 
 def span_of(values):
@@ -160,64 +176,53 @@ def _unstructured_span(d):
 CHANNELS = os.path.join(RESULTS, "channels_fashion_mnist_lenet5", "study.json")
 
 
-def crun(report, method, fraction, seed, key="final_test_accuracy"):
-  """One run of a channel study."""
-  return next(r[key] for r in report["runs"] if r["method"] == method
-              and abs(r["fraction"] - fraction) < 1e-9 and r["seed"] == seed)
+def _ch(report, method, fraction, seed, key="final_test_accuracy"):
+  return seed_run(report, method, fraction, seed, key, field="fraction")
 
 
-def _seeds(report):
-  return sorted({r["seed"] for r in report["runs"]})
+def _chdiff(report, method, fraction, base="art_hypersparse"):
+  return paired(report, method, fraction, field="fraction", base=base)
 
 
-def cdiff(report, a, b, fraction):
-  """Method ``a`` minus method ``b`` per seed at ``fraction``, in points."""
-  return [100 * (crun(report, a, fraction, s) - crun(report, b, fraction, s))
-          for s in _seeds(report)]
+def _chmean(report, method, fraction):
+  return cell(report, method, fraction, field="fraction")
 
 
-def ccell(report, method, fraction, key="final_test_accuracy"):
-  return next(c[key]["mean"] for c in report["cells"]
-              if c["method"] == method and abs(c["fraction"] - fraction) < 1e-9)
+def _flops_pct(report, method, fraction):
+  return [100 * _ch(report, method, fraction, s, "flops_slim")
+          / _ch(report, method, fraction, s, "flops_dense") for s in seeds_of(report)]
 
 
-def wins(values):
-  """How many seeds of how many a method was ahead on, as the README words it."""
-  n, k = len(values), sum(v > 0 for v in values)
-  return "every seed" if k == n else f"{['no', 'one', 'two'][k]} seed{'s' if k != 1 else ''} of {['', '', '', 'three'][n]}"
-
-
-def flops_pct(report, method, fraction):
-  return [100 * crun(report, method, fraction, s, "flops_slim")
-          / crun(report, method, fraction, s, "flops_dense") for s in _seeds(report)]
-
-
-def tspeeds(d, method, fraction, engine="onnxruntime", batch="batch_256"):
-  """Measured speed-ups of a channel study's runs (slim_speed_trained.json, first study)."""
-  st = d["studies"][0]
+def _trained_speeds(d, method, fraction, engine="onnxruntime", batch="batch_256",
+                    study=os.path.dirname(CHANNELS)):
+  """Measured speed-ups of one channel study's runs in slim_speed_trained.json."""
+  st = next(x for x in d["studies"] if os.path.normpath(x["study"]) == os.path.normpath(study))
   return [st["variants"][r["arch"]][engine][batch]["speedup_vs_dense"] for r in st["runs"]
           if r["method"] == method and abs(r["fraction"] - fraction) < 1e-9]
 
 
 def _channel_figures(r):
   hs = "art_hypersparse"
-  d = lambda m, x: span_of(cdiff(r, hs, m, x))  # noqa: E731
-  gl = [v for x in (0.5, 0.75, 0.9) for v in cdiff(r, "gmp_filter", "l1_filter", x)]
-  return (f"{r['wall_time'] / 60:.1f}", f"{100 * ccell(r, hs, 0.5):.2f}",
-          f"{100 * ccell(r, hs, 0.75):.2f}", f"{100 * ccell(r, 'dense', 0.0):.2f}",
+  d = lambda m, x: span_of(_chdiff(r, m, x))  # noqa: E731
+  gradual_gain = [v for x in (0.5, 0.75, 0.9)
+                  for v in _chdiff(r, "l1_filter", x, base="gmp_filter")]
+  return (f"{r['wall_time'] / 60:.1f}", f"{100 * _chmean(r, hs, 0.5):.2f}",
+          f"{100 * _chmean(r, hs, 0.75):.2f}", f"{100 * _chmean(r, 'dense', 0.0):.2f}",
           *d("art_l1", 0.5), *d("l1_filter", 0.5), *d("gmp_filter", 0.5),
-          *d("l1_filter", 0.75), *d("gmp_filter", 0.75), wins(cdiff(r, hs, "art_l1", 0.75)),
-          *span(flops_pct(r, hs, 0.5), ".1f").split("–"),
-          span(flops_pct(r, "l1_filter", 0.5), ".1f").split("–")[0],
-          *span_of([100 * crun(r, hs, 0.9, s) for s in _seeds(r)]),
-          wins([-v for v in cdiff(r, hs, "art_l1", 0.9)]),
-          ["none", "one", "two", "all three"][sum(v < 0 for v in cdiff(r, hs, "gmp_filter", 0.9))],
-          "every seed at every fraction" if min(gl) > 0 else "not always", *span_of(gl))
+          *d("l1_filter", 0.75), *d("gmp_filter", 0.75), seeds_ahead(_chdiff(r, "art_l1", 0.75)),
+          *span(_flops_pct(r, hs, 0.5), ".1f").split("–"),
+          span(_flops_pct(r, "l1_filter", 0.5), ".1f").split("–")[0],
+          *span_of([100 * _ch(r, hs, 0.9, s) for s in seeds_of(r)]),
+          seeds_ahead([-v for v in _chdiff(r, "art_l1", 0.9)]),
+          _COUNT[sum(v < 0 for v in _chdiff(r, "gmp_filter", 0.9))],
+          "every seed at every fraction" if min(gradual_gain) > 0 else "not always",
+          *span_of(gradual_gain))
 
 
 def _channel_speed_figures(d):
-  st = d["studies"][0]
-  f = lambda m, x: tspeeds(d, m, x)  # noqa: E731
+  st = next(x for x in d["studies"]
+            if os.path.normpath(x["study"]) == os.path.normpath(os.path.dirname(CHANNELS)))
+  f = lambda m, x: _trained_speeds(d, m, x)  # noqa: E731
   one = lambda v: f"{v[0]:.2f}" if len(set(v)) == 1 else "differ"  # noqa: E731
   xla = [v["xla"]["batch_256"]["speedup_vs_dense"] for k, v in st["variants"].items()
          if k.startswith("arch")]
@@ -229,19 +234,15 @@ def _channel_speed_figures(d):
           span(xla, ".2f"), span(un, ".2f"))
 
 
-def _load_json(path):
-  with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
-    return json.load(fh)
-
-
-def _channel_per_speed(pair):
-  r, d = pair
-  g50, s50 = ccell(r, "gmp_filter", 0.5), tspeeds(d, "gmp_filter", 0.5)[0]
-  faster = [s50 > v for v in tspeeds(d, "art_hypersparse", 0.75)]
-  return (f"{100 * g50:.2f}", f"{s50:.2f}",
-          "more" if g50 > ccell(r, "art_hypersparse", 0.75) else "less",
-          f"{100 * ccell(r, 'art_hypersparse', 0.75):.2f}",
-          wins([1 if x else -1 for x in faster]))
+def _channel_per_speed(d):
+  """Gradual filter pruning at 50 % against ART + group HyperSparse at 75 %: accuracy (the
+  channel study) and measured speed (slim_speed_trained.json, ``d``)."""
+  with open(os.path.join(ROOT, CHANNELS), encoding="utf-8") as fh:
+    r = json.load(fh)
+  g50, s50 = _chmean(r, "gmp_filter", 0.5), _trained_speeds(d, "gmp_filter", 0.5)[0]
+  h75 = _chmean(r, "art_hypersparse", 0.75)
+  return (f"{100 * g50:.2f}", f"{s50:.2f}", "more" if g50 > h75 else "less", f"{100 * h75:.2f}",
+          seeds_ahead([s50 - v for v in _trained_speeds(d, "art_hypersparse", 0.75)]))
 
 
 FIGURES: List[Figure] = [
@@ -510,13 +511,13 @@ FIGURES: List[Figure] = [
     Figure(BENCH, r"3 seeds, ([\d.]+) min of study\s+wall time on 2 loaded cores.*?models keep\s+"
            r"([\d.]+)–([\d.]+)× the FLOPs of the filter methods' at 50 and 75 %", CHANNELS,
            lambda r: (f"{r['wall_time'] / 60:.1f}", *span(
-               [crun(r, "art_hypersparse", x, s, "flops_slim") / crun(r, "l1_filter", x, s,
-                                                                      "flops_slim")
-                for x in (0.5, 0.75) for s in _seeds(r)], ".1f").split("–"))),
+               [_ch(r, "art_hypersparse", x, s, "flops_slim") / _ch(r, "l1_filter", x, s,
+                                                                    "flops_slim")
+                for x in (0.5, 0.75) for s in seeds_of(r)], ".1f").split("–"))),
     Figure(README, r"gradual filter pruning at 50 % \(([\d.]+) %, ([\d.]+)×\)\s+is (\w+) accurate than "
            r"ART \+ group HyperSparse at 75 % \(([\d.]+) %\) and faster on (.+?)\.",
            R("slim_speed_trained.json"),
-           lambda d: _channel_per_speed((_load_json(CHANNELS), d))),
+           _channel_per_speed),
 ]
 
 

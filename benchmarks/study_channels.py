@@ -156,10 +156,9 @@ def cell_task(args, fraction, seed, have=None):
   def l1_filter():
     # the slimmed model's size first: the fine-tuning below donates the state's arrays
     from hypersparse_jax import masking
-    masked = dict(final, params=masking.apply_mask(
-        jax.device_get(final["params"]), l1_filter_mask(jax.device_get(final["params"]),
-                                                        fraction)))
-    sizes = _sizes(base, masked)
+    params = jax.device_get(final["params"])
+    sizes = _sizes(base, dict(final, params=masking.apply_mask(
+        params, l1_filter_mask(params, fraction))))
     return dict(base.oneshot(final, fraction), **sizes)
 
   def gmp_filter():
@@ -229,21 +228,26 @@ def _epochs(run, settings):
   return settings["warmup_epochs"] + run["art_epochs"] + settings["epochs"]
 
 
+def _slim_fraction(run, what):
+  """The slimmed model's ``what`` ('flops' or 'params') as a fraction of the dense model's."""
+  dense = run.get(f"{what}_dense")
+  return run[f"{what}_slim"] / dense if dense else None
+
+
 def aggregate(runs, fractions, settings=None):
   cells = []
   for key in list(fractions) + [0.0]:
     for method in (("dense",) if key == 0.0 else METHODS):
       rs = [r for r in runs if r["fraction"] == key and r["method"] == method]
       if rs:
-        ratio = lambda r, k: (r[f"{k}_slim"] / r[f"{k}_dense"]  # noqa: E731
-                              if r.get(f"{k}_dense") else None)
         cells.append({"fraction": key, "method": method, "seeds": [r["seed"] for r in rs],
                       **{k: study._stats([r.get(k) for r in rs]) for k in (
                           "final_test_accuracy", "best_test_accuracy", "sparsity",
                           "art_epochs", "time")},
                       "epochs": study._stats([_epochs(r, settings) for r in rs]),
-                      "flops_fraction": study._stats([ratio(r, "flops") for r in rs]),
-                      "params_fraction": study._stats([ratio(r, "params") for r in rs])})
+                      "flops_fraction": study._stats([_slim_fraction(r, "flops") for r in rs]),
+                      "params_fraction": study._stats([_slim_fraction(r, "params")
+                                                       for r in rs])})
   return cells
 
 
