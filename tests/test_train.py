@@ -748,9 +748,14 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
       assert delay == delays[-1], out
       continue
     assert proc.returncode == 130, f"delay {delay}: exit {proc.returncode}\n{out}"
-    others = [line for line in out.splitlines() if line.strip() and not line.startswith("epoch ")]
-    assert len(others) == 1 and "interrupted" in others[0], f"delay {delay}:\n{out}"
-    assert "Traceback" not in out and "Fatal" not in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    # The interruption adds exactly one line, the last; what precedes it is the run's normal
+    # progress (epoch lines, and on a fast machine the stop-rule message and sparsity table of
+    # a run already fine-tuning), never a trace of the signal.
+    assert "interrupted" in lines[-1], f"delay {delay}:\n{out}"
+    assert sum("interrupted" in line for line in lines) == 1, f"delay {delay}:\n{out}"
+    for bad in ("Traceback", "Fatal", "Exception", "Error", "KeyboardInterrupt", "Segmentation"):
+      assert bad not in out, f"delay {delay}: {bad}\n{out}"
   resumed = _start(str(tmp_path / f"run{delays[-1]}"))
   out = resumed.communicate(timeout=240)[0].decode(errors="replace")
   assert resumed.returncode == 0, out
