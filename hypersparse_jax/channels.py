@@ -26,6 +26,13 @@ bit-exact as for weights) and the mask keeps ``m̃_c > t``; then **every layer k
 largest channel** (ties: the first), so no layer is cut, and the achieved fraction may fall
 short of ``floor(κ·N) + 1`` channels by the number of layers so rescued.
 
+**Or the same fraction from every layer** (``distribution='uniform'``, an option; the
+default is the global threshold above): each prunable layer of ``n_l`` channels loses its
+``floor(κ·n_l)`` channels of smallest magnitude (ties: the stable sort removes the earlier
+channel first), Li et al.'s (2017) count, so at equal κ the slimmed layers are as wide as theirs.
+Not the reference's ``floor(κ·n)+1`` rule: for a layer of 6 channels it would remove 4 at
+κ = 0.5. ``κ < 1`` keeps at least one channel per layer.
+
 **The mask** (:func:`channel_mask`) is shaped like the parameters: a removed channel's producer
 weights, bias, BatchNorm scale and bias are False, so after its activation it is exactly 0 (the
 consumer's weights that read it are left True: they multiply zeros; :func:`slim` drops them).
@@ -40,7 +47,12 @@ and pulled back to the parameters ``θ_c`` (the weights or ``γ_c``) by the chai
 
     ∂HS/∂θ_c = s · sech²(s·m̃_c) · (A / T) · θ_c / (‖θ_c‖ · μ_l)     (0 where ‖θ_c‖ = 0)
 
-— a group lasso whose push fades above the channel threshold. In loss form
+— a group lasso whose push fades above the channel threshold. With ``distribution='uniform'``
+every layer ``l`` is a unit with its own term, as a per-layer weight budget is
+(:mod:`hypersparse_jax.budgets`): ``t_l`` is the largest normalised magnitude its mask removes
+(``sort(m̃_l)[floor(κ·n_l) − 1]``; no term where ``floor(κ·n_l) = 0``), ``s_l = c/t_l``,
+``A_l, T_l`` sum over the layer, and ``∂HS/∂m̃_c = s_l · sech²(s_l·m̃_c) · A_l / T_l``, pulled back
+as above; the penalty is the sum of the layers' loss forms. In loss form
 ``HS = A·T/stop_gradient(T) − A`` over ``m̃`` (value ≈ 0), its gradient is exactly this. The
 L1 baseline on channels is ``Σ m̃_c`` (group lasso; with BatchNorm, network slimming's L1 on
 the scales).
@@ -175,8 +187,41 @@ def channel_magnitudes(params, *, groups=None, where=None, normalized: bool = Tr
   return out
 
 
-def _keep(mags, sparsity):
-  """Kept channels per group: ``m̃ > t`` globally, then each group's largest rescued."""
+DISTRIBUTIONS = ("global", "uniform")
+
+
+def check_distribution(distribution) -> str:
+  """Returns ``distribution`` if channels can be pruned with it, else raises ValueError."""
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f"channel distribution must be 'global' (one threshold over all prunable "
+                     f"channels) or 'uniform' (the same fraction from every layer), got "
+                     f"{distribution!r}")
+  return distribution
+
+
+def _uniform_drop(sparsity, n):
+  """Channels a layer of ``n`` loses under ``distribution='uniform'``: ``floor(κ·n)``
+  (``<= n − 1``)."""
+  return threshold.rank_of_threshold(sparsity, n)
+
+
+def _uniform_keep(m, sparsity):
+  """``(keep, t)`` of one layer under ``distribution='uniform'``: all but its ``floor(κ·n)``
+  smallest (stable order), and the largest magnitude removed (0 if none is)."""
+  n = int(m.shape[0])
+  drop = _uniform_drop(sparsity, n)
+  order = jnp.argsort(m, stable=True)
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  t = m[order[drop - 1]] if drop > 0 else jnp.zeros([], m.dtype)
+  return rank >= drop, t
+
+
+def _keep(mags, sparsity, distribution="global"):
+  """Kept channels per group: ``m̃ > t`` globally, then each group's largest rescued; or, for
+  ``'uniform'``, per group (then ``t`` is the vector of the groups' thresholds)."""
+  if distribution == "uniform":
+    pairs = [_uniform_keep(m, sparsity) for m in mags]
+    return [k for k, _ in pairs], jnp.stack([t for _, t in pairs]).astype(jnp.float32)
   n = sum(int(m.shape[0]) for m in mags)
   t = threshold.kth_magnitude(mags, threshold.rank_of_threshold(sparsity, n))
   keeps = []
@@ -188,12 +233,14 @@ def _keep(mags, sparsity):
 
 
 def channel_keep(params, sparsity: float, *, groups=None, where=None,
-                 normalized: bool = True) -> dict:
+                 normalized: bool = True, distribution: str = "global") -> dict:
   """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
   sparsity = masking.check_sparsity(sparsity)
+  check_distribution(distribution)
   groups = _select_groups(params, groups, where)
   _check_finite(params, groups)
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity)
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity,
+                   distribution)
   return {g.name: k for g, k in zip(groups, keeps)}
 
 
@@ -229,7 +276,8 @@ def _check_finite(params, groups):
         raise ValueError(f"{name} contains NaN or infinite values; magnitudes must be finite")
 
 
-def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized: bool = True):
+def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized: bool = True,
+                 distribution: str = "global"):
   """Channel pruning mask, shaped like ``params`` (see the module doc).
 
   Args:
@@ -242,6 +290,8 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
       across layers of different fan-in); False thresholds the raw magnitudes, as network
       slimming (Liu et al. 2017) does with the BatchNorm scales. Either way every layer keeps
       its largest channel.
+    distribution: ``'global'`` (default: one threshold over all prunable channels) or
+      ``'uniform'`` (every layer loses ``floor(κ·n_l)`` of its ``n_l`` channels).
 
   Returns:
     A bool pytree like ``params``: False on the producer kernel slices, biases and BatchNorm
@@ -260,21 +310,26 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
     ([False, True, True], True)
   """
   sparsity = masking.check_sparsity(sparsity)
+  check_distribution(distribution)
   groups = _select_groups(params, groups, where)
   _check_finite(params, groups)
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity)
+  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity,
+                   distribution)
   return _mask_from_keep(params, groups, keeps)
 
 
 def channel_hypersparse(params, sparsity: float, *, groups=None, where=None,
                         scale_constant: float = penalties.REFERENCE_SCALE, penalty="hypersparse",
-                        normalized: bool = True):
+                        normalized: bool = True, distribution: str = "global"):
   """Group HyperSparse (or ``penalty='l1'``: ``Σ m̃``) over channels: ``(grads, value, t)``,
   the float32 gradient tree (zeros outside the groups' carriers), the loss form's value and the
-  channel threshold ``t`` (see the module doc). ``normalized=False`` uses the raw magnitudes
-  ``m_c`` (``μ_l = 1``): with ``penalty='l1'`` and BatchNorm this is network slimming's
-  ``Σ |γ_c|`` (gradient ``sign(γ_c)``), without it the group lasso ``Σ ‖θ_c‖``."""
+  channel threshold ``t`` (see the module doc; for ``distribution='uniform'`` a vector, one
+  threshold per group, 0 for a group that loses no channel). ``normalized=False`` uses the raw
+  magnitudes ``m_c`` (``μ_l = 1``): with ``penalty='l1'`` and BatchNorm this is network
+  slimming's ``Σ |γ_c|`` (gradient ``sign(γ_c)``), without it the group lasso ``Σ ‖θ_c‖``. The
+  L1 form does not depend on ``distribution``."""
   sparsity = masking.check_sparsity(sparsity)
+  check_distribution(distribution)
   groups = _select_groups(params, groups, where)
   raw = [jnp.sqrt(jnp.sum(jnp.square(_carriers(params, g)), axis=1)) for g in groups]
   mus = [jnp.maximum(jnp.mean(m), jnp.finfo(jnp.float32).tiny) if normalized
@@ -284,6 +339,20 @@ def channel_hypersparse(params, sparsity: float, *, groups=None, where=None,
     t = jnp.zeros([], jnp.float32)
     dm = [jnp.ones_like(m) for m in mags]
     value = sum(jnp.sum(m) for m in mags)
+    if distribution == "uniform":
+      t = jnp.zeros([len(mags)], jnp.float32)
+  elif penalty == "hypersparse" and distribution == "uniform":
+    from hypersparse_jax import budgets
+    _, t = _keep([jax.lax.stop_gradient(m) for m in mags], sparsity, "uniform")
+    dm, value = [], jnp.zeros([], jnp.float32)
+    for m, t_l in zip(mags, t):
+      if _uniform_drop(sparsity, int(m.shape[0])) == 0:  # the layer loses nothing: no term
+        dm.append(jnp.zeros_like(m))
+        continue
+      s, factor, total_a, total_t = budgets._unit_terms(m, t_l, scale_constant)
+      dm.append(factor * penalties._sech2(s * m))
+      value = value + penalties._value_from_terms(
+          penalties.HyperSparseTerms(t_l, s, total_a, total_t))
   elif penalty == "hypersparse":
     n = sum(int(m.shape[0]) for m in mags)
     t = threshold.kth_magnitude(mags, threshold.rank_of_threshold(sparsity, n))

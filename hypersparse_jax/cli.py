@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--penalty", default=None, choices=("hypersparse", "l1", "l2"))
   p.add_argument("--distribution", default=None, choices=("global", "uniform", "erk"),
                  help="where the sparsity goes: one global magnitude threshold (the paper's, "
-                      "default), the same sparsity in every layer, or ERK per-layer budgets")
+                      "default), the same sparsity in every layer, or ERK per-layer budgets "
+                      "(with --structure channel: global or uniform)")
   p.add_argument("--structure", default=None, choices=("weight", "channel"),
                  help="prune single weights (default) or whole channels (convolution filters, "
                       "dense units): --sparsity is then the fraction of prunable channels "

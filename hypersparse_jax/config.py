@@ -165,9 +165,13 @@ class TrainConfig:
     if self.structure not in ("weight", "channel"):
       raise ValueError(f"--structure must be weight or channel, got {self.structure!r}")
     if self.structure == "channel":
-      if self.nm is not None or self.distribution != "global":
-        raise ValueError("--structure channel prunes channels with one global threshold; it "
-                         "does not combine with --nm or --distribution uniform/erk")
+      if self.nm is not None:
+        raise ValueError(f"--structure channel removes whole channels; it does not combine "
+                         f"with --nm {self.nm}")
+      if self.distribution == "erk":
+        raise ValueError("--structure channel takes --distribution global (one threshold over "
+                         "all prunable channels) or uniform (the same fraction from every "
+                         "layer), not erk (a budget over weight tensors)")
       if self.penalty == "l2":
         raise ValueError("--structure channel takes --penalty hypersparse or l1 (group "
                          "lasso), not l2")

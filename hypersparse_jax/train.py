@@ -218,7 +218,8 @@ class Trainer:
     mask_of = functools.partial(budgets.pattern_mask, sparsity=config.sparsity, where=where,
                                 **self.pattern)
     if config.structure == "channel":  # whole channels (hypersparse_jax.channels)
-      mask_of = functools.partial(channels.channel_mask, sparsity=config.sparsity)
+      mask_of = functools.partial(channels.channel_mask, sparsity=config.sparsity,
+                                  distribution=config.distribution)
     self.mask_fn = jax.jit(lambda p: mask_of(p))
     # one program, not one per leaf: eager ops on arrays of several processes compile each
     self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))

@@ -167,7 +167,9 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       (``sparsity`` must be ``1 − n/m``); L1 / L2 do not depend on the pattern.
     structure: ``'weight'`` (default) or ``'channel'``: group HyperSparse over channels
       (:mod:`hypersparse_jax.channels`; ``sparsity`` is then the fraction of prunable channels
-      removed; ``penalty='l1'`` is the group lasso ``Σ m̃``, L2 is refused). ``groups``: the
+      removed; ``penalty='l1'`` is the group lasso ``Σ m̃``, L2 is refused; ``distribution``
+      ``'global'`` or ``'uniform'``, the same fraction from every layer, with a term and a
+      threshold per layer in ``ARTState.threshold``). ``groups``: the
       channel groups (default: :func:`hypersparse_jax.channels.channel_groups`).
       ``normalized`` (channels only): the magnitudes divided by their layer's mean (default)
       or raw; ``penalty='l1', normalized=False`` with ``eta=1`` and ``warmup_epochs=0`` is
@@ -204,9 +206,12 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   if structure not in ("weight", "channel"):
     raise ValueError(f"structure must be 'weight' or 'channel', got {structure!r}")
   channel = structure == "channel"
-  if channel and (nm is not None or distribution != "global"):
-    raise ValueError("structure='channel' prunes channels with one global threshold; it does "
-                     "not combine with nm or a per-layer distribution")
+  if channel and nm is not None:
+    raise ValueError("structure='channel' removes whole channels; it does not combine with an "
+                     "N:M pattern (nm)")
+  if channel:
+    from hypersparse_jax import channels
+    channels.check_distribution(distribution)
   if not normalized and not channel:
     raise ValueError("normalized=False applies to structure='channel' only")
   if channel and penalty not in ("hypersparse", "l1"):
@@ -219,10 +224,10 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
   def init_fn(params):
     if channel:
       from hypersparse_jax import channels
-      channels._select_groups(params, groups, where)  # fail early on an unusable tree
-      threshold = jnp.zeros([], jnp.float32)
+      selected = channels._select_groups(params, groups, where)  # fail early on a bad tree
+      threshold = jnp.zeros([len(selected)] if distribution == "uniform" else [], jnp.float32)
       return ARTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), threshold,
-                      jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+                      jnp.zeros(jnp.shape(threshold), jnp.float32), jnp.zeros([], jnp.int32))
     leaves = masking.prunable_leaves(params, where)  # fail early on an unusable tree
     if patterned:
       if nm is not None:
@@ -247,7 +252,7 @@ def art(sparsity: float, lambda_init: float = 5e-6, eta: float = 1.05, *, steps_
       def regularised(_):
         grads, value, t = channels.channel_hypersparse(
             params, sparsity, groups=groups, where=where, scale_constant=scale_constant,
-            penalty=penalty, normalized=normalized)
+            penalty=penalty, normalized=normalized, distribution=distribution)
         return _add_scaled(updates, grads, lam), t.astype(jnp.float32), jnp.isfinite(value)
 
       def warmup(_):

@@ -154,6 +154,136 @@ def test_a_layer_never_loses_all_its_channels(normalized):
   np.testing.assert_array_equal(kept1, fc1 > np.sort(fc1)[100] * (1 + 1e-6))
 
 
+def _numpy_uniform_keep(params, groups, kappa):
+  """Per layer of n channels: all but the floor(κ·n) of smallest magnitude (NumPy's stable
+  argsort: among equal magnitudes the earlier channel goes first)."""
+  keeps = []
+  for m in _numpy_mags(params, groups):
+    drop = min(int(math.floor(kappa * m.size)), m.size - 1)
+    keep = np.ones(m.size, bool)
+    keep[np.argsort(m, kind="stable")[:drop]] = False
+    keeps.append(keep)
+  return keeps
+
+
+def _numpy_mags(params, groups):
+  out = []
+  for g in groups:
+    if g.norm is not None:
+      out.append(np.abs(np.asarray(channels._get(params, g.norm)["scale"], np.float64)))
+    else:
+      k = np.asarray(channels._get(params, g.producer)["kernel"], np.float64)
+      out.append(np.sqrt((np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1) ** 2).sum(1)))
+  return out
+
+
+@pytest.mark.parametrize("name,kappa", [("lenet5", 0.5), ("lenet5", 0.9), ("vgg11", 0.75),
+                                        ("resnet20", 0.5), ("cnn", 0.3)])
+def test_uniform_channel_mask_matches_numpy(name, kappa):
+  params = _init(MODELS[name]())["params"]
+  groups = channels.channel_groups(params)
+  mask = hs.channel_mask(params, kappa, distribution="uniform")
+  keep = hs.channel_mask(params, kappa, distribution="uniform", normalized=False)
+  for g, want in zip(groups, _numpy_uniform_keep(params, groups, kappa)):
+    for m in (mask, keep):  # the layer's own scale does not change its order
+      km = np.asarray(channels._get(m, g.producer)["kernel"])
+      np.testing.assert_array_equal(km.reshape(-1, km.shape[-1]).any(0), want, err_msg=g.name)
+    if g.norm is not None:
+      np.testing.assert_array_equal(np.asarray(channels._get(mask, g.norm)["scale"]), want)
+  if name == "lenet5":
+    kept = [int(np.asarray(mask[k]["bias"]).sum()) for k in ("conv1", "conv2", "fc1")]
+  if name == "lenet5" and kappa == 0.5:  # by hand: 20, 50 and 500 channels lose 10, 25, 250
+    assert kept == [10, 25, 250]
+  if name == "lenet5" and kappa == 0.9:  # floor(18), floor(45), floor(450) removed
+    assert kept == [2, 5, 50]
+
+
+def test_uniform_channel_mask_by_hand_with_ties():
+  """fc1's unit norms 2, 1, 1, 3: κ = 0.25 removes floor(1) = 1, the earlier of the tied 1s
+  (unit 1); κ = 0.5 removes both; fc2 has 2 units of norms 5, 4: floor(0.5) = 0 at κ = 0.25,
+  floor(1) = 1 (unit 1) at κ = 0.5. The global rule at κ = 0.5 would remove floor(3) + 1 = 4
+  of the 6 (and rescue each layer's largest)."""
+  params = {"fc1": {"kernel": jnp.array([[2., 0., 1., 0.], [0., 1., 0., 3.]]),
+                    "bias": jnp.zeros(4)},
+            "fc2": {"kernel": jnp.array([[5., 0.], [0., 4.], [0., 0.], [0., 0.]]),
+                    "bias": jnp.zeros(2)},
+            "fc3": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+  m = hs.channel_mask(params, 0.25, distribution="uniform")
+  assert np.asarray(m["fc1"]["bias"]).tolist() == [True, False, True, True]
+  assert np.asarray(m["fc2"]["bias"]).tolist() == [True, True]
+  m = hs.channel_mask(params, 0.5, distribution="uniform")
+  assert np.asarray(m["fc1"]["bias"]).tolist() == [True, False, False, True]
+  assert np.asarray(m["fc2"]["bias"]).tolist() == [True, False]
+  with pytest.raises(ValueError, match="'global'.*or 'uniform'.*got 'erk'"):
+    hs.channel_mask(params, 0.5, distribution="erk")
+
+
+@pytest.mark.parametrize("name,kappa", [("lenet5", 0.04), ("cnn", 0.6), ("vgg11", 0.75)])
+def test_uniform_group_hypersparse_gradient_matches_autograd_and_numpy(name, kappa):
+  """Per layer l: A_l·T_l/sg(T_l) − A_l over m̃ = ‖θ‖/sg(mean ‖θ‖), t_l the largest m̃ its
+  mask removes; summed over the layers that lose a channel. LeNet-5 at κ = 0.04: conv1 (20
+  channels) loses floor(0.8) = 0 and has no term."""
+  params = _init(MODELS[name](), seed=4)["params"]
+  groups = channels.channel_groups(params)
+  grads, value, t = channels.channel_hypersparse(params, kappa, distribution="uniform")
+  mags = _numpy_mags(params, groups)
+  drops = [min(int(math.floor(kappa * m.size)), m.size - 1) for m in mags]
+  tn = [np.sort(m / m.mean())[d - 1] if d else 0.0 for m, d in zip(mags, drops)]
+  np.testing.assert_allclose(np.asarray(t), tn, rtol=1e-5)
+  if name == "lenet5":
+    assert drops[0] == 0 and float(t[0]) == 0.0
+    assert not np.any(np.asarray(grads["conv1"]["kernel"]))
+
+  def carriers(p, g):
+    if g.norm is not None:
+      return channels._get(p, g.norm)["scale"][:, None]
+    k = channels._get(p, g.producer)["kernel"]
+    return jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+
+  def penalty(p):
+    total = 0.0
+    for g, t_l, d in zip(groups, tn, drops):
+      if not d:
+        continue
+      m = jnp.sqrt(jnp.sum(carriers(p, g) ** 2, axis=1))
+      m = m / jax.lax.stop_gradient(jnp.mean(m))
+      A, T = jnp.sum(m), jnp.sum(jnp.tanh(C / t_l * m))
+      total = total + A * T / jax.lax.stop_gradient(T) - A
+    return total
+
+  auto = jax.grad(penalty)(params)
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(auto)[0], jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(p))
+  assert abs(float(value)) < 1e-3
+  for g, m, t_l, d in zip(groups, mags, tn, drops):  # float64: s·sech²(s·m̃)·A/T·θ/(‖θ‖μ)
+    th = np.asarray(carriers(params, g), np.float64)
+    got = np.asarray(carriers(grads, g))
+    if not d:
+      assert not np.any(got)
+      continue
+    s, mu = C / t_l, m.mean()
+    d_m = s * (1 - np.tanh(s * m / mu) ** 2) * (m / mu).sum() / np.tanh(s * m / mu).sum()
+    np.testing.assert_allclose(got, (d_m / (m * mu))[:, None] * th, rtol=2e-4, atol=1e-7,
+                               err_msg=g.name)
+
+
+def test_art_over_channels_uniform_keeps_a_threshold_per_layer():
+  params = _init(MODELS["lenet5"](), seed=2)["params"]
+  tx = hs.art(0.5, lambda_init=0.1, eta=1.0, steps_per_epoch=1, warmup_epochs=1,
+              structure="channel", distribution="uniform")
+  state = tx.init(params)
+  assert state.threshold.shape == (3,)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  _, state = tx.update(zero, state, params)  # warm-up
+  u, state = tx.update(zero, state, params)
+  grads, _, t = channels.channel_hypersparse(params, 0.5, distribution="uniform")
+  np.testing.assert_allclose(np.asarray(state.threshold), np.asarray(t), rtol=1e-6)
+  assert np.all(np.asarray(t) > 0)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), 0.1 * np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
 def _plain_group_penalty(groups, t, kappa_unused=None):
   """A·T/sg(T) − A over m̃ = ‖θ‖/sg(mean ‖θ‖), written with jnp only."""
   def f(params):
@@ -290,9 +420,9 @@ def test_art_over_channels_adds_lambda_times_the_group_gradient(penalty, normali
 
 
 def test_art_over_channels_refuses_what_it_cannot_do():
-  with pytest.raises(ValueError, match="does not combine with nm or a per-layer"):
+  with pytest.raises(ValueError, match="does not combine with an N:M pattern"):
     hs.art(0.5, steps_per_epoch=1, structure="channel", nm=(2, 4))
-  with pytest.raises(ValueError, match="does not combine with nm or a per-layer"):
+  with pytest.raises(ValueError, match="'global'.*or 'uniform'.*got 'erk'"):
     hs.art(0.5, steps_per_epoch=1, structure="channel", distribution="erk")
   with pytest.raises(ValueError, match="takes penalty 'hypersparse' or 'l1'.*'l2'"):
     hs.art(0.5, steps_per_epoch=1, structure="channel", penalty="l2")
