@@ -262,7 +262,8 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
   engines = [e for e in engines if any(e in v for s in studies for v in s["variants"].values())]
   fig, axes = plt.subplots(len(studies), len(engines), squeeze=False,
                            figsize=(5.5 * len(engines), 4 * len(studies)))
-  colors = {"art_hypersparse": "C0", "art_l1": "C1", "l1_filter": "C2", "gmp_filter": "C4",
+  colors = {"art_hypersparse": "C0", "art_l1": "C1", "art_hypersparse_uniform": "C9",
+            "l1_filter": "C2", "gmp_filter": "C4",
             "slimming": "C5"}
   for row, s in zip(axes, studies):
     for ax, engine in zip(row, engines):

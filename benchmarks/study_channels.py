@@ -15,6 +15,11 @@ model (the same initial weights per seed):
   magnitudes (a group lasso; with BatchNorm, an L1 on the scales ÷ their layer's mean), λ
   growing as ART's and ART's stop rule: the paper's L1 baseline carried over to channels, not
   network slimming (below).
+* ``art_hypersparse_uniform``: ``art_hypersparse`` with ``--distribution uniform``: every
+  prunable layer loses ``floor(fraction·C)`` of its ``C`` channels, a HyperSparse term and
+  threshold per layer. Li et al.'s count, so its slimmed models have exactly the widths, FLOPs
+  and parameters of ``l1_filter``'s and ``gmp_filter``'s: the like-for-like comparison (the
+  global threshold of ``art_hypersparse`` removes unevenly, mostly from the widest layer).
 * ``l1_filter``: L1-norm filter pruning (Li et al. 2017) of the trained dense model: in every
   prunable layer the same fraction of channels, those of smallest weight L1 norm, then the same
   masked fine-tuning as ART's. Its total is the dense schedule's epochs + the fine-tune epochs,
@@ -60,8 +65,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
-METHODS = ("art_hypersparse", "art_l1", "l1_filter", "gmp_filter", "slimming")
+METHODS = ("art_hypersparse", "art_l1", "art_hypersparse_uniform", "l1_filter", "gmp_filter",
+           "slimming")
 LABELS = {"art_hypersparse": "ART + group HyperSparse", "art_l1": "ART + group L1",
+          "art_hypersparse_uniform": "ART + group HyperSparse, per layer",
           "l1_filter": "L1-norm filters + FT (Li et al.)",
           "gmp_filter": "gradual L1-norm filters + FT (same epochs)",
           "slimming": "network slimming + FT (Liu et al.)", "dense": "dense"}
@@ -113,9 +120,9 @@ def l1_filter_mask(params, fraction):
   return channels._mask_from_keep(params, groups, [np.asarray(k) for k in keeps])
 
 
-def _art(args, fraction, penalty, seed):
+def _art(args, fraction, penalty, seed, distribution="global"):
   a = copy.copy(args)
-  a.structure = "channel"
+  a.structure, a.distribution = "channel", distribution
   return study._art_run(a, fraction, penalty, seed)
 
 
@@ -148,6 +155,7 @@ def cell_task(args, fraction, seed, have=None):
 
   for m in ("art_hypersparse", "art_l1"):
     run(m, lambda m=m: _art(args, fraction, m[len("art_"):], seed))
+  run("art_hypersparse_uniform", lambda: _art(args, fraction, "hypersparse", seed, "uniform"))
   base = study.Baselines(cfg)
   base.mask_at = lambda params, s: l1_filter_mask(jax.device_get(params), s)
   if "l1_filter" in todo or "gmp_filter" in todo:

@@ -286,10 +286,11 @@ def test_channel_study_takes_the_main_studys_dense_runs(monkeypatch):
 
 
 def test_quick_channel_study_and_resume(tmp_path):
-  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the five methods
+  """benchmarks/study_channels.py --quick (digits CNN, 50 % of the channels): the six methods
   and the dense run, each pruned run with its slimmed architecture, which has the parameter
-  count it reports; both L1-norm filter methods keep C − floor(C/2) channels in every layer,
-  the gradual one over ART's epochs; network slimming's channels are those of a NumPy global
+  count it reports; both L1-norm filter methods and per-layer ART + HyperSparse keep
+  C − floor(C/2) channels in every layer (the same slimmed model's size), the gradual filter
+  method over ART's epochs; network slimming's channels are those of a NumPy global
   threshold on the raw BatchNorm scales of its kept sparsity-trained model, with λ from Liu et
   al.'s total pull worked out here; a second run keeps every run, and a method added to a
   finished study runs alone, the others kept."""
@@ -298,8 +299,9 @@ def test_quick_channel_study_and_resume(tmp_path):
   report = json.loads((out / "study.json").read_text())
   assert report["complete"] is True
   runs = report["runs"]
-  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_l1", "dense", "gmp_filter",
-                                               "l1_filter", "slimming"]
+  assert sorted(r["method"] for r in runs) == ["art_hypersparse", "art_hypersparse_uniform",
+                                               "art_l1", "dense", "gmp_filter", "l1_filter",
+                                               "slimming"]
   import jax
   import jax.numpy as jnp
   from hypersparse_jax import channels
@@ -315,8 +317,9 @@ def test_quick_channel_study_and_resume(tmp_path):
   assert "| ART + group HyperSparse |" in (out / "study.md").read_text()
   by = {r["method"]: r for r in runs}
   s = report["settings"]
-  for m in ("l1_filter", "gmp_filter"):  # digits CNN: conv1 and conv2 of 32 and 64 channels
+  for m in ("l1_filter", "gmp_filter", "art_hypersparse_uniform"):  # 32 and 64 channels
     assert by[m]["channels_kept"] == {"conv1": 32 - 16, "conv2": 64 - 32}, by[m]["channels_kept"]
+  assert by["art_hypersparse_uniform"]["flops_slim"] == by["l1_filter"]["flops_slim"]
   art = by["art_hypersparse"]
   assert by["gmp_filter"]["art_epochs"] == art["art_epochs"] >= 1
   assert by["gmp_filter"]["epochs"] == s["warmup_epochs"] + art["art_epochs"] + s["epochs"]
@@ -340,14 +343,14 @@ def test_quick_channel_study_and_resume(tmp_path):
   kept = [int(max(1, (g > t).sum() + (g.max() <= t))) for g in gammas]
   assert [slim["channels_kept"]["conv1"], slim["channels_kept"]["conv2"]] == kept
   again = _run_quick("study_channels.py", out, tmp_path)
-  assert "kept 6 runs; 0 dense runs and 0 cells to go" in again.stdout
+  assert "kept 7 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
   # a study written before gmp_filter existed: only gmp_filter runs, the rest is kept
   old = dict(report, runs=[r for r in runs if r["method"] != "gmp_filter"], complete=False)
   old["settings"] = dict(s, methods=[m for m in s["methods"] if m != "gmp_filter"])
   (out / "study.json").write_text(json.dumps(old))
   again = _run_quick("study_channels.py", out, tmp_path)
-  assert "kept 5 runs; 0 dense runs and 1 cells to go" in again.stdout, again.stdout
+  assert "kept 6 runs; 0 dense runs and 1 cells to go" in again.stdout, again.stdout
   assert "gmp_filter:" in again.stdout and "art_l1:" not in again.stdout
   new = json.loads((out / "study.json").read_text())
   assert new["complete"] is True
