@@ -451,24 +451,39 @@ def cell_task(args, sparsity, seed):
 def cached_states(path, key, names, compute):
   """``compute()`` → ``(result, *states)``, kept in ``path``: a pickle of ``key`` (the
   settings' JSON text), ``result`` and the states (host arrays) under ``names``. A file of other
-  settings, or none, is computed and replaced atomically."""
+  settings, or none, is computed and replaced atomically. Workers that need the same state at
+  once do not all compute it: the first holds ``<path>.lock`` (``flock``, released by the OS if
+  it dies) while it computes, the others wait for it and read its file."""
+  import fcntl
   import pickle
   import jax
   import jax.numpy as jnp
-  try:
-    with open(path, "rb") as f:
-      cached = pickle.load(f)
-    if same_settings(cached["key"], key):
-      return (cached["result"],) + tuple(jax.tree.map(jnp.asarray, cached[n]) for n in names)
-  except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
-    pass
-  result, *states = compute()
+
+  def read():
+    try:
+      with open(path, "rb") as f:
+        cached = pickle.load(f)
+      if same_settings(cached["key"], key):
+        return (cached["result"],) + tuple(jax.tree.map(jnp.asarray, cached[n]) for n in names)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+      pass
+    return None
+
+  found = read()
+  if found is not None:
+    return found
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "wb") as f:
-    pickle.dump({"key": key, "result": result,
-                 **{n: jax.device_get(st) for n, st in zip(names, states)}}, f)
-  os.replace(tmp, path)
+  with open(f"{path}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    found = read()  # computed by another worker while this one waited
+    if found is not None:
+      return found
+    result, *states = compute()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+      pickle.dump({"key": key, "result": result,
+                   **{n: jax.device_get(st) for n, st in zip(names, states)}}, f)
+    os.replace(tmp, path)
   return (result, *states)
 
 

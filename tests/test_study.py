@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -357,6 +358,37 @@ def test_quick_channel_study_and_resume(tmp_path):
   key = lambda r: (r["method"], r["seed"])  # noqa: E731
   kept = {key(r): r for r in runs if r["method"] != "gmp_filter"}
   assert {key(r): r for r in new["runs"] if r["method"] != "gmp_filter"} == kept
+
+
+def _slow_state(path, log):
+  """A worker's compute of a cached state: logs itself, takes a while, returns a result."""
+  study, = _bench("study")
+
+  def compute():
+    with open(log, "a") as f:
+      f.write(f"{os.getpid()}\n")
+    time.sleep(2.0)
+    return {"acc": 0.5}, {"w": np.arange(3.0)}
+  result, state = study.cached_states(path, '{"k": 1}', ("final",), compute)
+  return result["acc"], np.asarray(state["w"]).tolist()
+
+
+def test_cached_state_is_computed_once_by_workers_that_need_it_at_once(tmp_path):
+  """Three real processes ask for the same uncached state at once (network slimming's per-seed
+  model is needed by every fraction's cell): one computes it, the others wait for its lock and
+  read its file; all get the same state."""
+  import concurrent.futures
+  import multiprocessing
+  path, log = str(tmp_path / "cache" / "seed0.pkl"), str(tmp_path / "log")
+  with concurrent.futures.ProcessPoolExecutor(
+      3, mp_context=multiprocessing.get_context("spawn")) as pool:
+    outs = list(pool.map(_slow_state, [path] * 3, [log] * 3))
+  assert outs == [(0.5, [0.0, 1.0, 2.0])] * 3
+  with open(log) as f:
+    assert len(f.read().split()) == 1  # computed once
+  assert _slow_state(path, log) == outs[0]  # later: read from the file, not computed
+  with open(log) as f:
+    assert len(f.read().split()) == 1
 
 
 def test_study_workers_exit_when_the_study_is_killed(tmp_path):
