@@ -54,7 +54,6 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -106,18 +105,15 @@ def methods_for(cfg):
 def l1_filter_mask(params, fraction):
   """Li et al.'s criterion: per prunable layer, remove ``floor(fraction·C)`` channels of
   smallest weight L1 norm (ties: the stable sort removes the earlier channel first)."""
+  import jax.numpy as jnp
   from hypersparse_jax import channels
   groups = channels.channel_groups(params)
   keeps = []
-  for g in groups:
+  for g in groups:  # the channels' uniform budget, on the weights' L1 norms
     k = np.asarray(channels._get(params, g.producer)["kernel"], np.float32)
     l1 = np.abs(np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)).sum(axis=1)
-    drop = min(int(math.floor(fraction * l1.size)), l1.size - 1)
-    order = np.argsort(l1, kind="stable")
-    keep = np.ones(l1.size, bool)
-    keep[order[:drop]] = False
-    keeps.append(keep)
-  return channels._mask_from_keep(params, groups, [np.asarray(k) for k in keeps])
+    keeps.append(np.asarray(channels._uniform_keep(jnp.asarray(l1), fraction)[0]))
+  return channels._mask_from_keep(params, groups, keeps)
 
 
 def _art(args, fraction, penalty, seed, distribution="global"):

@@ -360,6 +360,25 @@ def test_quick_channel_study_and_resume(tmp_path):
   assert {key(r): r for r in new["runs"] if r["method"] != "gmp_filter"} == kept
 
 
+def test_l1_filter_mask_matches_numpy():
+  """Li et al.'s criterion in the channel study: per layer, the floor(κ·C) channels of smallest
+  weight L1 norm go (NumPy's stable argsort; a tie put in on purpose goes to the earlier)."""
+  study_channels, = _bench("study_channels")
+  rng = np.random.default_rng(0)
+  params = {"fc1": {"kernel": rng.normal(size=(6, 7)).astype(np.float32), "bias": np.zeros(7)},
+            "fc2": {"kernel": rng.normal(size=(7, 5)).astype(np.float32), "bias": np.zeros(5)},
+            "fc3": {"kernel": rng.normal(size=(5, 3)).astype(np.float32), "bias": np.zeros(3)}}
+  params["fc1"]["kernel"][:, 4] = params["fc1"]["kernel"][:, 2]  # equal L1 norms
+  for kappa in (0.3, 0.5, 0.9):
+    mask = study_channels.l1_filter_mask(params, kappa)
+    for name in ("fc1", "fc2"):
+      l1 = np.abs(params[name]["kernel"]).sum(axis=0)
+      want = np.ones(l1.size, bool)
+      want[np.argsort(l1, kind="stable")[:min(int(np.floor(kappa * l1.size)), l1.size - 1)]] = False
+      np.testing.assert_array_equal(np.asarray(mask[name]["bias"]), want, err_msg=name)
+    assert np.asarray(mask["fc3"]["kernel"]).all()
+
+
 def _slow_state(path, log):
   """A worker's compute of a cached state: logs itself, takes a while, returns a result."""
   study, = _bench("study")
