@@ -455,9 +455,7 @@ class Trainer:
                               "opt_state": tx.init(params)})
           ft_step = self._make_step(tx, params)
           ft_start = epoch + 1
-          report = masking.sparsity_report(*_to_host((params, mask)), where=self.where,
-                                           sparsity=self.cfg.sparsity, **self.pattern)
-          self.log(str(report))
+          self.log(self._report(*_to_host((params, mask)))[1])
           controller = None
         extra["ft_start"] = ft_start
         self._save(next_phase, epoch, state, controller, extra)
@@ -519,15 +517,16 @@ class Trainer:
     if self.primary:  # the others return process 0's summary (below)
       export = sparse_export.export_sparse(variables, mask,
                                            os.path.join(self.outdir, "model_sparse.npz"))
-    report = masking.sparsity_report(params, where=self.where, sparsity=cfg.sparsity,
-                                     **self.pattern)
+    report, text, pattern = self._report(params)
     by_val = extra["best_val_epoch"] is not None
     summary = {
         "dataset": cfg.dataset, "model": cfg.model, "depth": cfg.depth,
         "penalty": cfg.penalty, "seed": cfg.seed,
-        "sparsity_target": cfg.sparsity, "sparsity_achieved": report.sparsity,
+        # a channel run's budget is on channels (channel_sparsity_target), not on weights
+        "sparsity_target": None if cfg.structure == "channel" else cfg.sparsity,
+        "sparsity_achieved": report.sparsity,
         "distribution": cfg.distribution, "nm": cfg.nm,
-        "layer_sparsity": report.as_dict()["layers"], "pattern": report.pattern,
+        "layer_sparsity": report.as_dict()["layers"], "pattern": pattern,
         # the headline: chosen without looking at the test set
         "test_accuracy": extra["test_at_best_val"] if by_val else extra["final_test_accuracy"],
         "selection": "best_val" if by_val else "final",
@@ -555,18 +554,45 @@ class Trainer:
     if self.primary:
       run_dir.write_text_atomic(os.path.join(self.outdir, "summary.json"),
                     json.dumps(summary, indent=2) + "\n")
-    self.log(str(report))
+    self.log(text)
     self.log("summary: " + json.dumps({k: summary[k] for k in (
         "test_accuracy", "selection", "best_test_accuracy", "sparsity_achieved", "art_epochs",
         "compression_ratio") + self.task.summary_log_keys}))
     return summary
+
+  def _report(self, params, mask=None):
+    """``(sparsity report, its text, the pattern to record)`` of ``params`` (under ``mask``).
+
+    A channel run's budget is on channels: its table counts the zero weights without per-layer
+    weight targets (a uniform channel budget is not a uniform weight budget), and a line below
+    it counts the channels the mask removes."""
+    cfg = self.cfg
+    if cfg.structure != "channel":
+      report = masking.sparsity_report(params, mask, where=self.where, sparsity=cfg.sparsity,
+                                       **self.pattern)
+      return report, str(report), report.pattern
+    report = masking.sparsity_report(params, mask, where=self.where)
+    groups = channels.channel_groups(params)
+    if mask is None:  # the removed channels are exactly zero (as slim_summary reads them)
+      mask = jax.tree.map(lambda x: x != 0, params)
+    kept = sum(len(i) for i in channels._kept_indices(mask, groups))
+    total = sum(int(channels._get(params, g.producer)["kernel"].shape[-1]) for g in groups)
+    rule = ("floor(sparsity x channels) per layer" if cfg.distribution == "uniform" else
+            "one threshold over the layers' normalised magnitudes")
+    line = (f"channels removed {total - kept:,} of {total:,} ({(total - kept) / total:.2%}; "
+            f"target {cfg.sparsity:.2%}, {cfg.distribution}: {rule})")
+    pattern = {"kind": "channel", "distribution": cfg.distribution,
+               "sparsity": float(cfg.sparsity), "channels_removed": total - kept,
+               "channels_total": total}
+    return report, f"{report}\n{line}", pattern
 
   def _channel_summary(self, params, stats):
     """Channels removed, and the slimmed model's parameters and FLOPs against the dense one's
     (:func:`channels.slim_summary`; one image's forward pass)."""
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
     shape = (1,) + tuple(self.task.example_input.shape[1:])
-    return {"structure": "channel", **channels.slim_summary(self.model, variables, shape)}
+    return {"structure": "channel", "channel_sparsity_target": self.cfg.sparsity,
+            **channels.slim_summary(self.model, variables, shape)}
 
   def _log_epoch(self, r):
     pruned = r.get("pruned_train_accuracy")

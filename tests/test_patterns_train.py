@@ -65,6 +65,12 @@ def test_pattern_run_files_and_exact_resume(extra, tmp_path):
       assert alive.sum() == k
       assert np.all(np.asarray(p[bn]["scale"])[~alive] == 0)
       assert np.all(np.asarray(p[bn]["bias"])[~alive] == 0)
+    # the budget is on channels: no weight target, and the recorded pattern counts channels
+    assert summary["sparsity_target"] is None and summary["channel_sparsity_target"] == 0.5
+    assert summary["pattern"] == {"kind": "channel", "sparsity": 0.5,
+                                  "distribution": "uniform" if "uniform" in extra else "global",
+                                  "channels_removed": 96 - k1 - k2, "channels_total": 96}
+    assert all(l["target"] is None for l in summary["layer_sparsity"])
     if "uniform" in extra:  # floor(0.5·32) and floor(0.5·64) removed, whatever the weights
       assert (k1, k2) == (16, 32)
     else:
