@@ -732,5 +732,8 @@ def check_width(width) -> None:
 
 
 def scale_width(w: int, width: float) -> int:
-    """``max(1, round(width * w))``: one hidden width under the multiplier ``width``."""
+    """``max(1, round(width * w))``: one hidden width under the multiplier ``width``.
+
+    Python's ``round``: an exact half goes to the even neighbour (LeNet-5's 50 filters of conv2
+    at width 0.25 → 12, not 13; 7 units at 0.5 → 4). Kept so: saved runs' shapes depend on it."""
     return max(1, int(round(width * w)))

@@ -41,6 +41,10 @@ def test_lenet5_and_lenet300_counts_by_hand():
   want = _conv(5, 1, 10) + _conv(5, 10, 25) + _dense(4 * 4 * 25, 250) + _dense(250, 10)
   assert want == 109_295
   assert _count(models.create_model("lenet5", num_classes=10, width=0.5), (1, 28, 28, 1)) == want
+  # quarter width, a half in it: (5, 12.5 -> 12 (Python's round: halves to even), 125)
+  want = _conv(5, 1, 5) + _conv(5, 5, 12) + _dense(4 * 4 * 12, 125) + _dense(125, 10)
+  assert _count(models.create_model("lenet5", num_classes=10, width=0.25), (1, 28, 28, 1)) == want
+  assert (models.scale_width(7, 0.5), models.scale_width(5, 0.5)) == (4, 2)
   # LeNet-300-100 at 1/3: round(100) = 100, round(33.3) = 33
   want = _dense(784, 100) + _dense(100, 33) + _dense(33, 10)
   assert _count(models.create_model("lenet300", num_classes=10, width=1 / 3),
