@@ -120,6 +120,25 @@ def near_zero_fraction(params, sparsity: float, rel: float = 1e-3, *, where=None
   return small / masking.num_prunable(leaves)
 
 
+def near_zero_channel_fraction(params, sparsity: float, rel: float = 1e-3, *,
+                               distribution: str = "global", normalized: bool = True):
+  """Fraction of prunable channels whose magnitude is below ``rel · t`` (``t``: the channel
+  threshold at ``sparsity``): :func:`near_zero_fraction` for ``structure='channel'``.
+
+  The magnitudes are those :func:`channels.channel_mask` thresholds (each channel's L2 norm, or
+  its BatchNorm scale ``|γ|``, divided by its layer's mean with ``normalized``). With
+  ``distribution='uniform'`` each layer compares with its own threshold; a layer that loses no
+  channel has none near zero.
+  """
+  mags = channels.channel_magnitudes(params, normalized=normalized)
+  _, t = channels._keep(mags, sparsity, distribution)
+  if distribution == "uniform":
+    small = sum(jnp.sum((m < rel * t_l) & (t_l > 0)) for m, t_l in zip(mags, t))
+  else:
+    small = sum(jnp.sum(m < rel * t) for m in mags)
+  return small / sum(int(m.shape[0]) for m in mags)
+
+
 def _is_terminal(stream) -> bool:
   """Progress bars only on a terminal: in a log file their redraws are noise."""
   try:
@@ -225,8 +244,9 @@ class Trainer:
     self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))
     self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where,
                                                              **self.pattern))
-    if config.structure == "channel":  # weights are not pushed towards zero one by one
-      self.near_zero_fn = None
+    if config.structure == "channel":  # whole channels are pushed towards zero
+      self.near_zero_fn = jax.jit(lambda p: near_zero_channel_fraction(
+          p, config.sparsity, distribution=config.distribution))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.placement.place(self.params), self.placement.place(self.batch_stats)
 
@@ -438,8 +458,8 @@ class Trainer:
             next_phase = "finetune"
         record["sparsity"] = self.sparsity(state["params"])
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
-          if self.near_zero_fn is not None:
-            record["near_zero"] = float(self.near_zero_fn(state["params"]))
+          key = "near_zero_channels" if self.cfg.structure == "channel" else "near_zero"
+          record[key] = float(self.near_zero_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
@@ -604,4 +624,6 @@ class Trainer:
                 if r.get("test_bits_per_byte") is not None else "")
              + f"sparsity {r['sparsity']:.4f} "
              + (f"near-zero {r['near_zero']:.4f} " if r.get("near_zero") is not None else "")
+             + (f"near-zero channels {r['near_zero_channels']:.4f} "
+                if r.get("near_zero_channels") is not None else "")
              + f"({r['time']:.1f}s)")

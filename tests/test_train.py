@@ -926,6 +926,38 @@ def test_near_zero_fraction_against_numpy():
   assert float(train.near_zero_fraction(params, 0.9)) == pytest.approx(want, abs=1e-7)
 
 
+@pytest.mark.parametrize("distribution", ["global", "uniform"])
+def test_near_zero_channel_fraction_against_numpy(distribution):
+  """The digits MLP (no BatchNorm: a channel's magnitude is its kernel column's norm): fc1 has
+  40 units, a quarter pushed to 1e-6 of their size, fc2 20 units, one pushed; fc3 (logits) is
+  not prunable. NumPy restates the normalised magnitudes and the threshold(s)."""
+  rng = np.random.default_rng(1)
+  w1 = rng.normal(size=(64, 40)).astype(np.float32)
+  w1[:, :10] *= 1e-6
+  w2 = rng.normal(size=(40, 20)).astype(np.float32)
+  w2[:, 3] *= 1e-6
+  w3 = rng.normal(size=(20, 10)).astype(np.float32)
+  params = {"fc1": {"kernel": w1, "bias": np.zeros(40, np.float32)},
+            "fc2": {"kernel": w2, "bias": np.zeros(20, np.float32)},
+            "fc3": {"kernel": w3, "bias": np.zeros(10, np.float32)}}
+  mags = []
+  for w in (w1, w2):
+    m = np.sqrt((w.astype(np.float64) ** 2).sum(0))
+    mags.append(m / m.mean())
+  kappa = 0.3
+  if distribution == "global":
+    a = np.sort(np.concatenate(mags))
+    t = a[int(np.floor(kappa * a.size))]
+    small = sum(int(np.sum(m < 1e-3 * t)) for m in mags)
+  else:  # each layer's largest removed magnitude: floor(0.3·40) = 12 and floor(0.3·20) = 6
+    small = sum(int(np.sum(m < 1e-3 * np.sort(m)[int(np.floor(kappa * m.size)) - 1]))
+                for m in mags)
+  want = small / 60
+  assert want == pytest.approx(11 / 60)  # the 11 pushed units, and no other
+  got = train.near_zero_channel_fraction(params, kappa, distribution=distribution)
+  assert float(got) == pytest.approx(want, abs=1e-7)
+
+
 # 6. Selection on a validation split; the pruned copy measured as the training loader serves it
 # ------------------------------------------------------------------------------------------------
 
