@@ -80,11 +80,11 @@ def test_pattern_run_files_and_exact_resume(extra, tmp_path):
     assert summary["params_slim"] == 9 * 1 * k1 + 2 * k1 + 9 * k1 * k2 + 2 * k2 + 4 * k2 * 10 + 10
     assert summary["params_dense"] == 9 * 32 + 64 + 9 * 32 * 64 + 128 + 4 * 64 * 10 + 10
     assert summary["flops_slim"] < summary["flops_dense"]
-    # ART's epochs record how many channels are near zero, not the weights
+    # ART's epochs record the share of magnitude the channels to be removed still carry
     records = [json.loads(l) for l in open(os.path.join(whole, "metrics.jsonl"))]
     art = [r for r in records if r["phase"] == "art"]
-    assert art and all(0 <= r["near_zero_channels"] <= 1 and "near_zero" not in r for r in art)
-    assert all("near_zero_channels" not in r for r in records if r["phase"] != "art")
+    assert art and all(0 < r["removed_channel_share"] < 1 and "near_zero" not in r for r in art)
+    assert all("removed_channel_share" not in r for r in records if r["phase"] != "art")
   else:
     assert summary["distribution"] == "erk"
     shapes = [kernels[k].shape for k in sorted(kernels)]

@@ -927,10 +927,10 @@ def test_near_zero_fraction_against_numpy():
 
 
 @pytest.mark.parametrize("distribution", ["global", "uniform"])
-def test_near_zero_channel_fraction_against_numpy(distribution):
+def test_removed_channel_share_against_numpy(distribution):
   """The digits MLP (no BatchNorm: a channel's magnitude is its kernel column's norm): fc1 has
   40 units, a quarter pushed to 1e-6 of their size, fc2 20 units, one pushed; fc3 (logits) is
-  not prunable. NumPy restates the normalised magnitudes and the threshold(s)."""
+  not prunable. NumPy restates the normalised magnitudes, the removed set and the share."""
   rng = np.random.default_rng(1)
   w1 = rng.normal(size=(64, 40)).astype(np.float32)
   w1[:, :10] *= 1e-6
@@ -945,17 +945,21 @@ def test_near_zero_channel_fraction_against_numpy(distribution):
     m = np.sqrt((w.astype(np.float64) ** 2).sum(0))
     mags.append(m / m.mean())
   kappa = 0.3
-  if distribution == "global":
-    a = np.sort(np.concatenate(mags))
-    t = a[int(np.floor(kappa * a.size))]
-    small = sum(int(np.sum(m < 1e-3 * t)) for m in mags)
-  else:  # each layer's largest removed magnitude: floor(0.3·40) = 12 and floor(0.3·20) = 6
-    small = sum(int(np.sum(m < 1e-3 * np.sort(m)[int(np.floor(kappa * m.size)) - 1]))
-                for m in mags)
-  want = small / 60
-  assert want == pytest.approx(11 / 60)  # the 11 pushed units, and no other
-  got = train.near_zero_channel_fraction(params, kappa, distribution=distribution)
-  assert float(got) == pytest.approx(want, abs=1e-7)
+  if distribution == "global":  # m̃ <= sort(m̃)[floor(0.3·60)] goes; each layer keeps its largest
+    t = np.sort(np.concatenate(mags))[int(np.floor(kappa * 60))]
+    removed = [(m <= t) & (np.arange(m.size) != np.argmax(m)) for m in mags]
+  else:  # the floor(0.3·40) = 12 and floor(0.3·20) = 6 smallest of each layer
+    removed = [np.isin(np.arange(m.size), np.argsort(m, kind="stable")[:int(kappa * m.size)])
+               for m in mags]
+  assert sum(int(r.sum()) for r in removed) == (19 if distribution == "global" else 18)
+  want = sum(m[r].sum() for m, r in zip(mags, removed)) / 60  # each layer's m̃ sums to its width
+  assert 0 < want < 0.3
+  got = train.removed_channel_share(params, kappa, distribution=distribution)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  # the pushed channels carry nothing: pushing the rest of the removed ones too empties the share
+  for w, r in zip((w1, w2), removed):
+    w[:, r] *= 1e-6
+  assert float(train.removed_channel_share(params, kappa, distribution=distribution)) < 1e-5
 
 
 # 6. Selection on a validation split; the pruned copy measured as the training loader serves it
