@@ -18,7 +18,8 @@ MIN_PNG_BYTES = 5_000
 
 def test_all_notebooks_found():
   names = {p.stem for p in NOTEBOOKS}
-  assert {"quickstart", "hypersparse_gradient", "sparsity_patterns", "transformer"} <= names
+  assert {"quickstart", "hypersparse_gradient", "sparsity_patterns", "transformer",
+          "channel_pruning"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
