@@ -243,10 +243,10 @@ class Trainer:
     self.mask_fn = jax.jit(lambda p: mask_of(p))
     # one program, not one per leaf: eager ops on arrays of several processes compile each
     self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))
-    self.near_zero_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity, where=where,
-                                                             **self.pattern))
-    if config.structure == "channel":  # whole channels are pushed towards zero
-      self.near_zero_fn = jax.jit(lambda p: removed_channel_share(
+    self.art_progress_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity,
+                                                                where=where, **self.pattern))
+    if config.structure == "channel":  # the magnitude the channels to be removed still carry
+      self.art_progress_fn = jax.jit(lambda p: removed_channel_share(
           p, config.sparsity, distribution=config.distribution))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
     self.params, self.batch_stats = self.placement.place(self.params), self.placement.place(self.batch_stats)
@@ -460,7 +460,7 @@ class Trainer:
         record["sparsity"] = self.sparsity(state["params"])
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
           key = "removed_channel_share" if self.cfg.structure == "channel" else "near_zero"
-          record[key] = float(self.near_zero_fn(state["params"]))
+          record[key] = float(self.art_progress_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
