@@ -120,20 +120,19 @@ def near_zero_fraction(params, sparsity: float, rel: float = 1e-3, *, where=None
   return small / masking.num_prunable(leaves)
 
 
-def removed_channel_share(params, sparsity: float, *, distribution: str = "global",
-                          normalized: bool = True):
+def removed_channel_share(params, sparsity: float, *, distribution: str = "global"):
   """Share of the prunable channels' total magnitude that the channels the mask would remove
   still carry: ``Σ_removed m̃_c / Σ m̃_c`` (:func:`near_zero_fraction`'s counterpart for
   ``structure='channel'``).
 
-  The magnitudes and the removed set are :func:`channels.channel_mask`'s (each channel's L2
-  norm, or its BatchNorm scale ``|γ|``, divided by its layer's mean with ``normalized``; the
-  global threshold or ``distribution='uniform'``'s per-layer count). At the start of ART it is
+  The magnitudes and the removed set are :func:`channels.channel_mask`'s defaults (each
+  channel's L2 norm, or its BatchNorm scale ``|γ|``, divided by its layer's mean; the global
+  threshold or ``distribution='uniform'``'s per-layer count). At the start of ART it is
   near the removed fraction (BatchNorm scales start equal); it falls towards 0 as the
   regulariser empties the channels it will prune. (Group HyperSparse shrinks them without
   driving them to ~0 as it does single weights: a count below ``10⁻³·t`` stays 0.)
   """
-  mags = channels.channel_magnitudes(params, normalized=normalized)
+  mags = channels.channel_magnitudes(params)
   keeps, _ = channels._keep(mags, sparsity, distribution)
   removed = sum(jnp.sum(jnp.where(k, 0.0, m)) for k, m in zip(keeps, mags))
   total = sum(jnp.sum(m) for m in mags)
@@ -243,9 +242,12 @@ class Trainer:
     self.mask_fn = jax.jit(lambda p: mask_of(p))
     # one program, not one per leaf: eager ops on arrays of several processes compile each
     self.prune_fn = jax.jit(lambda p: masking.apply_mask(p, mask_of(p)))
+    # ART's progress, recorded per ART epoch under this key (no weight is zero before fine-tuning)
+    self.art_progress_key = "near_zero"
     self.art_progress_fn = jax.jit(lambda p: near_zero_fraction(p, config.sparsity,
                                                                 where=where, **self.pattern))
     if config.structure == "channel":  # the magnitude the channels to be removed still carry
+      self.art_progress_key = "removed_channel_share"
       self.art_progress_fn = jax.jit(lambda p: removed_channel_share(
           p, config.sparsity, distribution=config.distribution))
     self.ckpt = checkpointing.RunCheckpoints(os.path.join(outdir, "checkpoints"))
@@ -459,8 +461,7 @@ class Trainer:
             next_phase = "finetune"
         record["sparsity"] = self.sparsity(state["params"])
         if phase == "art":  # exact zeros appear only at fine-tuning: show ART's progress
-          key = "removed_channel_share" if self.cfg.structure == "channel" else "near_zero"
-          record[key] = float(self.art_progress_fn(state["params"]))
+          record[self.art_progress_key] = float(self.art_progress_fn(state["params"]))
         record["time"] = time.time() - start
         metrics_log.append(record)
         self._log_epoch(record)
