@@ -101,6 +101,15 @@ def cell_task(args, p, seed):
   return p, seed, results
 
 
+def _merged(new, old):
+  """``new`` then what only ``old`` has: numbers in ascending order, names (budgets, N:M
+  patterns) in the order given, so that a resumed study's tables keep their row order."""
+  extra = [x for x in old if x not in new]
+  if all(isinstance(x, (int, float)) for x in list(new) + extra):
+    return sorted(set(new) | set(extra))
+  return list(new) + extra
+
+
 def aggregate(runs, pats):
   cells = []
   keys = [pattern_key(p) for p in pats]
@@ -278,8 +287,8 @@ def main(argv=None):
   grown = ("seeds", "sparsities", "distributions", "nm")
   runs, wall, old = study._kept_runs(args.out, settings, free=grown + ("workers",))
   if old is not None:  # the report covers the earlier cells and these
-    for k in grown:
-      settings[k] = sorted(set(old[k]) | set(settings[k]), key=str)
+    for k in grown:  # this run's order first (the tables' row order), then the earlier extras
+      settings[k] = _merged(settings[k], old[k])
   done = {(r["pattern"], r["method"], r["seed"]) for r in runs}
   todo = [(p, s) for s in seeds for p in pats
           if not all((pattern_key(p), m, s) in done for m in METHODS)]
