@@ -232,15 +232,21 @@ def _keep(mags, sparsity, distribution="global"):
   return keeps, t
 
 
-def channel_keep(params, sparsity: float, *, groups=None, where=None,
-                 normalized: bool = True, distribution: str = "global") -> dict:
-  """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
+def _checked_keep(params, sparsity, groups, where, normalized, distribution):
+  """The argument checks of the public selections, then ``(groups, keep vectors)``."""
   sparsity = masking.check_sparsity(sparsity)
   check_distribution(distribution)
   groups = _select_groups(params, groups, where)
   _check_finite(params, groups)
   keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity,
                    distribution)
+  return groups, keeps
+
+
+def channel_keep(params, sparsity: float, *, groups=None, where=None,
+                 normalized: bool = True, distribution: str = "global") -> dict:
+  """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
+  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution)
   return {g.name: k for g, k in zip(groups, keeps)}
 
 
@@ -309,12 +315,7 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
     >>> mask["fc1"]["bias"].tolist(), bool(mask["fc2"]["kernel"].all())
     ([False, True, True], True)
   """
-  sparsity = masking.check_sparsity(sparsity)
-  check_distribution(distribution)
-  groups = _select_groups(params, groups, where)
-  _check_finite(params, groups)
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity,
-                   distribution)
+  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution)
   return _mask_from_keep(params, groups, keeps)
 
 

@@ -339,6 +339,18 @@ class VGG(nn.Module):
                         dtype=self.dtype, name="classifier")(x)
 
 
+def _mlp_logits(x, hidden, num_classes, dtype):
+    """Flatten, ``Dense -> ReLU`` per hidden width (He fan-in init), then the N(0, 0.01) head;
+    layers ``fc1``, ``fc2``, ... with the head last. Called inside a module's compact
+    ``__call__``, so the layers are that module's."""
+    x = jnp.asarray(x, dtype).reshape(x.shape[0], -1)
+    for i, width in enumerate(hidden, start=1):
+        x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros, dtype=dtype,
+                             name=f"fc{i}")(x))
+    return nn.Dense(num_classes, kernel_init=_dense_init, bias_init=_zeros, dtype=dtype,
+                    name=f"fc{len(hidden) + 1}")(x)
+
+
 class DigitsMLP(nn.Module):
     """Multi-layer perceptron for the bundled 8x8 scikit-learn digits, input ``(N, 8, 8, 1)``.
 
@@ -368,12 +380,7 @@ class DigitsMLP(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
         del train  # no dropout / BatchNorm
-        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        for i, width in enumerate(self.hidden, start=1):
-            x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros,
-                                 dtype=self.dtype, name=f"fc{i}")(x))
-        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
-                        dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+        return _mlp_logits(x, self.hidden, self.num_classes, self.dtype)
 
 
 class DigitsCNN(nn.Module):
@@ -453,12 +460,7 @@ class LeNet300(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Return logits ``(N, num_classes)``; ``train`` is accepted for a uniform interface."""
         del train  # no dropout / BatchNorm
-        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        for i, width in enumerate(self.hidden, start=1):
-            x = nn.relu(nn.Dense(width, kernel_init=_he_fan_in, bias_init=_zeros,
-                                 dtype=self.dtype, name=f"fc{i}")(x))
-        return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
-                        dtype=self.dtype, name="fc3")(x)
+        return _mlp_logits(x, self.hidden, self.num_classes, self.dtype)
 
 
 class LeNet5(nn.Module):
