@@ -327,15 +327,21 @@ def main(argv=None):
         p, s, results = out
         for method, r in results.items():
           runs.append(dict(pattern=pattern_key(p), method=method, seed=s, **r))
-      expected = len(settings["seeds"]) * (1 + len(METHODS) * len(all_pats))
-      report = {"settings": settings, "wall_time": wall + time.time() - start,
-                "complete": len(runs) == expected,
-                "cells": aggregate(runs, all_pats), "runs": runs}
-      study.write_json(args.out, report)
-      write_markdown(os.path.join(args.out, "study.md"), report)
-      write_plot(os.path.join(args.out, "study.png"), report)
+      _report(args.out, settings, runs, all_pats, wall + time.time() - start)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
+  if not futures:  # nothing left to run: the report is rewritten from the kept runs
+    _report(args.out, settings, runs, all_pats, wall)
   return 0
+
+
+def _report(out, settings, runs, all_pats, wall_time):
+  """study.json, study.md and study.png for the runs so far."""
+  expected = len(settings["seeds"]) * (1 + len(METHODS) * len(all_pats))
+  report = {"settings": settings, "wall_time": wall_time, "complete": len(runs) == expected,
+            "cells": aggregate(runs, all_pats), "runs": runs}
+  study.write_json(out, report)
+  write_markdown(os.path.join(out, "study.md"), report)
+  write_plot(os.path.join(out, "study.png"), report)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,10 @@ def test_quick_pattern_study_and_resume(tmp_path):
   again = _run_quick("study_patterns.py", out, tmp_path)
   assert "kept 10 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
-  # the resumed report keeps the given row order (global before ERK), not an alphabetical one
+  # the report is rewritten on resume and keeps the given row order (global before ERK), not
+  # an alphabetical one
+  assert json.loads((out / "study.json").read_text())["settings"]["distributions"] == [
+      "global", "erk"]
   table = (out / "study.md").read_text()
   assert table.index("| global | ART") < table.index("| erk | ART"), table
 
