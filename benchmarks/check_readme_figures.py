@@ -167,8 +167,7 @@ def _pattern_l5_figures(d):
   capped = [r for r in d["runs"] if r["method"] == "art_hypersparse"
             and r["pattern"].startswith("uniform@")]
   every = lambda ok: "every seed" if ok else "not every seed"  # noqa: E731
-  uni = [pdiff(d, f"uniform@{x}", m) for x, m in (
-      ("0.9", "oneshot"), ("0.98", "oneshot"), ("0.99", "oneshot"))]
+  uni = [pdiff(d, f"uniform@{x}", "oneshot") for x in ("0.9", "0.98", "0.99")]
   beaten = any(pcell(d, f"{b}@{x}", m) > pcell(d, f"global@{x}", m) for b in ("uniform", "erk")
                for x in ("0.9", "0.98", "0.99") for m in ("art_hypersparse", "oneshot", "gmp"))
   return (f"{d['wall_time'] / 60:.1f}", "a" if beaten else "no",
