@@ -114,6 +114,26 @@ def resnet_blocks_per_stage(depth: int) -> tuple[int, bool]:
     return (depth - 2) // 6, depth >= _BOTTLENECK_FROM_DEPTH
 
 
+def _block_conv(features: int, k: int, stride: int, padding, name: str,
+                dtype: Dtype) -> nn.Module:
+    """A residual block's ``k x k`` conv: no bias, He-normal (fan-out) init, as the reference."""
+    return _Conv(features, (k, k), (stride, stride), padding=padding, use_bias=False,
+                 kernel_init=_he_fan_out, dtype=dtype, name=name)
+
+
+def _add_shortcut(block: nn.Module, x: jnp.ndarray, out: jnp.ndarray,
+                  train: bool) -> jnp.ndarray:
+    """``relu(out + shortcut(x))`` for a residual ``block`` (called inside its compact call):
+    the identity, or a strided 1x1 conv + BN (``downsample_0`` / ``downsample_1``) where the
+    block's ``downsample`` is set."""
+    residual = x
+    if block.downsample:
+        residual = _block_conv(block.planes * block.expansion, 1, block.stride, _PAD0,
+                               "downsample_0", block.dtype)(x)
+        residual = _batch_norm("downsample_1", train, block.dtype)(residual)
+    return nn.relu(out + residual)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN layers with an identity or 1x1-conv + BN shortcut (expansion 1).
 
@@ -135,20 +155,13 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
-        conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
-            f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
-            dtype=self.dtype, name=name)
+        conv = functools.partial(_block_conv, dtype=self.dtype)
         width = self.inner[0] if self.inner else self.planes
         out = conv(width, 3, self.stride, _PAD1, "conv1")(x)
         out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
         out = conv(self.planes, 3, 1, _PAD1, "conv2")(out)
         out = _batch_norm("bn2", train, self.dtype)(out)
-        residual = x
-        if self.downsample:
-            residual = conv(self.planes * self.expansion, 1, self.stride, _PAD0,
-                            "downsample_0")(x)
-            residual = _batch_norm("downsample_1", train, self.dtype)(residual)
-        return nn.relu(out + residual)
+        return _add_shortcut(self, x, out, train)
 
 
 class Bottleneck(nn.Module):
@@ -172,9 +185,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Apply the block to NHWC ``x``; ``train`` selects batch vs running BN statistics."""
-        conv = lambda f, k, s, p, name: _Conv(  # noqa: E731
-            f, (k, k), (s, s), padding=p, use_bias=False, kernel_init=_he_fan_out,
-            dtype=self.dtype, name=name)
+        conv = functools.partial(_block_conv, dtype=self.dtype)
         w1, w2 = self.inner if self.inner else (self.planes, self.planes)
         out = conv(w1, 1, 1, _PAD0, "conv1")(x)
         out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
@@ -182,12 +193,7 @@ class Bottleneck(nn.Module):
         out = nn.relu(_batch_norm("bn2", train, self.dtype)(out))
         out = conv(self.planes * self.expansion, 1, 1, _PAD0, "conv3")(out)
         out = _batch_norm("bn3", train, self.dtype)(out)
-        residual = x
-        if self.downsample:
-            residual = conv(self.planes * self.expansion, 1, self.stride, _PAD0,
-                            "downsample_0")(x)
-            residual = _batch_norm("downsample_1", train, self.dtype)(residual)
-        return nn.relu(out + residual)
+        return _add_shortcut(self, x, out, train)
 
 
 class CIFARResNet(nn.Module):
