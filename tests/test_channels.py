@@ -284,18 +284,25 @@ def test_art_over_channels_uniform_keeps_a_threshold_per_layer():
     np.testing.assert_allclose(np.asarray(a), 0.1 * np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
+def _plain_magnitudes(params, groups, normalized=True):
+  """Per group, m = ‖θ‖ over its channels (BatchNorm scale where it has one, else the kernel's
+  output slice), ÷ sg(mean m) when ``normalized``: written with jnp only."""
+  mags = []
+  for g in groups:
+    if g.norm is not None:
+      th = channels._get(params, g.norm)["scale"][:, None]
+    else:
+      k = channels._get(params, g.producer)["kernel"]
+      th = jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+    m = jnp.sqrt(jnp.sum(th ** 2, axis=1))
+    mags.append(m / jax.lax.stop_gradient(jnp.mean(m)) if normalized else m)
+  return mags
+
+
 def _plain_group_penalty(groups, t, kappa_unused=None):
   """A·T/sg(T) − A over m̃ = ‖θ‖/sg(mean ‖θ‖), written with jnp only."""
   def f(params):
-    mags = []
-    for g in groups:
-      if g.norm is not None:
-        th = channels._get(params, g.norm)["scale"][:, None]
-      else:
-        k = channels._get(params, g.producer)["kernel"]
-        th = jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
-      m = jnp.sqrt(jnp.sum(th ** 2, axis=1))
-      mags.append(m / jax.lax.stop_gradient(jnp.mean(m)))
+    mags = _plain_magnitudes(params, groups)
     s = C / t
     A = sum(jnp.sum(m) for m in mags)
     T = sum(jnp.sum(jnp.tanh(s * m)) for m in mags)
@@ -353,16 +360,7 @@ def test_group_l1_gradient_matches_autograd_and_numpy(name, normalized):
                                                   normalized=normalized)
 
   def l1(p):
-    total = 0.0
-    for g in groups:
-      if g.norm is not None:
-        th = channels._get(p, g.norm)["scale"][:, None]
-      else:
-        k = channels._get(p, g.producer)["kernel"]
-        th = jnp.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
-      m = jnp.sqrt(jnp.sum(th ** 2, axis=1))
-      total = total + jnp.sum(m / jax.lax.stop_gradient(jnp.mean(m)) if normalized else m)
-    return total
+    return sum(jnp.sum(m) for m in _plain_magnitudes(p, groups, normalized))
 
   auto = jax.grad(l1)(params)
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(auto)[0], jax.tree.leaves(grads)):
