@@ -551,6 +551,14 @@ def aggregate(runs, sparsities):
   return cells
 
 
+def seeds_per_cell(report):
+  """How many seeds the report's non-dense cells hold: '3', or '1–2' while they differ (a study
+  still running), 'no' before any cell."""
+  ns = sorted({c["final_test_accuracy"]["n"] for c in report["cells"]
+               if c["method"] != "dense" and c.get("final_test_accuracy")})
+  return (f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else "no"
+
+
 def _pm(stat, scale=100.0, digits=2):
   if stat is None:
     return "–"
@@ -656,11 +664,8 @@ def write_plot(path, report):
   ax.set_xlabel("sparsity κ (%)")
   ax.set_ylabel("test bits per byte (lower is better)" if scale == 1
                 else "final fine-tune test accuracy (%)")
-  ns = sorted({c["final_test_accuracy"]["n"] for c in report["cells"]
-               if c["method"] != "dense" and c.get("final_test_accuracy")})
-  seeds = (f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else "no"
   ax.set_title(f"{report['settings']['dataset']} / {report['settings']['model']}: "
-               f"{seeds} seed(s) per point, mean ± std"
+               f"{seeds_per_cell(report)} seed(s) per point, mean ± std"
                + ("" if report.get("complete", True) else " (incomplete)"))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

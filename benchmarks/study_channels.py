@@ -262,7 +262,8 @@ def write_markdown(path, report):
   lines = [f"# Channel study: {s['dataset']} / {s['model']}", "",
            f"Seeds {s['seeds']}; the schedule of benchmarks/study.py; final fine-tune test "
            f"accuracy (%), mean ± std; wall time {report['wall_time'] / 60:.1f} min"
-           + ("" if report["complete"] else " (incomplete)") + ".", "",
+           + ("" if report["complete"] else
+              f" (incomplete: {study.seeds_per_cell(report)} seed(s) per cell so far)") + ".", "",
            "Dense: " + (study._pm(dense["final_test_accuracy"]) if dense else "–"), "",
            "| method | " + " | ".join(f"{x * 100:g} % of channels" for x in s["fractions"]) + " |",
            "|---|" + "---|" * len(s["fractions"])]

@@ -134,7 +134,8 @@ def write_markdown(path, report):
            f"{s['lambda_init']} and η {s['eta']}, fine-tune {s['epochs']} epochs, lr × "
            f"{s['lr_decay']} at {s['lr_steps']}). Final fine-tune test accuracy (%), mean ± std "
            f"over seeds; total wall time {report['wall_time'] / 60:.1f} min"
-           + ("" if report["complete"] else " (incomplete: cells still to run)") + ".", "",
+           + ("" if report["complete"] else " (incomplete: cells still to run; "
+              f"{study.seeds_per_cell(report)} seed(s) per cell so far)") + ".", "",
            f"Dense ({s['warmup_epochs'] + s['epochs']} epochs): "
            + (study._pm(dense["final_test_accuracy"]) if dense else "–"), ""]
   sources = sorted({r["from"] for r in report["runs"] if r.get("from")})

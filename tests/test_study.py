@@ -187,6 +187,37 @@ def test_default_out_is_per_dataset():
   assert study.build_parser().parse_args([]).out is None  # resolved per dataset in main()
 
 
+def test_channel_report_of_an_unfinished_study_says_its_seeds_per_cell(tmp_path):
+  """A channel study still running (50 %: two seeds in, 75 %: one) says so in study.md, with
+  the seeds per cell; its 50 % cell is the mean ± std (ddof 1) of the two runs, computed here.
+  Once every cell has its seeds, the note goes."""
+  study, study_channels = _bench("study", "study_channels")
+  acc = {(0.5, 0): 0.91, (0.5, 1): 0.93, (0.75, 0): 0.88}
+  runs = [dict(fraction=0.0, method="dense", seed=s, final_test_accuracy=0.92,
+               best_test_accuracy=0.92, sparsity=0.0, art_epochs=None, time=1.0) for s in (0, 1)]
+  runs += [dict(fraction=x, method="l1_filter", seed=s, final_test_accuracy=a,
+                best_test_accuracy=a, sparsity=x, art_epochs=0, epochs=9, time=1.0,
+                flops_slim=1.0, flops_dense=4.0, params_slim=1.0, params_dense=2.0)
+           for (x, s), a in acc.items()]
+  settings = dict(dataset="fashion_mnist", model="vgg", seeds=[0, 1], fractions=[0.5, 0.75],
+                  methods=["l1_filter"], warmup_epochs=3, epochs=3)
+
+  def markdown(rs, complete):
+    report = {"settings": settings, "wall_time": 60.0, "complete": complete, "runs": rs,
+              "cells": study_channels.aggregate(rs, settings["fractions"], settings)}
+    study_channels.write_markdown(tmp_path / "study.md", report)
+    return (tmp_path / "study.md").read_text()
+
+  text = markdown(runs, False)
+  assert "(incomplete: 1–2 seed(s) per cell so far)" in text
+  row = next(line for line in text.splitlines() if line.startswith("| L1-norm filters"))
+  two = [100 * acc[(0.5, 0)], 100 * acc[(0.5, 1)]]
+  assert row.split("|")[2].strip() == f"{np.mean(two):.2f} ± {np.std(two, ddof=1):.2f}"
+  assert row.split("|")[3].strip() == "88.00 ± 0.00"
+  done = runs + [dict(runs[-1], seed=1, final_test_accuracy=0.86)]
+  assert "incomplete" not in markdown(done, True)
+
+
 def test_quick_pattern_study_and_resume(tmp_path):
   """benchmarks/study_patterns.py --quick on the digits: global and ERK at 90 % and 2:4, each
   with ART + HyperSparse, one-shot and GMP; the models have the pattern's sparsity; a second
