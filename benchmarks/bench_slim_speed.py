@@ -248,12 +248,31 @@ def from_studies(args, onnx_ok):
   return 0
 
 
+OFF_SCALE_POINTS = 20.0  # a run this many points below the dense model has collapsed
+
+
+def y_floor(accuracies, dense, margin=OFF_SCALE_POINTS, pad=1.5):
+  """The lower end of a panel's accuracy axis (percent), or ``None`` to let it fit everything.
+
+  Runs more than ``margin`` points below the dense accuracy (a collapsed network: 10 % is
+  chance on ten classes) would stretch the axis so far that the other runs could not be told
+  apart; the axis then ends ``pad`` points below the lowest of the others, and the collapsed
+  runs are drawn on its lower edge with their accuracy written beside them."""
+  if dense is None:
+    return None
+  kept = [a for a in accuracies if a >= dense - margin]
+  if len(kept) == len(accuracies) or not kept:
+    return None
+  return min(kept) - pad
+
+
 def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256"):
   """One row per study, one panel per engine: final test accuracy against the measured
   speed-up over the dense model (log scale). Channel-pruned runs: one point per run, and the
   mean per method and fraction with the seeds' spread; unstructured sparsity (the dense model
   with the fraction of its weights zeroed): ART + HyperSparse's mean accuracy at its measured
-  speed; the dense model at 1."""
+  speed; the dense model at 1. Runs that collapsed (see :func:`y_floor`) are drawn as
+  triangles on the lower edge, labelled with their accuracy; the means include them."""
   import matplotlib
   import matplotlib.ticker
   matplotlib.use("Agg")
@@ -266,21 +285,36 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
             "l1_filter": "C2", "gmp_filter": "C4",
             "slimming": "C5"}
   for row, s in zip(axes, studies):
+    dense = None if s["dense_accuracy"] is None else 100 * s["dense_accuracy"]
+    floor = y_floor([100 * r["final_test_accuracy"] for r in s["runs"] if r["method"] in colors],
+                    dense)
     for ax, engine in zip(row, engines):
       speed = lambda key: s["variants"][key][engine][batch]["speedup_vs_dense"]  # noqa: E731
       for method, color in colors.items():
         rs = [r for r in s["runs"] if r["method"] == method]
         if not rs:
           continue
-        ax.scatter([speed(r["arch"]) for r in rs], [100 * r["final_test_accuracy"] for r in rs],
+        label = f"{LABELS[method]} (channels)"  # on the method's first point drawn
+        low = [r for r in rs if floor is not None and 100 * r["final_test_accuracy"] < floor]
+        up = [r for r in rs if r not in low]
+        ax.scatter([speed(r["arch"]) for r in up], [100 * r["final_test_accuracy"] for r in up],
                    s=10, color=color, alpha=0.35)
+        for r in low:
+          ax.scatter([speed(r["arch"])], [floor], marker="v", s=30, color=color, clip_on=False,
+                     zorder=3, label=label if len(low) == len(rs) else None)
+          label = label if len(low) < len(rs) else None
+          ax.annotate(f"{r['fraction'] * 100:g} %: {100 * r['final_test_accuracy']:.1f} %",
+                      (speed(r["arch"]), floor),
+                      fontsize=6, xytext=(4, 2), textcoords="offset points", color=color)
         for frac in sorted({r["fraction"] for r in rs}):
           fr = [r for r in rs if r["fraction"] == frac]
           acc = np.array([100 * r["final_test_accuracy"] for r in fr])
+          if floor is not None and acc.mean() < floor:  # a collapsed cell: its runs show it
+            continue
           ax.errorbar(np.median([speed(r["arch"]) for r in fr]), acc.mean(),
                       yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt="o", color=color,
-                      capsize=3, label=f"{LABELS[method]} (channels)" if frac == min(
-                          r["fraction"] for r in rs) else None)
+                      capsize=3, label=label)
+          label = None
           ax.annotate(f"{frac * 100:g} %", (np.median([speed(r["arch"]) for r in fr]),
                                             acc.mean()), fontsize=7, xytext=(4, 4),
                       textcoords="offset points")
@@ -303,6 +337,8 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
       ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
       ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}×"))
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      if floor is not None:
+        ax.set_ylim(bottom=floor)
       ax.axvline(1.0, color="0.8", lw=0.8)
       ax.set_xlabel(f"measured speed-up over dense ({engine}, {batch.replace('_', ' ')})")
       ax.set_ylabel("final test accuracy (%)")

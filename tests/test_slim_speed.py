@@ -41,6 +41,8 @@ def test_from_study_times_each_architecture_once(tmp_path):
            "slim_model": _lenet300(150, 50)},  # the same widths: timed once
           {"method": "l1_filter", "fraction": 0.9, "seed": 0, "final_test_accuracy": 0.80,
            "slim_model": _lenet300(30, 10)},
+          {"method": "slimming", "fraction": 0.9, "seed": 0, "final_test_accuracy": 0.10,
+           "slim_model": _lenet300(30, 10)},  # collapsed: drawn on the axis' lower edge
           {"method": "dense", "fraction": 0.0, "seed": 0, "final_test_accuracy": 0.89}]
   cells = [{"method": "dense", "final_test_accuracy": _stat(0.89)}]
   (tmp_path / "ch").mkdir()
@@ -73,10 +75,21 @@ def test_from_study_times_each_architecture_once(tmp_path):
         t = v[key][engine][b]
         assert t["speedup_vs_dense"] == pytest.approx(v["dense"][engine][b]["median_ms"] /
                                                       t["median_ms"])
-  assert [r["arch"] for r in study["runs"]] == ["arch0", "arch0", "arch1"]
+  assert [r["arch"] for r in study["runs"]] == ["arch0", "arch0", "arch1", "arch1"]
   assert study["dense_accuracy"] == 0.89
   assert study["unstructured"][0]["cells"][0]["target"] == 0.9
   assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_accuracy_axis_leaves_collapsed_runs_on_its_edge():
+  """Hand-worked: dense 92.4 %, runs at 92, 91, 85 and 10 %. 10 % is more than 20 points below
+  dense, so the axis ends 1.5 points below the lowest other run, 85 - 1.5 = 83.5; without a
+  collapsed run (or without a dense accuracy) it fits everything."""
+  bench = _bench()
+  assert bench.y_floor([92.0, 91.0, 10.0, 85.0], 92.4) == pytest.approx(83.5)
+  assert bench.y_floor([92.0, 91.0, 85.0, 72.5], 92.4) is None  # 19.9 points below: kept
+  assert bench.y_floor([92.0, 10.0], None) is None
+  assert bench.y_floor([10.0, 10.0], 92.4) is None  # nothing left to scale the axis to
 
 
 def test_from_study_without_slim_models_says_so(tmp_path):
