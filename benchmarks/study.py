@@ -197,6 +197,14 @@ class Baselines:
     self.ft_step = make_step(self.model, self.ft_tx(ones), self.dataset)
     self.apply_mask = jax.jit(masking.apply_mask)
 
+  def initial_state(self, tx):
+    """A training state at the initial weights, with ``tx``'s state: copies, since the train
+    step donates its state's buffers and the initial weights serve every run of this object
+    (a cell that trains its dense model and then network slimming's model, for one)."""
+    fresh = lambda tree: self.jax.tree.map(self.jnp.copy, tree)  # noqa: E731
+    params = fresh(self.init_params)
+    return {"params": params, "batch_stats": fresh(self.init_stats), "opt_state": tx.init(params)}
+
   def test_accuracy(self, state):
     if self.text is not None:  # per-epoch monitoring windows (as Trainer's metrics.jsonl)
       return self.lm.evaluate(self.eval_step, state["params"], self.dataset.eval_windows("test"),
@@ -224,8 +232,7 @@ class Baselines:
     the final state."""
     cfg, jax = self.cfg, self.jax
     start = time.time()
-    state = {"params": self.init_params, "batch_stats": self.init_stats,
-             "opt_state": self.dense_tx.init(self.init_params)}
+    state = self.initial_state(self.dense_tx)
     warm, accs = None, []
     for epoch in range(cfg.warmup_epochs + cfg.epochs):
       if epoch == cfg.warmup_epochs:
@@ -396,11 +403,33 @@ class Partial:
       os.replace(tmp, self.path)
     return self.results[method]
 
-  def done(self):
+  @staticmethod
+  def drop(out, name):
+    """Remove the file of cell ``name`` once its runs are in ``study.json``: the main process
+    does it after writing, not the worker, so that a study stopped in between (or a failed
+    sibling cell) loses nothing."""
     try:
-      os.remove(self.path)
+      os.remove(os.path.join(out, ".partial", f"{name}.json"))
     except OSError:
       pass
+
+
+def finished(futures, failures):
+  """The results of ``futures`` as they finish. A failed one is told in one line and appended
+  to ``failures``; the others are still yielded, so that one cell's crash does not lose the
+  cells that run beside it (its own finished methods stay in ``.partial/``)."""
+  for fut in concurrent.futures.as_completed(futures):
+    try:
+      yield fut.result()
+    except Exception as e:  # noqa: BLE001 -- told, counted and turned into the exit status
+      failures.append(e)
+      print(f"a cell failed ({type(e).__name__}: {e}); the others go on, and a rerun redoes only "
+            "its unfinished methods", file=sys.stderr, flush=True)
+
+
+def partial_name(sparsity, seed):
+  """The ``.partial/`` name of the cell (κ, seed) of this study."""
+  return f"k{sparsity:g}_s{seed}"
 
 
 def same_settings(old, new, free=()):
@@ -430,7 +459,7 @@ def settings_key(cfg):
 def cell_task(args, sparsity, seed):
   """All methods for one (sparsity, seed): ART x 3 penalties, then one-shot and GMP."""
   cfg = make_config(args, sparsity, "hypersparse", seed)
-  partial = Partial(args, f"k{sparsity:g}_s{seed}", settings_key(cfg))
+  partial = Partial(args, partial_name(sparsity, seed), settings_key(cfg))
   results = {}
   for method in art_methods(args):
     results[method] = partial.run(method, lambda m=method: _art_run(
@@ -444,7 +473,6 @@ def cell_task(args, sparsity, seed):
   results["gmp"] = partial.run("gmp", lambda: base.gmp(warm, sparsity, ramp,
                                                        args.gmp_every or base.spe))
   _log(args, f"  kappa={sparsity} seed={seed} gmp: {_fmt(results['gmp'])}")
-  partial.done()
   return sparsity, seed, results
 
 
@@ -812,13 +840,15 @@ def main(argv=None):
       initargs=(args.jit_cache,)) as pool:
     futures = [pool.submit(dense_task, args, seed) for seed in todo_dense]
     futures += [pool.submit(cell_task, args, s, seed) for s, seed in todo_cells]
-    for fut in concurrent.futures.as_completed(futures):
-      out = fut.result()
+    failures = []
+    for out in finished(futures, failures):
+      cell = None
       if len(out) == 2:
         seed, r = out
         runs.append(dict(method="dense", target=0.0, seed=seed, **r))
       else:
         s, seed, results = out
+        cell = partial_name(s, seed)
         for method, r in results.items():
           runs.append(dict(method=method, target=s, seed=seed, **r))
       report = {"settings": settings, "wall_time": previous_wall + time.time() - start,
@@ -826,9 +856,11 @@ def main(argv=None):
                     1 + (len(methods(args)) - 1) * len(settings["sparsities"])),
                 "cells": aggregate(runs, settings["sparsities"]), "runs": runs}
       _write(args.out, report)
+      if cell:
+        Partial.drop(args.out, cell)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
   print(open(os.path.join(args.out, "study.md")).read())
-  return 0
+  return 1 if failures else 0
 
 
 def _kept_runs(out, settings, free=("workers", "seeds", "sparsities")):

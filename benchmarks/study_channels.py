@@ -133,6 +133,11 @@ def _sizes(base, state):
   return {k: sizes[k] for k in study.CHANNEL_SIZES}
 
 
+def partial_name(fraction, seed):
+  """The ``.partial/`` name of the cell (fraction of channels, seed)."""
+  return f"c{fraction:g}_s{seed}"
+
+
 def cell_task(args, fraction, seed, have=None):
   """The methods of one (fraction, seed) that ``have`` (method → kept result) lacks; returns
   ``(fraction, seed, new results)``."""
@@ -140,7 +145,7 @@ def cell_task(args, fraction, seed, have=None):
   have = dict(have or {})
   cfg = study.make_config(args, fraction, "hypersparse", seed)
   todo = [m for m in methods_for(cfg) if m not in have]
-  partial = study.Partial(args, f"c{fraction:g}_s{seed}", study.settings_key(cfg))
+  partial = study.Partial(args, partial_name(fraction, seed), study.settings_key(cfg))
   results = {}
 
   def run(method, fn):
@@ -173,7 +178,6 @@ def cell_task(args, fraction, seed, have=None):
   run("l1_filter", l1_filter)
   run("gmp_filter", gmp_filter)
   run("slimming", lambda: slimming(args, base, fraction, seed))
-  partial.done()
   return fraction, seed, results
 
 
@@ -192,8 +196,7 @@ def slimming_states(args, base, seed, lam):
                                    warmup_epochs=0, penalty="l1", structure="channel",
                                    normalized=False), base.ramp_tx)
     step = base.image_task.make_train_step(base.model, tx, base.dataset)
-    state = {"params": base.init_params, "batch_stats": base.init_stats,
-             "opt_state": tx.init(base.init_params)}
+    state = base.initial_state(tx)
     for epoch in range(epochs):
       state = base.run_epoch(step, state, epoch)
     return dict(test_accuracy=base.test_accuracy(state), time=time.time() - start), state
@@ -363,12 +366,14 @@ def main(argv=None):
       initializer=study._worker_init, initargs=(args.jit_cache,)) as pool:
     futures = [pool.submit(study.dense_task, args, s) for s in todo_dense]
     futures += [pool.submit(cell_task, args, x, s, have[(x, s)]) for x, s in todo]
-    for fut in concurrent.futures.as_completed(futures):
-      out = fut.result()
+    failures = []
+    for out in study.finished(futures, failures):
+      cell = None
       if len(out) == 2:
         runs.append(dict(fraction=0.0, method="dense", seed=out[0], **out[1]))
       else:
         x, s, results = out
+        cell = partial_name(x, s)
         for method, r in results.items():
           runs.append(dict(fraction=x, method=method, seed=s, **r))
       expected = len(settings["seeds"]) * (1 + len(methods) * len(settings["fractions"]))
@@ -377,8 +382,10 @@ def main(argv=None):
                 "cells": aggregate(runs, settings["fractions"], settings), "runs": runs}
       study.write_json(args.out, report)
       write_markdown(os.path.join(args.out, "study.md"), report)
+      if cell:
+        study.Partial.drop(args.out, cell)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
-  return 0
+  return 1 if failures else 0
 
 
 if __name__ == "__main__":

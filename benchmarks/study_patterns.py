@@ -81,12 +81,16 @@ def _with_pattern(args, p):
   return a
 
 
+def partial_name(p, seed):
+  """The ``.partial/`` name of the cell (pattern, seed)."""
+  return f"{pattern_key(p).replace(':', '-')}_s{seed}"
+
+
 def cell_task(args, p, seed):
   """ART + HyperSparse, one-shot and GMP for one pattern and seed."""
   pa = _with_pattern(args, p)
   cfg = study.make_config(pa, p["sparsity"], "hypersparse", seed)
-  partial = study.Partial(args, f"{pattern_key(p).replace(':', '-')}_s{seed}",
-                          study.settings_key(cfg))
+  partial = study.Partial(args, partial_name(p, seed), study.settings_key(cfg))
   results = {"art_hypersparse": partial.run("art_hypersparse", lambda: study._art_run(
       pa, p["sparsity"], "hypersparse", seed))}
   base = study.Baselines(cfg)
@@ -95,7 +99,6 @@ def cell_task(args, p, seed):
   ramp = max(1, int(results["art_hypersparse"]["art_epochs"]))
   results["gmp"] = partial.run("gmp", lambda: base.gmp(warm, p["sparsity"], ramp,
                                                        args.gmp_every or base.spe))
-  partial.done()
   for method, r in results.items():
     print(f"  {pattern_key(p)} seed={seed} {method}: {study._fmt(r)}", flush=True)
   return p, seed, results
@@ -320,19 +323,23 @@ def main(argv=None):
       initargs=(args.jit_cache,)) as pool:
     futures = [pool.submit(study.dense_task, args, s) for s in todo_dense]
     futures += [pool.submit(cell_task, args, p, s) for p, s in todo]
-    for fut in concurrent.futures.as_completed(futures):
-      out = fut.result()
+    failures = []
+    for out in study.finished(futures, failures):
+      cell = None
       if len(out) == 2:
         runs.append(dict(pattern="dense", method="dense", seed=out[0], **out[1]))
       else:
         p, s, results = out
+        cell = partial_name(p, s)
         for method, r in results.items():
           runs.append(dict(pattern=pattern_key(p), method=method, seed=s, **r))
       _report(args.out, settings, runs, all_pats, wall + time.time() - start)
+      if cell:
+        study.Partial.drop(args.out, cell)
       print(f"[{time.time() - start:.0f}s] {len(runs)} runs done", flush=True)
   if not futures:  # nothing left to run: the report is rewritten from the kept runs
     _report(args.out, settings, runs, all_pats, wall)
-  return 0
+  return 1 if failures else 0
 
 
 def _report(out, settings, runs, all_pats, wall_time):

@@ -383,18 +383,31 @@ def test_quick_channel_study_and_resume(tmp_path):
   again = _run_quick("study_channels.py", out, tmp_path)
   assert "kept 7 runs; 0 dense runs and 0 cells to go" in again.stdout
   assert json.loads((out / "study.json").read_text())["runs"] == runs
-  # a study written before gmp_filter existed: only gmp_filter runs, the rest is kept
-  old = dict(report, runs=[r for r in runs if r["method"] != "gmp_filter"], complete=False)
-  old["settings"] = dict(s, methods=[m for m in s["methods"] if m != "gmp_filter"])
+  # a study written before gmp_filter and slimming existed, on a machine without the cached
+  # models: only those two run, the rest is kept; the cell trains the dense model itself, and
+  # slimming's training after it still starts from the initial weights (the dense training's
+  # donated buffers are its own copies)
+  import shutil
+  new_methods = ("gmp_filter", "slimming")
+  old = dict(report, runs=[r for r in runs if r["method"] not in new_methods], complete=False)
+  old["settings"] = dict(s, methods=[m for m in s["methods"] if m not in new_methods])
   (out / "study.json").write_text(json.dumps(old))
+  shutil.rmtree(out / ".dense_cache")
+  shutil.rmtree(out / ".slim_cache")
   again = _run_quick("study_channels.py", out, tmp_path)
-  assert "kept 6 runs; 0 dense runs and 1 cells to go" in again.stdout, again.stdout
-  assert "gmp_filter:" in again.stdout and "art_l1:" not in again.stdout
+  assert "kept 5 runs; 0 dense runs and 1 cells to go" in again.stdout, again.stdout
+  assert "gmp_filter:" in again.stdout and "slimming:" in again.stdout
+  assert "art_l1:" not in again.stdout
   new = json.loads((out / "study.json").read_text())
-  assert new["complete"] is True
+  assert new["complete"] is True and not (out / ".partial" / "c0.5_s0.json").exists()
   key = lambda r: (r["method"], r["seed"])  # noqa: E731
-  kept = {key(r): r for r in runs if r["method"] != "gmp_filter"}
-  assert {key(r): r for r in new["runs"] if r["method"] != "gmp_filter"} == kept
+  kept = {key(r): r for r in runs if r["method"] not in new_methods}
+  assert {key(r): r for r in new["runs"] if r["method"] not in new_methods} == kept
+  # the same models as the first time: each run's training is a function of its seed
+  for m in new_methods:
+    first, second = by[m], {r["method"]: r for r in new["runs"]}[m]
+    assert second["channels_kept"] == first["channels_kept"]
+    assert second["final_test_accuracy"] == pytest.approx(first["final_test_accuracy"], abs=0.02)
 
 
 def test_l1_filter_mask_matches_numpy():
@@ -486,3 +499,39 @@ def test_study_workers_exit_when_the_study_is_killed(tmp_path):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_a_failed_cell_does_not_lose_the_cells_beside_it(capsys):
+  """study.finished: a cell that raises is told in one line and counted, and the cells that
+  finish before and after it are still handed over (to be written to study.json; their
+  .partial/ files are removed by the main process only after that)."""
+  import concurrent.futures
+  study, = _bench("study")
+  futures = [concurrent.futures.Future() for _ in range(3)]
+  futures[0].set_result((0.5, 2, {"art_hypersparse": {"final_test_accuracy": 0.9}}))
+  futures[1].set_exception(RuntimeError("Array has been deleted with shape=float32[16]."))
+  futures[2].set_result((0.9, 2, {"slimming": {"final_test_accuracy": 0.1}}))
+  failures = []
+  got = list(study.finished(futures, failures))
+  assert sorted(g[0] for g in got) == [0.5, 0.9]
+  assert len(failures) == 1 and "deleted" in str(failures[0])
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "a cell failed (RuntimeError: Array has been deleted" in err
+
+
+def test_partial_file_stays_until_the_main_process_drops_it(tmp_path):
+  """A cell's finished methods are kept in .partial/ by the worker and removed by
+  Partial.drop (the main process, after study.json is written), not by the worker."""
+  import argparse
+  study, = _bench("study")
+  args = argparse.Namespace(out=str(tmp_path))
+  p = study.Partial(args, "c0.75_s2", "{}")
+  assert p.run("l1_filter", lambda: {"final_test_accuracy": 0.8974}) == {
+      "final_test_accuracy": 0.8974}
+  again = study.Partial(args, "c0.75_s2", "{}")
+  assert again.run("l1_filter", lambda: pytest.fail("recomputed a kept method")) == {
+      "final_test_accuracy": 0.8974}
+  assert (tmp_path / ".partial" / "c0.75_s2.json").exists()
+  study.Partial.drop(str(tmp_path), "c0.75_s2")
+  assert not (tmp_path / ".partial" / "c0.75_s2.json").exists()
+  study.Partial.drop(str(tmp_path), "c0.75_s2")  # already gone: nothing to do
