@@ -8,6 +8,9 @@ Measured on XLA:CPU (JAX 0.10, 2 cores, batch 64, 3×3 kernels):
   stride 1, in an h-major layout ``(h, n, w, c)`` a shift by ``i`` rows is a contiguous slice, so
   ``dw[i, :] = xp[i:i+ho]ᵀ · [dy shifted by j = 0..kw-1]`` — ``kh`` products and no
   ``kh·kw``-fold patch matrix; strided convolutions use the stacked patches ``patchesᵀ · dy``.
+* **One input channel.** A grey-scale model's first layer (3×3 or smaller, or few outputs) is
+  a sum of the kernel's shifted views of the input, each times its taps (broadcast): 14× faster
+  for Fashion-MNIST's 28×28 images, 3×3, 1 → 16 at batch 256 (below, ``_one_input_channel``).
 * **Tiny outputs.** When a convolution has fewer output positions than kernel taps (VGG's 2×2
   stage: 2×2 output, 3×3 kernel, 512 → 512 channels) XLA's forward takes 860 ms where the same
   product as ``patches · w`` takes 12 ms; the input gradient follows (it is the transpose of
@@ -42,6 +45,12 @@ _CONTRACT_0 = (((0,), (0,)), ((), ()))
 _PLAIN_ONLY = contextvars.ContextVar("hypersparse_jax_plain_convolutions", default=False)
 
 
+def specialised() -> bool:
+  """Whether a call traced now gets the CPU specialisations here (the CPU backend, outside
+  :func:`plain_convolutions`)."""
+  return not _PLAIN_ONLY.get() and jax.default_backend() == "cpu"
+
+
 @contextlib.contextmanager
 def plain_convolutions():
   """Within this context :func:`conv_general_dilated` is ``lax.conv_general_dilated`` everywhere.
@@ -66,15 +75,31 @@ def _plain(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
-def _patches(x, kh, kw, strides, padding):
-  """The ``kh·kw`` shifted (strided) views of the padded input: ``(n·ho·wo, kh·kw·c)``."""
+def _views(x, kh, kw, strides, padding):
+  """The ``kh·kw`` shifted (strided) views of the padded input, each ``(n, ho, wo, c)``, in
+  the kernel's row-major tap order."""
   n, h, w, c = x.shape
   (sh, sw), (ph, pw) = strides, padding
   ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
   xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                     (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
+def _patches(x, kh, kw, strides, padding):
+  """The ``kh·kw`` shifted (strided) views of the padded input: ``(n·ho·wo, kh·kw·c)``."""
+  views = _views(x, kh, kw, strides, padding)
+  n, ho, wo, c = views[0].shape
   return jnp.stack(views, axis=3).reshape(n * ho * wo, kh * kw * c)
+
+
+def _one_input_channel(kh, kw, c, o):
+  """Whether the forward is a sum of shifted, broadcast products: one input channel (an
+  image model's first layer, grey-scale) and a small kernel. XLA:CPU's convolution is slow
+  there (Fashion-MNIST, batch 256, 28×28: 3×3, 1 → 16 in 12.7 ms, the products 0.9 ms; 3×3,
+  1 → 64: 39.9 / 18.4 ms; 5×5, 1 → 6: 7.8 / 0.7 ms), but not for a large tap count × outputs
+  (5×5, 1 → 20: 4.7 / 5.7 ms)."""
+  return c == 1 and (kh * kw <= 9 or kh * kw * o <= 256)
 
 
 def _forward(x, w, strides, padding):
@@ -88,6 +113,11 @@ def _forward(x, w, strides, padding):
     out = jnp.matmul(_patches(x, kh, kw, strides, padding), w.reshape(kh * kw * c, o),
                      preferred_element_type=jnp.float32)
     return out.reshape(n, ho, wo, o).astype(jnp.result_type(x, w))
+  if _one_input_channel(kh, kw, c, o):
+    taps = w.reshape(kh * kw, o).astype(jnp.float32)
+    out = sum(v.astype(jnp.float32) * taps[t] for t, v in
+              enumerate(_views(x, kh, kw, strides, padding)))
+    return out.astype(jnp.result_type(x, w))
   return _plain(x, w, strides, padding)
 
 
@@ -195,6 +225,52 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+NARROW_POOL_CHANNELS = 8  # the models pool layers this narrow with max_pool_2x2 on CPU
+
+
+def _pool_window(x):
+  # a Python -inf: lax then takes its max-pool primitive, whose gradient is select-and-scatter
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """2×2 max pooling with stride 2 over an NHWC ``x`` (odd sizes floored): the same values as
+  ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))`` and the same gradient (it goes to the
+  first maximum of each window, as ``lax.reduce_window``'s does), but the forward is the
+  elementwise maximum of four strided slices.
+
+  Why: XLA:CPU (JAX 0.10) runs a ``reduce_window`` fused with the convolution and ReLU before
+  it as a YNNPACK fusion that is slow for narrow layers: on Fashion-MNIST's 28×28 at batch
+  256, a 3×3 convolution to 2 channels, ReLU and the pool take 6.4–7.4 ms that way and 0.5 ms
+  with four slices. For wide layers the slices lose (LeNet-5's 20-channel conv1 stage, whole
+  model: 8.6 → 20 ms), so the models use this only up to :data:`NARROW_POOL_CHANNELS`
+  channels, on the CPU backend (:func:`specialised`); measured on whole models (2 cores,
+  batch 256, medians): a VGG-11 channel-pruned to 2-4-7-7-13-13-13-13 filters 11.6 → 5.1–5.9
+  ms, LeNet-5 pruned to 2-5 filters 10.0 → 3.8 ms, the dense quarter-width VGG-11 and LeNet-5
+  unchanged within the noise. On GPU/TPU and while exporting the models call Flax's pool.
+  """
+  n, h, w, c = x.shape
+  if h < 2 or w < 2:  # no whole window: an empty result, as Flax's
+    return jnp.zeros((n, h // 2, w // 2, c), x.dtype)
+  window = lambda i, j: lax.slice(x, (0, i, j, 0), (n, h - h % 2, w - w % 2, c),  # noqa: E731
+                                  (1, 2, 2, 1))
+  return jnp.maximum(jnp.maximum(window(0, 0), window(0, 1)),
+                     jnp.maximum(window(1, 0), window(1, 1)))
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, g):
+  _, vjp = jax.vjp(_pool_window, x)
+  return vjp(g)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
@@ -204,7 +280,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
-  if _PLAIN_ONLY.get() or jax.default_backend() != "cpu":  # cuDNN / TPU gradients are fast
+  if not specialised():  # cuDNN / TPU gradients are fast
     return plain()
   ones = lambda d: d is None or all(v == 1 for v in d)  # noqa: E731
   if lhs.ndim != 4 or dimension_numbers is None or (

@@ -62,6 +62,18 @@ _BN_EPSILON = 1e-5
 # (see hypersparse_jax.conv); the forward pass is lax's own.
 _Conv = functools.partial(nn.Conv, conv_general_dilated=conv_lib.conv_general_dilated)
 
+
+def _max_pool(x):
+    """2×2 max pooling, stride 2: on CPU, for narrow layers (at most
+    :data:`hypersparse_jax.conv.NARROW_POOL_CHANNELS` channels, as channel pruning leaves them),
+    :func:`hypersparse_jax.conv.max_pool_2x2` (same values and gradient, faster there);
+    otherwise, and while exporting, Flax's pool — with ``window_shape`` by keyword: jax2onnx
+    replaces ``nn.max_pool`` while it traces with a function whose ``window_shape`` is
+    keyword-only (a positional one fails there)."""
+    if conv_lib.specialised() and x.shape[-1] <= conv_lib.NARROW_POOL_CHANNELS:
+        return conv_lib.max_pool_2x2(x)
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))
 
@@ -327,9 +339,7 @@ class VGG(nn.Module):
             if v != "M":
                 v = next(widths)
             if v == "M":
-                # window_shape by keyword: jax2onnx replaces nn.max_pool while it traces with a
-                # function whose window_shape is keyword-only (a positional one fails there).
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+                x = _max_pool(x)
                 index += 1
                 continue
             x = _Conv(v, (3, 3), padding=_PAD1, use_bias=True, kernel_init=_he_fan_in,
@@ -432,7 +442,7 @@ class DigitsCNN(nn.Module):
                         name=f"conv{i}")(x)
             if self.batch_norm:
                 x = _batch_norm(f"bn{i}", train, self.dtype)(x)
-            x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+            x = _max_pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, kernel_init=_dense_init, bias_init=_zeros,
                         dtype=self.dtype, name="fc")(x)
@@ -508,7 +518,7 @@ class LeNet5(nn.Module):
         for i, width in enumerate(self.widths[:2], start=1):
             x = _Conv(width, (5, 5), padding="VALID", kernel_init=_he_fan_in, bias_init=_zeros,
                       dtype=self.dtype, name=f"conv{i}")(x)
-            x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+            x = _max_pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.widths[2], kernel_init=_he_fan_in, bias_init=_zeros,
                              dtype=self.dtype, name="fc1")(x))

@@ -27,6 +27,11 @@ NHWC = ("NHWC", "HWIO", "NHWC")
     ((2, 4, 4, 3), (3, 3, 3, 2), (2, 2), ((1, 1), (1, 1))),
     ((2, 1, 1, 3), (3, 3, 3, 2), (1, 1), "SAME"),
     ((2, 3, 3, 2), (3, 3, 2, 6), (1, 1), "VALID"),
+    # one input channel: a sum of shifted, broadcast products (3x3 and smaller, or few outputs)
+    ((3, 10, 10, 1), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 8, 1), (3, 3, 1, 3), (2, 2), "SAME"),
+    ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), "VALID"),
+    ((2, 6, 7, 1), (2, 1, 1, 5), (1, 2), ((0, 1), (1, 0))),
 ])
 def test_value_and_gradients_match_lax(shape, kernel, strides, padding):
   rng = np.random.default_rng(0)
@@ -36,7 +41,8 @@ def test_value_and_gradients_match_lax(shape, kernel, strides, padding):
       x, w, strides, padding, dimension_numbers=NHWC)))
   ref = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(  # noqa: E731
       x, w, strides, padding, dimension_numbers=NHWC)))
-  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
+  # one input channel sums the taps in another order: float32 rounding of 25 taps ≈ 1.4e-6
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5 if shape[-1] == 1 else 1e-6)
   for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
@@ -52,6 +58,47 @@ def test_tiny_outputs_use_a_matrix_product_and_others_keep_xla_forward():
   assert "conv_general_dilated" in large
   grad = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(fwd(jnp.ones((2, 8, 8, 4)), w))))(w))
   assert "dot_general" in grad
+
+
+def test_one_input_channel_uses_products_unless_the_kernel_is_large():
+  """A grey-scale first layer (3×3, or 5×5 with few outputs) runs without XLA:CPU's
+  convolution in the forward; LeNet-5's 5×5 → 20 keeps it."""
+  def forward_jaxpr(kh, o):
+    w = jnp.ones((kh, kh, 1, o))
+    return str(jax.make_jaxpr(lambda x: conv.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=NHWC))(jnp.ones((2, 12, 12, 1))))
+  assert "conv_general_dilated" not in forward_jaxpr(3, 64)
+  assert "conv_general_dilated" not in forward_jaxpr(5, 10)
+  assert "conv_general_dilated" in forward_jaxpr(5, 20)
+  with conv.plain_convolutions():
+    assert "conv_general_dilated" in forward_jaxpr(3, 4)
+
+
+def _numpy_pool(x):
+  """2×2, stride-2 max pooling in NumPy, odd sizes floored."""
+  n, h, w, c = x.shape
+  return x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 5, 2), (1, 1, 4, 1)])
+def test_max_pool_matches_numpy_and_flax_gradient(shape):
+  """Values against NumPy; the gradient against Flax's pool (``reduce_window``), on an input
+  with ties (small integers), where it must go to the same element of each window."""
+  rng = np.random.default_rng(4)
+  for x in (rng.standard_normal(shape), rng.integers(0, 3, shape)):
+    x = jnp.asarray(x, jnp.float32)
+    got = jax.jit(conv.max_pool_2x2)(x)
+    np.testing.assert_array_equal(got, _numpy_pool(np.asarray(x)))
+    dy = jnp.asarray(rng.standard_normal(got.shape), jnp.float32)
+    (gx,) = jax.jit(lambda x, dy: jax.vjp(conv.max_pool_2x2, x)[1](dy))(x, dy)
+    (want,) = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)[1](dy)
+    np.testing.assert_array_equal(gx, want)
+    # each window's gradient lands on one of its maxima
+    assert float(jnp.sum(gx)) == pytest.approx(float(jnp.sum(dy)), rel=1e-5)
+  xb = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  assert conv.max_pool_2x2(xb).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(conv.max_pool_2x2(xb).astype(jnp.float32),
+                                _numpy_pool(np.asarray(xb.astype(jnp.float32))))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 4), (2, 2, 2, 4)])

@@ -320,3 +320,36 @@ def test_create_model_builds_each_architecture():
 def test_create_model_errors(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         create_model(kwargs.pop("name"), **kwargs)
+
+
+@pytest.mark.parametrize("name,widths", [("vgg", (2, 4, 9, 7, 12, 5, 16, 8)),
+                                         ("lenet5", (3, 8, 20))])
+def test_narrow_models_on_cpu_equal_the_plain_xla_operations(name, widths):
+    """Channel-pruned widths take the CPU paths of :mod:`hypersparse_jax.conv` (a grey-scale
+    first layer as shifted products, pools of at most 8 channels as four slices); logits and
+    every parameter gradient equal those of ``lax.conv_general_dilated`` and Flax's pool."""
+    from hypersparse_jax import conv
+    model = (VGG(depth=11, widths=widths, batch_norm=True) if name == "vgg"
+             else LeNet5(widths=widths))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 28, 28, 1)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(1), x, train=False)
+
+    def loss(params):
+        return jnp.sum(jnp.sin(model.apply({**variables, "params": params}, x, train=False)))
+
+    def run():  # a new jit each call: traced (CPU paths or plain) where it is called
+        return (jax.jit(lambda x: model.apply(variables, x, train=False))(x),
+                jax.jit(jax.grad(loss))(variables["params"]))
+
+    def forward_jaxpr():
+        return str(jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(x))
+
+    assert "reduce_window" not in forward_jaxpr()
+    logits, grads = run()
+    with conv.plain_convolutions():
+        assert "reduce_window" in forward_jaxpr()
+        want_logits, want_grads = run()
+    scale = float(jnp.max(jnp.abs(want_logits)))
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5 * scale)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))))
