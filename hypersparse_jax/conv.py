@@ -8,9 +8,10 @@ Measured on XLA:CPU (JAX 0.10, 2 cores, batch 64, 3×3 kernels):
   stride 1, in an h-major layout ``(h, n, w, c)`` a shift by ``i`` rows is a contiguous slice, so
   ``dw[i, :] = xp[i:i+ho]ᵀ · [dy shifted by j = 0..kw-1]`` — ``kh`` products and no
   ``kh·kw``-fold patch matrix; strided convolutions use the stacked patches ``patchesᵀ · dy``.
-* **One input channel.** A grey-scale model's first layer (3×3 or smaller, or few outputs) is
-  a sum of the kernel's shifted views of the input, each times its taps (broadcast): 14× faster
-  for Fashion-MNIST's 28×28 images, 3×3, 1 → 16 at batch 256 (below, ``_one_input_channel``).
+* **Narrow layers.** A grey-scale first layer of at most 8 filters (channel pruning leaves
+  such layers) is a sum of the kernel's shifted views of the input, each times its taps
+  (broadcast), and the models pool layers of at most 8 channels with :func:`max_pool_2x2`:
+  XLA:CPU's convolution and YNNPACK pooling are slow there (``_one_input_channel``).
 * **Tiny outputs.** When a convolution has fewer output positions than kernel taps (VGG's 2×2
   stage: 2×2 output, 3×3 kernel, 512 → 512 channels) XLA's forward takes 860 ms where the same
   product as ``patches · w`` takes 12 ms; the input gradient follows (it is the transpose of
@@ -42,6 +43,9 @@ from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _CONTRACT_0 = (((0,), (0,)), ((), ()))
+# On CPU, layers this narrow pool with max_pool_2x2 (in the models) and, with one input
+# channel, convolve as shifted products (_one_input_channel).
+NARROW_POOL_CHANNELS = 8
 _PLAIN_ONLY = contextvars.ContextVar("hypersparse_jax_plain_convolutions", default=False)
 
 
@@ -94,12 +98,15 @@ def _patches(x, kh, kw, strides, padding):
 
 
 def _one_input_channel(kh, kw, c, o):
-  """Whether the forward is a sum of shifted, broadcast products: one input channel (an
-  image model's first layer, grey-scale) and a small kernel. XLA:CPU's convolution is slow
-  there (Fashion-MNIST, batch 256, 28×28: 3×3, 1 → 16 in 12.7 ms, the products 0.9 ms; 3×3,
-  1 → 64: 39.9 / 18.4 ms; 5×5, 1 → 6: 7.8 / 0.7 ms), but not for a large tap count × outputs
-  (5×5, 1 → 20: 4.7 / 5.7 ms)."""
-  return c == 1 and (kh * kw <= 9 or kh * kw * o <= 256)
+  """Whether the forward is a sum of shifted, broadcast products: one input channel (an image
+  model's first layer, grey-scale) and at most :data:`NARROW_POOL_CHANNELS` outputs, as channel
+  pruning leaves such layers. Alone, XLA:CPU's convolution is slow there (Fashion-MNIST, batch
+  256, 28×28: 3×3, 1 → 2 in 6.8 ms, the products 0.3 ms; 5×5, 1 → 6: 7.8 / 0.7 ms). Inside a
+  model it pays together with the narrow pool that follows (:func:`max_pool_2x2`); before
+  Flax's pool of a wider layer XLA fuses the products into its slow pooling (LeNet-5 with 10
+  conv1 filters: 16 → 58 ms), hence the same bound."""
+  del kh, kw
+  return c == 1 and o <= NARROW_POOL_CHANNELS
 
 
 def _forward(x, w, strides, padding):
@@ -225,9 +232,6 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-NARROW_POOL_CHANNELS = 8  # the models pool layers this narrow with max_pool_2x2 on CPU
-
-
 def _pool_window(x):
   # a Python -inf: lax then takes its max-pool primitive, whose gradient is select-and-scatter
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
@@ -245,10 +249,10 @@ def max_pool_2x2(x):
   256, a 3×3 convolution to 2 channels, ReLU and the pool take 6.4–7.4 ms that way and 0.5 ms
   with four slices. For wide layers the slices lose (LeNet-5's 20-channel conv1 stage, whole
   model: 8.6 → 20 ms), so the models use this only up to :data:`NARROW_POOL_CHANNELS`
-  channels, on the CPU backend (:func:`specialised`); measured on whole models (2 cores,
-  batch 256, medians): a VGG-11 channel-pruned to 2-4-7-7-13-13-13-13 filters 11.6 → 5.1–5.9
-  ms, LeNet-5 pruned to 2-5 filters 10.0 → 3.8 ms, the dense quarter-width VGG-11 and LeNet-5
-  unchanged within the noise. On GPU/TPU and while exporting the models call Flax's pool.
+  channels, on the CPU backend (:func:`specialised`). Whole models, against XLA's convolution
+  and Flax's pool throughout: ``benchmarks/bench_narrow_layers.py`` (VGG-11 pruned to
+  2-4-7-7-13-13-13-13 filters 2.5× faster; models wider than 8 everywhere take the same path).
+  On GPU/TPU and while exporting the models call Flax's pool.
   """
   n, h, w, c = x.shape
   if h < 2 or w < 2:  # no whole window: an empty result, as Flax's

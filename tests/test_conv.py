@@ -27,7 +27,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
     ((2, 4, 4, 3), (3, 3, 3, 2), (2, 2), ((1, 1), (1, 1))),
     ((2, 1, 1, 3), (3, 3, 3, 2), (1, 1), "SAME"),
     ((2, 3, 3, 2), (3, 3, 2, 6), (1, 1), "VALID"),
-    # one input channel: a sum of shifted, broadcast products (3x3 and smaller, or few outputs)
+    # one input channel, at most 8 outputs: a sum of shifted, broadcast products
     ((3, 10, 10, 1), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1))),
     ((2, 9, 8, 1), (3, 3, 1, 3), (2, 2), "SAME"),
     ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), "VALID"),
@@ -60,15 +60,17 @@ def test_tiny_outputs_use_a_matrix_product_and_others_keep_xla_forward():
   assert "dot_general" in grad
 
 
-def test_one_input_channel_uses_products_unless_the_kernel_is_large():
-  """A grey-scale first layer (3×3, or 5×5 with few outputs) runs without XLA:CPU's
-  convolution in the forward; LeNet-5's 5×5 → 20 keeps it."""
+def test_one_input_channel_uses_products_up_to_eight_outputs():
+  """A grey-scale first layer of at most 8 filters (as channel pruning leaves it) runs
+  without XLA:CPU's convolution in the forward; a wider one, or any inside
+  plain_convolutions, keeps it."""
   def forward_jaxpr(kh, o):
     w = jnp.ones((kh, kh, 1, o))
     return str(jax.make_jaxpr(lambda x: conv.conv_general_dilated(
         x, w, (1, 1), "VALID", dimension_numbers=NHWC))(jnp.ones((2, 12, 12, 1))))
-  assert "conv_general_dilated" not in forward_jaxpr(3, 64)
-  assert "conv_general_dilated" not in forward_jaxpr(5, 10)
+  assert "conv_general_dilated" not in forward_jaxpr(3, 8)
+  assert "conv_general_dilated" not in forward_jaxpr(5, 6)
+  assert "conv_general_dilated" in forward_jaxpr(3, 9)
   assert "conv_general_dilated" in forward_jaxpr(5, 20)
   with conv.plain_convolutions():
     assert "conv_general_dilated" in forward_jaxpr(3, 4)
