@@ -41,6 +41,12 @@ def span(values, fmt: str) -> str:
   return f"{format(min(values), fmt)}–{format(max(values), fmt)}"
 
 
+def span1(values, fmt: str) -> str:
+  """:func:`span`, or the one figure where ``lo`` and ``hi`` read the same."""
+  lo, hi = format(min(values), fmt), format(max(values), fmt)
+  return lo if lo == hi else f"{lo}–{hi}"
+
+
 def sci(x: float) -> str:
   """1.5e-6, as the READMEs write it (no zero-padded exponent)."""
   mantissa, exponent = f"{x:.1e}".split("e")
@@ -53,6 +59,15 @@ def pct(x: float, digits: int = 2) -> str:
 
 # Weight studies (benchmarks/study.py) name a run's sparsity ``target``; channel studies
 # (benchmarks/study_channels.py) name the fraction of channels ``fraction``.
+
+
+def loose(template: str) -> str:
+  """A pattern from a sentence written as it reads, with ``{}`` where a figure stands: each
+  ``{}`` captures (lazily), any run of white space matches any run (lines may wrap anywhere
+  a space is), the rest is literal. A template ends in literal text, which bounds its last
+  figure."""
+  words = lambda part: r"\s+".join(re.escape(w) for w in re.split(r"\s+", part))  # noqa: E731
+  return "(.+?)".join(words(part) for part in template.split("{}"))
 
 
 def cell(report, method, target, key="final_test_accuracy", field="target"):
@@ -261,6 +276,16 @@ def _channel_figures(r):
           *span_of(gradual_gain))
 
 
+LENET5_SPEED = (
+    "medians of {} interleaved repeats, batch 256, the machine otherwise idle): in onnxruntime "
+    "the filter methods' models run {} / {} / {}× faster than dense at 50 / 75 / 90 % (at 75 "
+    "and 90 % near onnxruntime's floor for this input), ART + group HyperSparse's {} / {} / {}×; "
+    "in XLA the slimmed LeNet-5 models run {}× (the library's narrow-layer path speeds up those "
+    "whose layers keep at most 8 channels, `benchmarks/results/narrow_layers.json`; XLA's "
+    "convolution gains little from the other narrowings), and the models with 90–99.5 % of "
+    "their weights zeroed run {}× in either engine.")
+
+
 def _channel_speed_figures(d):
   st = next(x for x in d["studies"]
             if os.path.normpath(x["study"]) == os.path.normpath(os.path.dirname(CHANNELS)))
@@ -305,6 +330,179 @@ def _channel_uniform_figures(r):
                                                    max(d("gmp_filter", 0.5)))),
           "every seed" if max(d("gmp_filter", 0.75) + d("gmp_filter", 0.9)) < 0 else "not always",
           *behind(0.75), *behind(0.9))
+
+
+VGG_CHANNELS = os.path.join(RESULTS, "channels_fashion_mnist_vgg11_w0.25", "study.json")
+_FILTERS = ("l1_filter", "gmp_filter")
+
+
+def _filter_flops(r, x):
+  """The filter methods' FLOPs kept at fraction ``x`` (%, one decimal): the same architecture
+  on every seed, so one figure; 'differ' otherwise."""
+  v = {f"{f:.1f}" for m in _FILTERS for f in _flops_pct(r, m, x)}
+  return v.pop() if len(v) == 1 else "differ"
+
+
+# The VGG-11 paragraphs, as they read in the README with ``{}`` for each figure (see loose).
+VGG_HEAD = (
+    "a quarter-width VGG-11 with BatchNorm, {} prunable filters, the LeNet-5 study's schedule, "
+    "3 seeds, final fine-tune epoch, {} min on 2 loaded cores; dense {} %).")
+VGG_ACCURACY = (
+    "global threshold takes filters from every layer (at 90 % it keeps {}–{} per layer) and "
+    "keeps {}–{} / {}–{} / {}–{} % of the FLOPs at 50 / 75 / 90 %, against the filter methods' "
+    "{} / {} / {} %. It is the {} accurate at 75 and 90 % ({} / {} %): ahead of gradual filter "
+    "pruning on {} at 75 % ({} to {} points) and on {} at 90 % ({} to {}), and of one-shot "
+    "filter pruning, ART + group L1, its per-layer variant and network slimming on {} (by at "
+    "least {} points). At 50 % ({} %) it is ahead of gradual filter pruning on {} ({} to {}); "
+    "network slimming reaches {} % there but keeps {}–{} % of the FLOPs.")
+VGG_MORE = (
+    "Like for like (`--distribution uniform`, the filter methods' architectures), ART + group "
+    "HyperSparse reaches {} / {} / {} %: ahead of one-shot filter pruning on {} (by {}–{} "
+    "points), behind gradual filter pruning on {} at 75 and 90 % (by {}–{} and {}–{}) and ahead "
+    "of it on {} at 50 % ({} to {}). As on LeNet-5, at equal size gradual pruning with the same "
+    "18 epochs chooses the filters as well or better; what the global threshold over "
+    "normalised magnitudes changes is where the filters go: at 90 % it keeps {}–{}× the filter methods' FLOPs "
+    "with {}–{}× their parameters, {}. Network slimming (L1 on the BatchNorm scales, λ "
+    "scaled to the total pull of Liu et al.'s schedule, then their one threshold on the raw "
+    "scales) thins the later layers instead: at 75 % it leaves one-channel layers on {} "
+    "(widths {} on seed 0) and reaches {}–{} %; at 90 % its network is dead on {} (10.00 %, "
+    "chance on ten classes; widths {} on seed 0). ART regularised up to its 12-epoch cap in {} "
+    "of its {} VGG-11 runs.")
+
+_signed = lambda v: f"{v:.2f}".replace("-", "\u2212")  # noqa: E731  (a minus sign, as written)
+
+
+def _narrow_figures(d):
+  """bench_narrow_layers.py: the speed-ups of the models with a layer of at most 8 channels
+  (first and last such width per model, their ratio span) and the ratios of the others."""
+  narrow = lambda row: min(row["widths"]) <= 8  # noqa: E731
+  out = []
+  for model in ("lenet5", "vgg11"):
+    rows = [row for row in d["results"] if row["model"] == model and narrow(row)]
+    out += ["-".join(map(str, rows[0]["widths"])), "-".join(map(str, rows[-1]["widths"])),
+            *span([row["ratio"] for row in rows], ".2f").split("–")]
+  return (*out, *span([row["ratio"] for row in d["results"] if not narrow(row)],
+                      ".2f").split("–"))
+
+
+def _vgg_head_figures(r):
+  """The prunable filters (kept + removed of any run), wall time and dense accuracy."""
+  run = next(q for q in r["runs"] if "channels_kept" in q)
+  kept = sum(run["channels_kept"].values())
+  return (str(round(kept / (1 - run["channel_sparsity_achieved"]))),
+          f"{r['wall_time'] / 60:.1f}", f"{100 * _chmean(r, 'dense', 0.0):.2f}")
+
+
+def _vgg_channel_figures(r):
+  """VGG-11's channel study: where ART + group HyperSparse's filters go, its accuracy against
+  the filter methods and the others (first paragraph)."""
+  hs = "art_hypersparse"
+  d = lambda m, x: _chdiff(r, m, x)  # noqa: E731
+  widths90 = [w for s in seeds_of(r) for w in _ch(r, hs, 0.9, s, "slim_model")["widths"]]
+  rest = [v for x in (0.75, 0.9)
+          for m in ("l1_filter", "art_l1", "art_hypersparse_uniform", "slimming") for v in d(m, x)]
+  others = lambda x: max(_chmean(r, m, x) for m in LABELS_CH if m != hs)  # noqa: E731
+  most = all(_chmean(r, hs, x) > others(x) for x in (0.75, 0.9))
+  g = lambda x: (seeds_ahead(d("gmp_filter", x)), _signed(min(d("gmp_filter", x))),  # noqa: E731
+                 _signed(max(d("gmp_filter", x))))
+  return (str(min(widths90)), str(max(widths90)),
+          *(v for x in (0.5, 0.75, 0.9) for v in span(_flops_pct(r, hs, x), ".1f").split("–")),
+          *(_filter_flops(r, x) for x in (0.5, 0.75, 0.9)),
+          "most" if most else "not the most",
+          f"{100 * _chmean(r, hs, 0.75):.2f}", f"{100 * _chmean(r, hs, 0.9):.2f}",
+          *g(0.75), *g(0.9),
+          "every seed at both fractions" if min(rest) > 0 else "not always", f"{min(rest):.2f}",
+          f"{100 * _chmean(r, hs, 0.5):.2f}", *g(0.5),
+          f"{100 * _chmean(r, 'slimming', 0.5):.2f}",
+          *span(_flops_pct(r, "slimming", 0.5), ".1f").split("–"))
+
+
+LABELS_CH = ("art_hypersparse", "art_l1", "art_hypersparse_uniform", "l1_filter", "gmp_filter",
+             "slimming")
+
+
+def _vgg_spread(r, hs="art_hypersparse", ref="gmp_filter", x=0.9):
+  """How ART + group HyperSparse spreads its filters at ``x`` against the filter methods'
+  architecture, on every seed: more in the first two layers and fewer in the last four."""
+  first = last = True
+  for s in seeds_of(r):
+    a, b = _ch(r, hs, x, s, "slim_model")["widths"], _ch(r, ref, x, s, "slim_model")["widths"]
+    first &= all(p > q for p, q in zip(a[:2], b[:2]))
+    last &= sum(a[-4:]) < sum(b[-4:])
+  return ("more filters in the first two layers, where the feature maps are largest, and fewer "
+          "in the last four" if first and last else "spread differently")
+
+
+def _vgg_slimming_figures(r):
+  """Network slimming on VGG-11 (benchmarks README)."""
+  acc = lambda x: [100 * _ch(r, "slimming", x, s) for s in seeds_of(r)]  # noqa: E731
+  best = _chmean(r, "slimming", 0.5) >= max(_chmean(r, m, 0.5) for m in LABELS_CH)
+  return (*span_of(acc(0.75)), "every seed" if max(acc(0.9)) <= 10 else "not every seed",
+          f"{max(acc(0.9)):.2f}", "most" if best else "not the most",
+          f"{100 * _chmean(r, 'slimming', 0.5):.2f}",
+          *span(_flops_pct(r, "slimming", 0.5), ".1f").split("–"))
+
+
+def _vgg_channel_more_figures(r):
+  """VGG-11: the per-layer variant against the filter methods, ART's FLOPs against theirs at
+  90 %, network slimming's collapse and ART's stop reasons (second paragraph)."""
+  u, hs = "art_hypersparse_uniform", "art_hypersparse"
+  du = lambda m, x: _chdiff(r, m, x, base=u)  # noqa: E731
+  one_shot = [v for x in (0.5, 0.75, 0.9) for v in du("l1_filter", x)]
+  behind = [-v for x in (0.75, 0.9) for v in du("gmp_filter", x)]
+  ratio = lambda key: [_ch(r, hs, 0.9, s, key) / _ch(r, "gmp_filter", 0.9, s, key)  # noqa: E731
+                       for s in seeds_of(r)]
+  slim = lambda x: [_ch(r, "slimming", x, s) for s in seeds_of(r)]  # noqa: E731
+  one_channel = lambda x: all(  # noqa: E731
+      min(_ch(r, "slimming", x, s, "slim_model")["widths"]) == 1 for s in seeds_of(r))
+  w = lambda x: "-".join(map(str, _ch(r, "slimming", x, 0, "slim_model")["widths"]))  # noqa: E731
+  art = [q for q in r["runs"] if q["method"] in (hs, "art_l1", u)]
+  return (*(f"{100 * _chmean(r, u, x):.2f}" for x in (0.5, 0.75, 0.9)),
+          "every seed at every fraction" if min(one_shot) > 0 else "not always",
+          *span_of(one_shot),
+          "every seed" if min(behind) > 0 else "not always",
+          *span_of([-v for v in du("gmp_filter", 0.75)]),
+          *span_of([-v for v in du("gmp_filter", 0.9)]),
+          seeds_ahead(du("gmp_filter", 0.5)), _signed(min(du("gmp_filter", 0.5))),
+          _signed(max(du("gmp_filter", 0.5))),
+          *span(ratio("flops_slim"), ".1f").split("–"),
+          *span(ratio("params_slim"), ".2f").split("–"), _vgg_spread(r),
+          "every seed" if one_channel(0.75) else "not every seed", w(0.75),
+          *span_of([100 * v for v in slim(0.75)]),
+          "every seed" if max(slim(0.9)) <= 0.1 else "not every seed", w(0.9),
+          str(sum(q["stop_reason"] == "max_epochs" for q in art)), str(len(art)))
+
+
+VGG_SPEED = (
+    "batch 256), in onnxruntime the trained VGG-11 models of the filter methods run {} / {} / {}× "
+    "faster than dense at 50 / 75 / 90 % and ART + group HyperSparse's {} / {} / {}×; in XLA {} / "
+    "{} / {}× and {} / {} / {}×. Network slimming's 50 % models, which keep {}–{} % of the FLOPs, "
+    "run {}× in onnxruntime: at 50 % the FLOPs do not predict the time. Per unit of measured "
+    "speed ART + group HyperSparse is not ahead on VGG-11 either: gradual filter pruning at 75 % "
+    "({} %, {}× in onnxruntime) is {} points behind ART + group HyperSparse at 75 % ({} %, {}×) "
+    "and {} accurate than it at 90 % ({} %, {}×).")
+
+
+def _vgg_speed_figures(d):
+  study = os.path.dirname(VGG_CHANNELS)
+  f = lambda m, x, e: _trained_speeds(d, m, x, engine=e, study=study)  # noqa: E731
+  one = lambda v: f"{v[0]:.2f}" if len({round(x, 2) for x in v}) == 1 else "differ"  # noqa: E731
+  with open(os.path.join(ROOT, VGG_CHANNELS), encoding="utf-8") as fh:
+    r = json.load(fh)
+  fr = (0.5, 0.75, 0.9)
+  hs, g = "art_hypersparse", "gmp_filter"
+  ort = lambda m, x: f(m, x, "onnxruntime")  # noqa: E731
+  return (*(one(ort("l1_filter", x) + ort(g, x)) for x in fr),
+          *(span1(ort(hs, x), ".2f") for x in fr),
+          *(one(f("l1_filter", x, "xla") + f(g, x, "xla")) for x in fr),
+          *(span1(f(hs, x, "xla"), ".2f") for x in fr),
+          *span(_flops_pct(r, "slimming", 0.5), ".1f").split("–"),
+          span1(ort("slimming", 0.5), ".2f"),
+          f"{100 * _chmean(r, g, 0.75):.2f}", one(ort(g, 0.75)),
+          f"{100 * (_chmean(r, hs, 0.75) - _chmean(r, g, 0.75)):.2f}",
+          f"{100 * _chmean(r, hs, 0.75):.2f}", span1(ort(hs, 0.75), ".2f"),
+          "more" if _chmean(r, g, 0.75) > _chmean(r, hs, 0.9) else "less",
+          f"{100 * _chmean(r, hs, 0.9):.2f}", span1(ort(hs, 0.9), ".2f"))
 
 
 FIGURES: List[Figure] = [
@@ -426,11 +624,11 @@ FIGURES: List[Figure] = [
            r"([\d,]+)\s+parameters\) runs ([\d.]+)× faster in onnxruntime at batch 256 but only "
            r"([\d.]+)× in XLA", R("slim_speed.json"),
            lambda d: _slim_figures(d)),
-    Figure(README, r"with XLA's own convolution throughout\s+\(`xla_lax`\) VGG-11 at 90 % runs ([\d.]+)× "
-           r"and\s+LeNet-5 at 90 % ([\d.]+)×", R("slim_speed.json"),
+    Figure(README, loose("with XLA's own convolution and pooling throughout (`xla_lax`) VGG-11 at "
+                         "90 % runs {}× and LeNet-5 at 90 % {}× faster."), R("slim_speed.json"),
            lambda d: tuple(f"{_slim_variant(d, m, 'channels_90')['xla_lax']['batch_256']['speedup_vs_dense']:.2f}"
                            for m in ("vgg11", "lenet5"))),
-    Figure(BENCH, r"one process \((\d+) repeats; medians\)", R("slim_speed.json"),
+    Figure(BENCH, r"one\s+process \((\d+) repeats; medians\)", R("slim_speed.json"),
            lambda d: (str(d["repeats"]),)),
     Figure(README, r"\*weights\* zeroed \(the paper's unstructured sparsity\) read ([\d.]+)–([\d.]+)× "
            r"of dense", R("slim_speed.json"),
@@ -580,11 +778,7 @@ FIGURES: List[Figure] = [
            r"filter pruning on\s+(\w+)\. Gradual filter pruning.*?beats\s+its one-shot form on "
            r"(every seed at every fraction) \(by ([\d.]+)–([\d.]+) points\)",
            CHANNELS, _channel_figures),
-    Figure(README, r"medians of (\d+) interleaved repeats, batch 256, idle machine at the start\): "
-           r"in onnxruntime the\s+filter methods' models run ([\d.]+) / ([\d.]+) / ([\d.]+)× faster "
-           r"than dense at 50 / 75 / 90 %, ART \+ group\s+HyperSparse's ([\d.–]+) / ([\d.–]+) / "
-           r"([\d.–]+)×; in XLA every slimmed LeNet-5 runs\s+([\d.–]+)× .*?zeroed run "
-           r"([\d.–]+)× in either engine", R("slim_speed_trained.json"), _channel_speed_figures),
+    Figure(README, loose(LENET5_SPEED), R("slim_speed_trained.json"), _channel_speed_figures),
     Figure(BENCH, r"3 seeds, ([\d.]+) min of study\s+wall time on 2 loaded cores.*?models keep\s+"
            r"([\d.]+)–([\d.]+)× the FLOPs of the filter methods' at 50 and 75 %", CHANNELS,
            lambda r: (f"{r['wall_time'] / 60:.1f}", *span(
@@ -598,10 +792,36 @@ FIGURES: List[Figure] = [
            r"with the same 18 epochs: ahead on (.+?) at 50 %\s+\(([−\d.]+) to ([−\d.]+)\), behind "
            r"on (every seed) at 75 and 90 % \(by ([\d.]+)–([\d.]+) and ([\d.]+)–([\d.]+)\)",
            CHANNELS, _channel_uniform_figures),
-    Figure(README, r"gradual filter pruning at 50 % \(([\d.]+) %, ([\d.]+)×\)\s+is (\w+) accurate than "
-           r"ART \+ group HyperSparse at 75 % \(([\d.]+) %\) and faster on (.+?)\.",
-           R("slim_speed_trained.json"),
-           _channel_per_speed),
+    Figure(BENCH, loose("library's paths run LeNet-5 at {} to {} filters {}–{}× faster and VGG-11 at "
+                        "{} to {} {}–{}× faster; models whose layers are all wider than 8 run the "
+                        "same program both ways and read {}–{} (the noise band)."),
+           R("narrow_layers.json"), _narrow_figures),
+    # --- channel pruning on Fashion-MNIST, VGG-11 ----------------------------------------------
+    Figure(README, loose(VGG_HEAD), VGG_CHANNELS, _vgg_head_figures),
+    Figure(BENCH, loose("filters, all {} prunable; the output layer is never pruned), the LeNet-5 "
+                        "study's schedule (3 warm-up epochs, ART at most 12, 3 fine-tune epochs, "
+                        "SGD at 0.05, no augmentation) with its own dense runs ({} / {} / {} % "
+                        "for seeds 0 / 1 / 2), 50 / 75 / 90 % of the filters, 3 seeds, {} runs."),
+           VGG_CHANNELS, lambda r: (_vgg_head_figures(r)[0], *(
+               f"{100 * _ch(r, 'dense', 0.0, s):.2f}" for s in (0, 1, 2)), str(len(r["runs"])))),
+    Figure(BENCH, loose("`study.json` records {} min over the sittings that finished runs."),
+           VGG_CHANNELS, lambda r: (f"{r['wall_time'] / 60:.1f}",)),
+    # the lost sitting's log figures equal the rerun's, which study.json holds
+    Figure(BENCH, loose("as the lost sitting's log (at 75 / 90 %: ART + group HyperSparse {} / {} "
+                        "%, gradual filter pruning {} / {} %, network slimming {} / {} %)."),
+           VGG_CHANNELS, lambda r: tuple(f"{100 * _ch(r, m, x, 2):.2f}" for m in (
+               "art_hypersparse", "gmp_filter", "slimming") for x in (0.75, 0.9))),
+    Figure(BENCH, loose("ART regularised up to its 12-epoch cap in {} of its {} runs"),
+           VGG_CHANNELS, lambda r: _vgg_channel_more_figures(r)[-2:]),
+    Figure(BENCH, loose("and reaches {}–{} %; at 90 % the network is dead on {} ({} %, chance). "
+                        "At 50 % it is the {} accurate method ({} %), with {}–{} % of the FLOPs "
+                        "kept."), VGG_CHANNELS, _vgg_slimming_figures),
+    Figure(README, loose(VGG_ACCURACY), VGG_CHANNELS, _vgg_channel_figures),
+    Figure(README, loose(VGG_MORE), VGG_CHANNELS, _vgg_channel_more_figures),
+    Figure(README, loose(VGG_SPEED), R("slim_speed_trained.json"), _vgg_speed_figures),
+    Figure(README, loose("gradual filter pruning at 50 % ({} %, {}×) is {} accurate than ART + "
+                         "group HyperSparse at 75 % ({} %) and faster on {}."),
+           R("slim_speed_trained.json"), _channel_per_speed),
 ]
 
 
@@ -617,6 +837,10 @@ TABLES = [
     (README, "benchmarks/results/channels_fashion_mnist_lenet5/study.md",
      "| method | 50 % of channels"),
     (README, "benchmarks/results/channels_fashion_mnist_lenet5/study.md", "| method | 50 %: FLOPs"),
+    (README, "benchmarks/results/channels_fashion_mnist_vgg11_w0.25/study.md",
+     "| method | 50 % of channels"),
+    (README, "benchmarks/results/channels_fashion_mnist_vgg11_w0.25/study.md",
+     "| method | 50 %: FLOPs"),
 ]
 
 

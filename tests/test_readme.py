@@ -109,3 +109,16 @@ def test_table_check_fails_on_an_edited_row_or_a_missing_image():
   problems = checker.check({**docs, "README.md": moved})
   assert problems == ["README.md: image benchmarks/results/study_fashion_mnist_lenet5/gone.png "
                       "does not exist"], problems
+
+
+def test_loose_template_matches_wrapped_text_and_captures_each_figure():
+  """A sentence template ({} per figure) found in text wrapped at other spaces, with its
+  figures captured in order; literal text (brackets, dots, ×) must match exactly."""
+  loose = _figure_checker().loose
+  pattern = loose("keeps {}–{} % of the FLOPs (at 90 %), {}× faster on {}.")
+  text = "It keeps 2.2–2.9 %\nof the  FLOPs (at 90\n%), 4.10× faster on two seeds of\nthree."
+  m = re.search(pattern, text, re.S)
+  assert m is not None
+  assert [" ".join(g.split()) for g in m.groups()] == ["2.2", "2.9", "4.10", "two seeds of three"]
+  assert re.search(pattern, text.replace("(at 90", "[at 90"), re.S) is None
+  assert re.search(pattern, text.replace("4.10×", "4.10x"), re.S) is None

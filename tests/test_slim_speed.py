@@ -92,6 +92,14 @@ def test_accuracy_axis_leaves_collapsed_runs_on_its_edge():
   assert bench.y_floor([10.0, 10.0], 92.4) is None  # nothing left to scale the axis to
 
 
+def test_collapsed_runs_of_one_fraction_share_one_label():
+  """Hand-worked labels: three runs at chance read as one, two that differ list both."""
+  bench = _bench()
+  assert bench.collapsed_label(0.9, [0.1, 0.1, 0.1]) == "90 %: 10.0 % (3 runs)"
+  assert bench.collapsed_label(0.75, [0.7723, 0.6218]) == "75 %: 62.2 / 77.2 %"
+  assert bench.collapsed_label(0.75, [0.6218]) == "75 %: 62.2 %"
+
+
 def test_from_study_without_slim_models_says_so(tmp_path):
   bench = _bench()
   (tmp_path / "study.json").write_text(json.dumps(
