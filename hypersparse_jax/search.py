@@ -760,9 +760,12 @@ def _report(study, args, outdir, optuna) -> bool:
   """Writes the outputs (when trials ran) and prints what happened to the study's trials and
   the best one; False when no trial completed."""
   trials = study.get_trials(deepcopy=False)
-  if not os.path.exists(os.path.join(outdir, "trials.csv")) or _outputs_stale(study, outdir):
+  complete = any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+  if (not os.path.exists(os.path.join(outdir, "trials.csv")) or _outputs_stale(study, outdir)
+      or (complete and not os.path.exists(os.path.join(outdir, "best.json")))):
+    # the last case: another worker has written trials.csv and not yet best.json
     best = _write_outputs(study, outdir, optuna)
-  elif os.path.exists(os.path.join(outdir, "best.json")):
+  elif complete:
     with open(os.path.join(outdir, "best.json")) as f:
       best = json.load(f)
   else:

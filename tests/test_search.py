@@ -175,6 +175,23 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path, env, space_file):
   _assert_outputs_match_study(outdir, study)
 
 
+def test_report_between_another_workers_two_output_files(tmp_path, capsys):
+  """The race behind a two-worker failure under load: worker A has written trials.csv and not
+  yet best.json when worker B reports. B must not say 'no trial completed' (exit 1); it writes
+  best.json itself, from the study."""
+  study = optuna.create_study(direction="maximize")
+  study.add_trial(optuna.trial.create_trial(
+      params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
+      value=0.75, user_attrs={"test_accuracy": 0.7}))
+  outdir = str(tmp_path)
+  search._write_outputs(study, outdir, optuna)
+  os.remove(os.path.join(outdir, "best.json"))  # A's second file not there yet
+  assert search._report(study, None, outdir, optuna) is True  # (_report reads no args)
+  assert "best trial 0: validation accuracy 0.7500, test accuracy 0.7000" in capsys.readouterr().out
+  with open(os.path.join(outdir, "best.json")) as f:
+    assert json.load(f)["value"] == 0.75
+
+
 def test_resume_after_sigkill_runs_only_the_missing_trials(tmp_path, env, space_file):
   outdir = tmp_path / "study"
   cmd = _command(outdir, space_file, 2, "--heartbeat", "1", "--pruner", "none")
