@@ -292,7 +292,7 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
   studies = result["studies"]
   engines = [e for e in engines if any(e in v for s in studies for v in s["variants"].values())]
   fig, axes = plt.subplots(len(studies), len(engines), squeeze=False,
-                           figsize=(5.5 * len(engines), 4 * len(studies)))
+                           figsize=(5.5 * len(engines) + 3.5, 4 * len(studies)))
   colors = {"art_hypersparse": "C0", "art_l1": "C1", "art_hypersparse_uniform": "C9",
             "l1_filter": "C2", "gmp_filter": "C4",
             "slimming": "C5"}
@@ -315,11 +315,12 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
           ax.scatter([speed(r["arch"])], [floor], marker="v", s=30, color=color, clip_on=False,
                      zorder=3, label=label if len(low) == len(rs) else None)
           label = label if len(low) < len(rs) else None
-        for frac in sorted({r["fraction"] for r in low}):  # one label per fraction's runs
+        # one label per fraction's runs, stacked so that neighbouring fractions' do not overlap
+        for k, frac in enumerate(sorted({r["fraction"] for r in low})):
           fr = [r for r in low if r["fraction"] == frac]
           ax.annotate(collapsed_label(frac, [r["final_test_accuracy"] for r in fr]),
-                      (min(speed(r["arch"]) for r in fr), floor), fontsize=6, xytext=(2, 3),
-                      textcoords="offset points", color=color)
+                      (min(speed(r["arch"]) for r in fr), floor), fontsize=6,
+                      xytext=(2, 4 + 8 * k), textcoords="offset points", color=color)
         for frac in sorted({r["fraction"] for r in rs}):
           fr = [r for r in rs if r["fraction"] == frac]
           acc = np.array([100 * r["final_test_accuracy"] for r in fr])
@@ -358,7 +359,8 @@ def plot_tradeoff(result, path, engines=("xla", "onnxruntime"), batch="batch_256
       ax.set_ylabel("final test accuracy (%)")
       width = "" if s["width"] == 1 else f" (width {s['width']:g})"
       ax.set_title(f"{s['model']}{s['depth'] or ''}{width}: {engine}", fontsize=10)
-      ax.legend(fontsize=7)
+    # one legend per row, beside its last panel, so that it covers no point
+    row[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
