@@ -372,6 +372,30 @@ VGG_MORE = (
 _signed = lambda v: f"{v:.2f}".replace("-", "\u2212")  # noqa: E731  (a minus sign, as written)
 
 
+def _widths_figures(d):
+  """bench_slim_widths.py: odd against multiple-of-8 widths."""
+  v = d["variants"]
+  ms = lambda k, e: v[k][e]["batch_256"]["median_ms"]  # noqa: E731
+  ratio = lambda a, b, e: f"{ms(a, e) / ms(b, e):.2f}"  # noqa: E731
+  return (ratio("filters_50_minus1", "filters_50", "onnxruntime"),
+          ratio("filters_50_minus1", "filters_50", "xla"),
+          ratio("art_hypersparse_50", "art_hypersparse_50_up8", "onnxruntime"),
+          f"{100 * (v['art_hypersparse_50_up8']['flops'] / v['art_hypersparse_50']['flops'] - 1):.0f}")
+
+
+def _widths_bench_figures(d):
+  """bench_slim_widths.py, as the benchmarks README words it."""
+  v = d["variants"]
+  ms = lambda k, e: v[k][e]["batch_256"]["median_ms"]  # noqa: E731
+  up = lambda k, e: ms(k, e) / ms(k + "_up8", e)  # noqa: E731
+  more = lambda k: f"{100 * (v[k + '_up8']['flops'] / v[k]['flops'] - 1):.0f}"  # noqa: E731
+  return (f"{ms('filters_50_minus1', 'onnxruntime') / ms('filters_50', 'onnxruntime'):.2f}",
+          f"{up('art_hypersparse_50', 'onnxruntime'):.2f}", f"{up('slimming_50', 'onnxruntime'):.2f}",
+          more("art_hypersparse_50"), more("slimming_50"),
+          f"{ms('filters_50_minus1', 'xla') / ms('filters_50', 'xla'):.2f}",
+          *span([up("art_hypersparse_50", "xla"), up("slimming_50", "xla")], ".2f").split("–"))
+
+
 def _narrow_figures(d):
   """bench_narrow_layers.py: the speed-ups of the models with a layer of at most 8 channels
   (first and last such width per model, their ratio span) and the ratios of the others."""
@@ -477,7 +501,8 @@ VGG_SPEED = (
     "batch 256), in onnxruntime the trained VGG-11 models of the filter methods run {} / {} / {}× "
     "faster than dense at 50 / 75 / 90 % and ART + group HyperSparse's {} / {} / {}×; in XLA {} / "
     "{} / {}× and {} / {} / {}×. Network slimming's 50 % models, which keep {}–{} % of the FLOPs, "
-    "run {}× in onnxruntime: at 50 % the FLOPs do not predict the time. Per unit of measured "
+    "run {}× in onnxruntime: at 50 % the FLOPs do not predict the time (odd widths are slow: "
+    "`multiple_of` under channel pruning above). Per unit of measured "
     "speed ART + group HyperSparse is not ahead on VGG-11 either: gradual filter pruning at 75 % "
     "({} %, {}× in onnxruntime) is {} points behind ART + group HyperSparse at 75 % ({} %, {}×) "
     "and {} accurate than it at 90 % ({} %, {}×).")
@@ -796,6 +821,14 @@ FIGURES: List[Figure] = [
                         "{} to {} {}–{}× faster; models whose layers are all wider than 8 run the "
                         "same program both ways and read {}–{} (the noise band)."),
            R("narrow_layers.json"), _narrow_figures),
+    Figure(README, loose("7-15-31-31-63-63-63-63 filters takes {}× the time of 8-16-32-32-64-64-64-64 "
+                         "in onnxruntime and {}× in XLA; ART + group HyperSparse's 50 % widths "
+                         "rounded up run {}× faster in onnxruntime with {} % more FLOPs)."),
+           R("slim_widths.json"), _widths_figures),
+    Figure(BENCH, loose("one filter fewer per layer takes {}× the time, and the ART and slimming "
+                        "models rounded up run {}× and {}× faster with {} % and {} % more FLOPs; "
+                        "XLA shows it less ({}× for the filter widths, {}–{}× for the others)."),
+           R("slim_widths.json"), _widths_bench_figures),
     # --- channel pruning on Fashion-MNIST, VGG-11 ----------------------------------------------
     Figure(README, loose(VGG_HEAD), VGG_CHANNELS, _vgg_head_figures),
     Figure(BENCH, loose("filters, all {} prunable; the output layer is never pruned), the LeNet-5 "

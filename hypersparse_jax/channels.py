@@ -232,21 +232,50 @@ def _keep(mags, sparsity, distribution="global"):
   return keeps, t
 
 
-def _checked_keep(params, sparsity, groups, where, normalized, distribution):
+def check_multiple_of(multiple_of):
+  """Returns ``multiple_of`` (None or a positive int), else raises ValueError naming it."""
+  if multiple_of is not None and (isinstance(multiple_of, bool) or not isinstance(
+      multiple_of, (int, np.integer)) or multiple_of < 1):
+    raise ValueError(f"multiple_of must be None or a positive integer (e.g. 8), got "
+                     f"{multiple_of!r}")
+  return None if multiple_of is None else int(multiple_of)
+
+
+def _round_keep(keeps, mags, multiple_of):
+  """Each group's kept count ``k`` raised to ``min(n, ⌈k / multiple_of⌉·multiple_of)``: the
+  kept channels stay, and the largest removed ones (the lower index first among equals) come
+  back until the count is reached."""
+  out = []
+  for keep, m in zip(keeps, mags):
+    n = int(m.shape[0])
+    k = jnp.sum(keep.astype(jnp.int32))
+    target = jnp.minimum(n, -(-k // multiple_of) * multiple_of)
+    order = jnp.argsort(-jnp.where(keep, jnp.inf, m), stable=True)
+    rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    out.append(rank < target)
+  return out
+
+
+def _checked_keep(params, sparsity, groups, where, normalized, distribution, multiple_of=None):
   """The argument checks of the public selections, then ``(groups, keep vectors)``."""
   sparsity = masking.check_sparsity(sparsity)
   check_distribution(distribution)
+  multiple_of = check_multiple_of(multiple_of)
   groups = _select_groups(params, groups, where)
   _check_finite(params, groups)
-  keeps, _ = _keep(channel_magnitudes(params, groups=groups, normalized=normalized), sparsity,
-                   distribution)
+  mags = channel_magnitudes(params, groups=groups, normalized=normalized)
+  keeps, _ = _keep(mags, sparsity, distribution)
+  if multiple_of is not None:
+    keeps = _round_keep(keeps, mags, multiple_of)
   return groups, keeps
 
 
 def channel_keep(params, sparsity: float, *, groups=None, where=None,
-                 normalized: bool = True, distribution: str = "global") -> dict:
+                 normalized: bool = True, distribution: str = "global",
+                 multiple_of: Optional[int] = None) -> dict:
   """``{group name: bool vector}`` of the channels :func:`channel_mask` keeps."""
-  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution)
+  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution,
+                                multiple_of)
   return {g.name: k for g, k in zip(groups, keeps)}
 
 
@@ -283,7 +312,7 @@ def _check_finite(params, groups):
 
 
 def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized: bool = True,
-                 distribution: str = "global"):
+                 distribution: str = "global", multiple_of: Optional[int] = None):
   """Channel pruning mask, shaped like ``params`` (see the module doc).
 
   Args:
@@ -298,6 +327,12 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
       its largest channel.
     distribution: ``'global'`` (default: one threshold over all prunable channels) or
       ``'uniform'`` (every layer loses ``floor(κ·n_l)`` of its ``n_l`` channels).
+    multiple_of: None (default: the selection above, exactly) or a positive integer: every
+      layer's kept count rounded up to a multiple of it (or to the whole layer), its largest
+      removed channels coming back, so fewer than κ go. For speed: onnxruntime and XLA run a
+      slimmed model whose widths are multiples of 8 much faster than one with odd widths
+      (``benchmarks/results/slim_widths.json``: a VGG-11 with widths 7-15-31-31-63-… takes
+      2.8× the time of 8-16-32-32-64-… in onnxruntime). Not in the method's reference code.
 
   Returns:
     A bool pytree like ``params``: False on the producer kernel slices, biases and BatchNorm
@@ -315,7 +350,8 @@ def channel_mask(params, sparsity: float, *, where=None, groups=None, normalized
     >>> mask["fc1"]["bias"].tolist(), bool(mask["fc2"]["kernel"].all())
     ([False, True, True], True)
   """
-  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution)
+  groups, keeps = _checked_keep(params, sparsity, groups, where, normalized, distribution,
+                                multiple_of)
   return _mask_from_keep(params, groups, keeps)
 
 

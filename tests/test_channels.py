@@ -519,3 +519,58 @@ def test_describe_model_rebuilds_the_slimmed_architecture(name):
 def test_model_from_description_refuses_other_classes():
   with pytest.raises(ValueError, match="'create_model' is not one of"):
     channels.model_from_description({"class": "create_model"})
+
+
+def test_multiple_of_rounds_each_layers_kept_count_up_by_hand():
+  """fc1 has 10 units of norms 1..10 (fc2 is the head, never pruned). κ = 0.5 removes the
+  channels up to rank floor(0.5·10) = 5, norms 1..6, and keeps 4 (norms 7..10); multiple_of
+  8 keeps 8 (norms 3..10), 3 keeps 6 (5..10), 16 keeps all 10 (no more than the layer), 1
+  and 4 change nothing."""
+  norms = np.arange(1.0, 11.0, dtype=np.float32)
+  perm = np.array([3, 7, 0, 9, 5, 1, 8, 2, 6, 4])  # the norms in a shuffled order
+  kernel = np.zeros((10, 10), np.float32)
+  kernel[0] = norms[perm]  # column c has norm norms[perm[c]]
+  params = {"fc1": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(10)},
+            "fc2": {"kernel": jnp.ones((10, 2)), "bias": jnp.zeros(2)}}
+  by_norm = lambda keep: sorted(norms[perm][np.asarray(keep)].tolist())  # noqa: E731
+  assert by_norm(channels.channel_keep(params, 0.5)["fc1"]) == [7, 8, 9, 10]
+  for multiple_of, lowest in ((8, 3), (3, 5), (16, 1), (1, 7), (4, 7)):
+    keep = channels.channel_keep(params, 0.5, multiple_of=multiple_of)["fc1"]
+    assert by_norm(keep) == list(range(lowest, 11)), multiple_of
+    mask = hs.channel_mask(params, 0.5, multiple_of=multiple_of)
+    np.testing.assert_array_equal(np.asarray(mask["fc1"]["bias"]), np.asarray(keep))
+
+
+@pytest.mark.parametrize("name,kappa,distribution", [
+    ("vgg11", 0.5, "global"), ("vgg11", 0.9, "global"), ("lenet5", 0.75, "global"),
+    ("vgg11", 0.75, "uniform")])
+def test_multiple_of_matches_numpy_and_slims_to_multiples(name, kappa, distribution):
+  """Against a NumPy restatement: each layer keeps what it kept, plus its largest removed
+  channels (stable order) up to min(n, ⌈k/8⌉·8); the slimmed widths are those counts."""
+  model = MODELS[name]()
+  v = _init(model, seed=2)
+  params = v["params"]
+  groups = channels.channel_groups(params)
+  plain = channels.channel_keep(params, kappa, distribution=distribution)
+  rounded = channels.channel_keep(params, kappa, distribution=distribution, multiple_of=8)
+  mags = [np.asarray(m) for m in channels.channel_magnitudes(params, groups=groups)]
+  for g, m in zip(groups, mags):
+    keep = np.asarray(plain[g.name])
+    k, n = int(keep.sum()), keep.size
+    want = keep.copy()
+    extra = [c for c in np.argsort(-m, kind="stable") if not keep[c]]
+    want[extra[:min(n, -(-k // 8) * 8) - k]] = True
+    np.testing.assert_array_equal(np.asarray(rounded[g.name]), want, err_msg=g.name)
+  small_model, small = hs.slim(model, v, hs.channel_mask(
+      params, kappa, distribution=distribution, multiple_of=8))
+  for g in groups:
+    width = channels._get(small["params"], g.producer)["kernel"].shape[-1]
+    full = channels._get(params, g.producer)["kernel"].shape[-1]
+    assert width % 8 == 0 or width == full, (g.name, width)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_multiple_of_bad_values_are_named(bad):
+  v = _init(models.LeNet5())
+  with pytest.raises(ValueError, match=f"multiple_of must be None or a positive integer.*{bad!r}"):
+    hs.channel_mask(v["params"], 0.5, multiple_of=bad)
