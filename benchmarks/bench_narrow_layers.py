@@ -7,9 +7,9 @@ a few filters to the dense quarter-width VGG-11: the eval-mode forward at batch 
 models run by default on CPU (a grey-scale first layer of at most 8 filters as shifted
 products, pools of at most 8 channels as four strided slices) and with
 ``lax.conv_general_dilated`` and Flax's pool throughout
-(:func:`hypersparse_jax.conv.plain_convolutions`). Both compiled first; then the repeats of all
-models and both paths interleaved in one process (medians), so that the machine's load falls
-on all alike. ``ratio`` is plain / library: above 1 the library's path is faster.
+(:func:`hypersparse_jax.conv.plain_convolutions`): ``bench_slim_speed.py``'s ``xla`` and
+``xla_lax`` engines and its timing (repeats of all models and both paths interleaved in one
+process, medians). ``ratio`` is plain / library: above 1 the library's path is faster.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_slim_speed import time_variants, xla_forwards  # noqa: E402
 
 LENET5 = [(1, 5, 50), (2, 5, 50), (4, 12, 100), (6, 16, 100), (8, 20, 200), (9, 20, 200),
           (10, 25, 250), (20, 50, 500)]
@@ -40,30 +42,25 @@ def main(argv=None):
   args = p.parse_args(argv)
   import jax
   import jax.numpy as jnp
-  from hypersparse_jax import conv, models
+  from hypersparse_jax import models
   x = jnp.asarray(np.random.default_rng(0).random((args.batch, 28, 28, 1)), jnp.float32)
-  cases = []
+  variants, keys = {}, {}
   for name, widths in [("lenet5", w) for w in LENET5] + [("vgg11", w) for w in VGG11]:
     model = (models.LeNet5(widths=widths) if name == "lenet5"
              else models.VGG(depth=11, widths=widths, batch_norm=True))
-    variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
-    library = jax.jit(lambda x, m=model, v=variables: m.apply(v, x, train=False))
-    library(x).block_until_ready()
-    with conv.plain_convolutions():  # traced here: XLA's convolution and Flax's pool
-      plain = jax.jit(lambda x, m=model, v=variables: m.apply(v, x, train=False))
-      plain(x).block_until_ready()
+    # time_variants wants one 'dense' entry: the dense quarter-width VGG-11
+    key = "dense" if (name, widths) == ("vgg11", VGG11[-1]) else f"{name} {widths}"
+    variants[key] = (model, model.init(jax.random.PRNGKey(0), x[:1], train=False))
+    keys[(name, widths)] = key
+  for model, variables in variants.values():  # both paths compute the same logits
+    library, plain = xla_forwards(model, variables)
     np.testing.assert_allclose(library(x), plain(x), rtol=1e-4, atol=1e-4)
-    cases.append((name, widths, {"library": library, "plain": plain}))
-  times = {}
-  for _ in range(args.repeats):
-    for name, widths, fns in cases:
-      for path, fn in fns.items():
-        start = time.perf_counter()
-        fn(x).block_until_ready()
-        times.setdefault((name, widths, path), []).append(1000 * (time.perf_counter() - start))
+  # bench_slim_speed's timing: 'xla' is the library's path, 'xla_lax' plain XLA (conv and pool)
+  timed = time_variants(variants, (28, 28, 1), args.repeats, False, batches=(args.batch,))
   rows = []
-  for name, widths, _ in cases:
-    lib, plain = (float(np.median(times[(name, widths, k)])) for k in ("library", "plain"))
+  for (name, widths), key in keys.items():
+    t = timed[key]
+    lib, plain = (t[e][f"batch_{args.batch}"]["median_ms"] for e in ("xla", "xla_lax"))
     rows.append({"model": name, "widths": list(widths), "library_ms": lib, "plain_ms": plain,
                  "ratio": plain / lib})
     print(json.dumps(rows[-1]))

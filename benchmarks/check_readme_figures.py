@@ -278,8 +278,8 @@ def _channel_figures(r):
 
 LENET5_SPEED = (
     "medians of {} interleaved repeats, batch 256, the machine otherwise idle): in onnxruntime "
-    "the filter methods' models run {} / {} / {}× faster than dense at 50 / 75 / 90 % (at 75 "
-    "and 90 % near onnxruntime's floor for this input), ART + group HyperSparse's {} / {} / {}×; "
+    "the filter methods' models run {} / {} / {}× faster than dense at 50 / 75 / 90 %, ART + "
+    "group HyperSparse's {} / {} / {}×; "
     "in XLA the slimmed LeNet-5 models run {}× (the library's narrow-layer path speeds up those "
     "whose layers keep at most 8 channels, `benchmarks/results/narrow_layers.json`; XLA's "
     "convolution gains little from the other narrowings), and the models with 90–99.5 % of "
@@ -372,28 +372,37 @@ VGG_MORE = (
 _signed = lambda v: f"{v:.2f}".replace("-", "\u2212")  # noqa: E731  (a minus sign, as written)
 
 
-def _widths_figures(d):
-  """bench_slim_widths.py: odd against multiple-of-8 widths."""
-  v = d["variants"]
-  ms = lambda k, e: v[k][e]["batch_256"]["median_ms"]  # noqa: E731
-  ratio = lambda a, b, e: f"{ms(a, e) / ms(b, e):.2f}"  # noqa: E731
-  return (ratio("filters_50_minus1", "filters_50", "onnxruntime"),
-          ratio("filters_50_minus1", "filters_50", "xla"),
-          ratio("art_hypersparse_50", "art_hypersparse_50_up8", "onnxruntime"),
-          f"{100 * (v['art_hypersparse_50_up8']['flops'] / v['art_hypersparse_50']['flops'] - 1):.0f}")
-
-
-def _widths_bench_figures(d):
-  """bench_slim_widths.py, as the benchmarks README words it."""
+def _widths(d):
+  """bench_slim_widths.py: the odd filter widths' time over the multiple-of-8 ones (onnxruntime,
+  XLA), the rounded-up ART and slimming models' speed-ups (onnxruntime, XLA) and their extra
+  FLOPs (%)."""
   v = d["variants"]
   ms = lambda k, e: v[k][e]["batch_256"]["median_ms"]  # noqa: E731
   up = lambda k, e: ms(k, e) / ms(k + "_up8", e)  # noqa: E731
-  more = lambda k: f"{100 * (v[k + '_up8']['flops'] / v[k]['flops'] - 1):.0f}"  # noqa: E731
-  return (f"{ms('filters_50_minus1', 'onnxruntime') / ms('filters_50', 'onnxruntime'):.2f}",
-          f"{up('art_hypersparse_50', 'onnxruntime'):.2f}", f"{up('slimming_50', 'onnxruntime'):.2f}",
-          more("art_hypersparse_50"), more("slimming_50"),
-          f"{ms('filters_50_minus1', 'xla') / ms('filters_50', 'xla'):.2f}",
-          *span([up("art_hypersparse_50", "xla"), up("slimming_50", "xla")], ".2f").split("–"))
+  return {"odd": {e: ms("filters_50_minus1", e) / ms("filters_50", e)
+                  for e in ("onnxruntime", "xla")},
+          "up": {k: {e: up(k, e) for e in ("onnxruntime", "xla")}
+                 for k in ("art_hypersparse_50", "slimming_50")},
+          "flops": {k: 100 * (v[k + "_up8"]["flops"] / v[k]["flops"] - 1)
+                    for k in ("art_hypersparse_50", "slimming_50")}}
+
+
+def _widths_figures(d):
+  """The README's sentence on widths."""
+  w = _widths(d)
+  return (f"{w['odd']['onnxruntime']:.2f}", f"{w['odd']['xla']:.2f}",
+          f"{w['up']['art_hypersparse_50']['onnxruntime']:.2f}",
+          f"{w['flops']['art_hypersparse_50']:.0f}")
+
+
+def _widths_bench_figures(d):
+  """The benchmarks README's sentence on widths."""
+  w = _widths(d)
+  hs, sl = w["up"]["art_hypersparse_50"], w["up"]["slimming_50"]
+  return (f"{w['odd']['onnxruntime']:.2f}", f"{hs['onnxruntime']:.2f}",
+          f"{sl['onnxruntime']:.2f}", f"{w['flops']['art_hypersparse_50']:.0f}",
+          f"{w['flops']['slimming_50']:.0f}", f"{w['odd']['xla']:.2f}",
+          *span([hs["xla"], sl["xla"]], ".2f").split("–"))
 
 
 def _narrow_figures(d):
@@ -425,7 +434,7 @@ def _vgg_channel_figures(r):
   widths90 = [w for s in seeds_of(r) for w in _ch(r, hs, 0.9, s, "slim_model")["widths"]]
   rest = [v for x in (0.75, 0.9)
           for m in ("l1_filter", "art_l1", "art_hypersparse_uniform", "slimming") for v in d(m, x)]
-  others = lambda x: max(_chmean(r, m, x) for m in LABELS_CH if m != hs)  # noqa: E731
+  others = lambda x: max(_chmean(r, m, x) for m in _methods(r) if m != hs)  # noqa: E731
   most = all(_chmean(r, hs, x) > others(x) for x in (0.75, 0.9))
   g = lambda x: (seeds_ahead(d("gmp_filter", x)), _signed(min(d("gmp_filter", x))),  # noqa: E731
                  _signed(max(d("gmp_filter", x))))
@@ -441,8 +450,9 @@ def _vgg_channel_figures(r):
           *span(_flops_pct(r, "slimming", 0.5), ".1f").split("–"))
 
 
-LABELS_CH = ("art_hypersparse", "art_l1", "art_hypersparse_uniform", "l1_filter", "gmp_filter",
-             "slimming")
+def _methods(report):
+  """The pruning methods of a channel study (its cells' methods but the dense baseline)."""
+  return sorted({c["method"] for c in report["cells"]} - {"dense"})
 
 
 def _vgg_spread(r, hs="art_hypersparse", ref="gmp_filter", x=0.9):
@@ -460,7 +470,7 @@ def _vgg_spread(r, hs="art_hypersparse", ref="gmp_filter", x=0.9):
 def _vgg_slimming_figures(r):
   """Network slimming on VGG-11 (benchmarks README)."""
   acc = lambda x: [100 * _ch(r, "slimming", x, s) for s in seeds_of(r)]  # noqa: E731
-  best = _chmean(r, "slimming", 0.5) >= max(_chmean(r, m, 0.5) for m in LABELS_CH)
+  best = _chmean(r, "slimming", 0.5) >= max(_chmean(r, m, 0.5) for m in _methods(r))
   return (*span_of(acc(0.75)), "every seed" if max(acc(0.9)) <= 10 else "not every seed",
           f"{max(acc(0.9)):.2f}", "most" if best else "not the most",
           f"{100 * _chmean(r, 'slimming', 0.5):.2f}",

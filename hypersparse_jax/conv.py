@@ -97,15 +97,15 @@ def _patches(x, kh, kw, strides, padding):
   return jnp.stack(views, axis=3).reshape(n * ho * wo, kh * kw * c)
 
 
-def _one_input_channel(kh, kw, c, o):
+def _one_input_channel(c, o):
   """Whether the forward is a sum of shifted, broadcast products: one input channel (an image
   model's first layer, grey-scale) and at most :data:`NARROW_POOL_CHANNELS` outputs, as channel
   pruning leaves such layers. Alone, XLA:CPU's convolution is slow there (Fashion-MNIST, batch
   256, 28×28: 3×3, 1 → 2 in 6.8 ms, the products 0.3 ms; 5×5, 1 → 6: 7.8 / 0.7 ms). Inside a
   model it pays together with the narrow pool that follows (:func:`max_pool_2x2`); before
   Flax's pool of a wider layer XLA fuses the products into its slow pooling (LeNet-5 with 10
-  conv1 filters: 16 → 58 ms), hence the same bound."""
-  del kh, kw
+  conv1 filters: 16 → 58 ms), hence the same bound. (One-off measurements: benchmarks README,
+  "XLA on narrow layers"; whole models in ``benchmarks/results/narrow_layers.json``.)"""
   return c == 1 and o <= NARROW_POOL_CHANNELS
 
 
@@ -120,7 +120,7 @@ def _forward(x, w, strides, padding):
     out = jnp.matmul(_patches(x, kh, kw, strides, padding), w.reshape(kh * kw * c, o),
                      preferred_element_type=jnp.float32)
     return out.reshape(n, ho, wo, o).astype(jnp.result_type(x, w))
-  if _one_input_channel(kh, kw, c, o):
+  if _one_input_channel(c, o):
     taps = w.reshape(kh * kw, o).astype(jnp.float32)
     out = sum(v.astype(jnp.float32) * taps[t] for t, v in
               enumerate(_views(x, kh, kw, strides, padding)))
@@ -251,7 +251,9 @@ def max_pool_2x2(x):
   model: 8.6 → 20 ms), so the models use this only up to :data:`NARROW_POOL_CHANNELS`
   channels, on the CPU backend (:func:`specialised`). Whole models, against XLA's convolution
   and Flax's pool throughout: ``benchmarks/bench_narrow_layers.py`` (VGG-11 pruned to
-  2-4-7-7-13-13-13-13 filters 2.5× faster; models wider than 8 everywhere take the same path).
+  2-4-7-7-13-13-13-13 filters 2.3× faster; models wider than 8 everywhere take the same path;
+  the single-stage figures above are one-off measurements, benchmarks README, "XLA on narrow
+  layers").
   On GPU/TPU and while exporting the models call Flax's pool.
   """
   n, h, w, c = x.shape

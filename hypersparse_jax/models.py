@@ -74,6 +74,7 @@ def _max_pool(x):
         return conv_lib.max_pool_2x2(x)
     return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
 
+
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))
 
