@@ -468,17 +468,18 @@ def _write_outputs(study, outdir: str, optuna) -> Optional[dict]:
     writer.writerow([t.number, t.state.name, "" if t.value is None else t.value, wall]
                     + [t.params.get(n, "") for n in names]
                     + [t.user_attrs.get(a, "") for a in attrs])
+  result = None
+  if complete:  # best.json before trials.csv: whoever finds trials.csv current finds it too
+    best = study.best_trial
+    result = {"params": best.params, "value": best.value,
+              "test_accuracy": best.user_attrs.get("test_accuracy"), "trial": best.number,
+              "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
+              "finished_trials": _finished(study, optuna),
+              "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in rows)}
+    write_text_atomic(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
   write_text_atomic(os.path.join(outdir, "trials.csv"), buffer.getvalue())
-  if not complete:
-    return None
-  best = study.best_trial
-  result = {"params": best.params, "value": best.value,
-            "test_accuracy": best.user_attrs.get("test_accuracy"), "trial": best.number,
-            "run_dir": best.user_attrs.get("run_dir"), "study_name": study.study_name,
-            "finished_trials": _finished(study, optuna),
-            "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in rows)}
-  write_text_atomic(os.path.join(outdir, "best.json"), json.dumps(result, indent=2) + "\n")
-  _plot(study, os.path.join(outdir, "search.png"), len(complete))
+  if result is not None:
+    _plot(study, os.path.join(outdir, "search.png"), len(complete))
   return result
 
 

@@ -176,9 +176,10 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path, env, space_file):
 
 
 def test_report_between_another_workers_two_output_files(tmp_path, capsys):
-  """The race behind a two-worker failure under load: worker A has written trials.csv and not
-  yet best.json when worker B reports. B must not say 'no trial completed' (exit 1); it writes
-  best.json itself, from the study."""
+  """The race behind a two-worker failure under load: worker A had written trials.csv and not
+  yet best.json when worker B reported (A now writes best.json first; B must still cope with
+  the state). B must not say 'no trial completed' (exit 1); it writes best.json itself, from
+  the study."""
   study = optuna.create_study(direction="maximize")
   study.add_trial(optuna.trial.create_trial(
       params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
@@ -540,3 +541,17 @@ def test_a_pysource_search_runs_on_its_own_validation_windows(tmp_path, env, spa
                        text=True, timeout=300)
   err = [line for line in bad.stderr.splitlines() if line.strip()]
   assert bad.returncode == 2 and len(err) == 1 and "--val-fraction" in err[0], bad.stderr
+
+
+def test_outputs_write_best_json_before_trials_csv(tmp_path, monkeypatch):
+  """A reader that finds trials.csv current (the staleness check) must find best.json too."""
+  study = optuna.create_study(direction="maximize")
+  study.add_trial(optuna.trial.create_trial(
+      params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
+      value=0.75, user_attrs={"test_accuracy": 0.7}))
+  order = []
+  real = search.write_text_atomic
+  monkeypatch.setattr(search, "write_text_atomic",
+                      lambda path, text: order.append(os.path.basename(path)) or real(path, text))
+  search._write_outputs(study, str(tmp_path), optuna)
+  assert order == ["best.json", "trials.csv"]
